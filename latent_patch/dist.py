@@ -1,0 +1,69 @@
+"""Who am I in a multi-process job: rank and world size from torchrun / accelerate / SLURM env.
+
+Encoding and sampling split work by (rank, world size) without needing a process group for the
+split itself; a gloo/nccl group is only started when the job must synchronise (barriers).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank/world size as set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK); a plain run is 0 of 1."""
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_process_group() -> bool:
+    """Start the default process group when launched by torchrun with more than one process.
+
+    NCCL when CUDA is available, gloo otherwise (so the same code path is tested on the CPU).
+    Returns True when a group is (now) active.
+    """
+    info = dist_info()
+    if info.world_size <= 1:
+        return False
+    if tdist.is_initialized():
+        return True
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)  # local rank, not global rank: multi-node safe
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
+    return True
+
+
+def barrier() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+def destroy() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK when a GPU is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist_info().local_rank)
+    return torch.device("cpu")

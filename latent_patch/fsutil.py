@@ -1,0 +1,91 @@
+"""Crash-safe file writing: every artefact is written under a temporary name and renamed.
+
+A process killed at any instant leaves either the old file or the new one, never half of one;
+readers (resume, manifests) can therefore trust that any file with its final name is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def tmp_path(path: str | Path) -> Path:
+    """The temporary sibling used while ``path`` is written (unique per process, ends in .tmp)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory entry so a rename survives a power loss, where the OS allows it."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: str | Path, final: str | Path) -> None:
+    """Make a fully written temporary file visible under its final name (atomic on POSIX)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the file is either absent/old or complete."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(p)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    commit(tmp, p)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """JSON twin of :func:`atomic_write_bytes` (sorted keys, indented, so files diff well)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """Read JSON, naming the file in the error when it is missing or malformed."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}: not valid JSON ({err})") from err
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (shards can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_stale_tmp(directory: str | Path) -> int:
+    """Delete leftover ``.*.tmp`` files of killed writers; returns how many were removed."""
+    d = Path(directory)
+    if not d.is_dir():
+        return 0
+    n = 0
+    for p in d.glob(".*.tmp"):
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
