@@ -1,0 +1,154 @@
+"""DiT and ADM U-Net: call signature, patch and full inputs, null class, global positions, registry."""
+
+import pytest
+import torch
+
+from latent_patch import config
+from latent_patch.edm import Precond, edm_loss
+from latent_patch.models import PRESETS, DiT, ModelConfig, build_model, count_params, resolve
+from latent_patch.patches import coord_grid, crop, random_crops
+
+TINY = {"dit": "DiT-T/2", "unet": "adm-tiny"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster here and avoids OpenMP stalls on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["dit", "unet"])
+def tiny(request):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(preset=TINY[request.param], num_classes=10))
+
+
+def _perturb(net: torch.nn.Module) -> None:
+    """Move zero-initialised layers off zero so outputs and gradients are informative."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_forward_backward_on_patches_and_full(tiny, size):
+    x = torch.randn(2, 6, size, size)
+    out = tiny(x, torch.tensor([-1.0, 0.5]), torch.tensor([3, 10]))  # 10 = null class
+    assert out.shape == (2, 4, size, size) and torch.isfinite(out).all()
+    tiny.zero_grad()
+    out.square().mean().add(out.sum()).backward()
+    grads = [p.grad for p in tiny.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_null_class_rows():
+    dit = build_model(ModelConfig(preset="DiT-T/2", num_classes=10))
+    unet = build_model(ModelConfig(preset="adm-tiny", num_classes=10))
+    assert dit.y_embedder.num_embeddings == 11 and unet.class_embedding.num_embeddings == 11
+
+
+def test_labels_and_time_change_the_output():
+    torch.manual_seed(0)
+    for preset in TINY.values():
+        net = build_model(ModelConfig(preset=preset, num_classes=10)).eval()
+        _perturb(net)
+        x = torch.randn(1, 6, 16, 16)
+        base = net(x, torch.tensor([0.1]), torch.tensor([1]))
+        assert not torch.allclose(base, net(x, torch.tensor([0.1]), torch.tensor([10])))
+        assert not torch.allclose(base, net(x, torch.tensor([0.9]), torch.tensor([1])))
+
+
+def test_dit_starts_at_zero_output():
+    net = build_model(ModelConfig(preset="DiT-T/2", num_classes=10))
+    assert net(torch.randn(2, 6, 8, 8), torch.zeros(2), torch.tensor([0, 1])).abs().max() == 0
+
+
+def test_dit_patch_position_embeddings_equal_the_full_grid_slice():
+    net = build_model(ModelConfig(preset="DiT-T/2", latent_size=32, num_classes=10))
+    D, p, s = 64, 2, 16
+    full = net.pos_embed(coord_grid(32)[None]).view(16, 16, D)
+    offsets = torch.tensor([[0, 0], [4, 10], [16, 16], [2, 14]])  # token-aligned (multiples of p)
+    _, coords = crop(torch.zeros(4, 1, 32, 32), offsets, s)
+    patch = net.pos_embed(coords).view(4, s // p, s // p, D)
+    for b, (oy, ox) in enumerate((offsets // p).tolist()):
+        torch.testing.assert_close(patch[b], full[oy : oy + s // p, ox : ox + s // p], atol=1e-5, rtol=0)
+    # The full grid is DiT's integer token grid (shifted by a quarter token): neighbours are resolvable.
+    j = torch.arange(16, dtype=torch.float64) + 0.25
+    omega = 1.0 / 10000 ** (torch.arange(16, dtype=torch.float64) / 16)
+    x_part = torch.cat([torch.sin(j[:, None] * omega), torch.cos(j[:, None] * omega)], dim=1)
+    torch.testing.assert_close(full[3, :, : D // 2], x_part.float(), atol=1e-5, rtol=0)
+    assert (full[:, 1:] - full[:, :-1]).norm(dim=-1).min() > 0.5
+
+
+def test_dit_reads_positions_from_the_coordinate_channels():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(preset="DiT-T/2", num_classes=10)).eval()
+    _perturb(net)
+    x = torch.randn(1, 6, 16, 16)
+    moved = x.clone()
+    moved[:, 4:] = coord_grid(32)[:, 16:, 16:]  # same content, other place in the latent
+    t, y = torch.tensor([0.0]), torch.tensor([1])
+    assert not torch.allclose(net(x, t, y), net(moved, t, y))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(preset="DiT-T/2", num_classes=10))
+    _perturb(plain)
+    ckpt = build_model(ModelConfig(preset="DiT-T/2", num_classes=10, grad_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, y = torch.randn(2, 6, 8, 8), torch.zeros(2), torch.tensor([0, 1])
+    for net in (plain, ckpt):
+        net(x, t, y).square().sum().backward()
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert ckpt.gradient_checkpointing
+
+
+def test_edm_loss_trains_a_tiny_dit_on_patches():
+    net = build_model(ModelConfig(preset="DiT-T/2", num_classes=10))
+    y = torch.randn(4, 4, 16, 16)
+    patches, coords = random_crops(y, 8, torch.Generator().manual_seed(0))
+    loss = edm_loss(Precond(net), patches, coords, torch.tensor([0, 1, 2, 3]), num_classes=10)
+    loss.mean().backward()
+    assert loss.shape == (4,) and net.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_presets_and_paper_sizes():
+    paper = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+    for size, (hidden, depth, heads) in paper.items():
+        for p in (2, 4, 8):
+            params = PRESETS[f"DiT-{size}/{p}"].params
+            got = (params["hidden_size"], params["depth"], params["num_heads"], params["patch_size"])
+            assert got == (hidden, depth, heads, p)
+    with torch.device("meta"):
+        xl = build_model(ModelConfig(preset="DiT-XL/2"))
+        adm = build_model(ModelConfig(preset="adm-imagenet256"))
+    assert 670e6 < count_params(xl) < 680e6  # DiT-XL/2 is 675 M in the paper
+    assert isinstance(xl, DiT)
+    c = adm.config
+    assert (c.in_channels, c.out_channels, c.layers_per_block) == (6, 4, 3)
+    assert tuple(c.block_out_channels) == (192, 384, 576, 768)
+    assert (c.attention_head_dim, c.dropout, c.num_class_embeds) == (64, 0.1, 1001)
+    assert c.resnet_time_scale_shift == "scale_shift" and c.downsample_type == "resnet"
+    assert list(c.down_block_types) == ["AttnDownBlock2D"] * 3 + ["ResnetDownsampleBlock2D"]  # attention at 32/16/8
+    assert 270e6 < count_params(adm) < 290e6
+
+
+def test_overrides_and_errors():
+    arch, params = resolve(ModelConfig(preset="DiT-S/2", depth=4, hidden=128, heads=4, dropout=0.1))
+    assert arch == "dit"
+    assert (params["depth"], params["hidden_size"], params["num_heads"], params["dropout"]) == (4, 128, 4, 0.1)
+    arch, params = resolve(ModelConfig(preset="adm-tiny", channel_mult=[1, 2, 2]))
+    assert arch == "unet" and params["channel_mult"] == [1, 2, 2]
+    with pytest.raises(ValueError, match="DiT-Q/2"):
+        resolve(ModelConfig(preset="DiT-Q/2"))
+    with pytest.raises(ValueError, match="arch"):
+        resolve(ModelConfig(preset="adm-tiny", arch="dit"))
+    with pytest.raises(ValueError, match="depth"):
+        resolve(ModelConfig(preset="adm-tiny", depth=3))
+    cfg = config.load(ModelConfig, overrides=["preset=adm-imagenet256", "arch=unet", "grad_checkpointing=true"])
+    assert resolve(cfg)[0] == "unet" and cfg.grad_checkpointing
