@@ -1,0 +1,792 @@
+"""Latent shards back into training batches of (mean, std, label), streamed or held in RAM.
+
+Two ways to read the shards written by ``shards.py`` (format in docs/design.md):
+
+- **Streaming** (:class:`StreamLoader`): tar shards are read member by member in DataLoader
+  workers, shuffled by shard order and a sample buffer, split across ranks and workers by
+  *sample ranges*, so an exact pass yields every sample once whatever the shard sizes.
+  (webdataset's split_by_node / split_by_worker deal whole shards, which leaves ranks with
+  unequal or empty shares; the manifest's per-shard counts let us cut evenly instead.
+  webdataset still opens the user's own URLs, ``pipe:`` included, through ``gopen``.)
+- **In memory** (:class:`MemoryLoader`): every sample is read once into one contiguous
+  ``(N, 2, C, h, w)`` float16 array (optionally a memory-mapped ``.npy`` cache shared by all
+  ranks of a node); batches are random gathers, in an order that is a pure function of
+  ``(seed, epoch)`` so a run resumes at exactly the same batch.
+
+Security: shards are data, not code. Only ``latent.npy`` (float16 header checked, read with
+``np.frombuffer``) and ``cls`` (ASCII digits) are ever read; every other member (``json``,
+``.pyd``, ``.pickle``, ...) is skipped unread, so nothing is ever unpickled. Shard locations come
+from the manifest as plain relative paths; ``pipe:`` and other URLs are accepted only from the
+caller's own ``urls`` argument.
+
+The posterior sample ``mean + std * eps`` is drawn on the training device by
+:func:`draw_latent`, never here: on the CPU ``randn`` would cost more than all the reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import math
+import random
+import re
+import tarfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from latent_patch import dist
+from latent_patch.fsutil import atomic_write_json, commit, read_json, sha256_file, tmp_path
+
+FORMAT = "latent-patch-shards/1"
+LATENT_EXT = "latent.npy"
+LABEL_EXT = "cls"
+_WANTED = (LATENT_EXT, LABEL_EXT)  # every other member is skipped without being read
+_F16 = np.dtype("<f2")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class ShardError(ValueError):
+    """A shard or manifest is missing, truncated or inconsistent; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of a training config.
+
+    ``shards`` is a manifest.json or the folder holding it. ``urls`` (optional) replaces the
+    manifest's shard files with the user's own URLs (brace patterns and ``pipe:`` allowed);
+    the manifest still supplies latent shape, classes and VAE. ``cache``: None keeps the
+    in-memory array in RAM only (one copy per process); "auto" memory-maps
+    ``<shard folder>/latents-cache.npy``; any other string is the cache path. With several
+    ranks per node use a cache: they then share one page-cache copy. ``cache`` is ignored when
+    streaming. ``batch_size`` is per process; ``num_workers`` must be equal on every rank.
+    """
+
+    shards: str = "shards"
+    batch_size: int = 256
+    in_memory: bool = False
+    cache: str | None = None
+    shuffle_buffer: int = 2000
+    num_workers: int = 2
+    seed: int = 0
+    verify: bool = False
+    urls: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest
+
+
+def manifest_file(path_or_dir: str | Path) -> Path:
+    """``manifest.json`` inside a folder, or the given file itself."""
+    p = Path(path_or_dir)
+    return p / "manifest.json" if p.is_dir() else p
+
+
+def open_manifest(path_or_dir: str | Path) -> dict:
+    """Read and check a shard manifest, so a wrong folder fails here and not hours into training."""
+    path = manifest_file(path_or_dir)
+    m = read_json(path)
+    if not isinstance(m, dict):
+        raise ShardError(f"{path}: manifest must be a JSON object")
+    if m.get("format") != FORMAT:
+        raise ShardError(f"{path}: field 'format' is {m.get('format')!r}, expected {FORMAT!r}")
+    for key in ("latent_shape", "shards", "class_names", "vae", "num_samples"):
+        if key not in m:
+            raise ShardError(f"{path}: field '{key}' is missing")
+    shape = m["latent_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise ShardError(f"{path}: field 'latent_shape' must be [C, h, w] positive ints, got {shape!r}")
+    for i, s in enumerate(m["shards"]):
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("num_samples"), int)):
+            raise ShardError(f"{path}: shards[{i}] needs 'name' (str) and 'num_samples' (int), got {s!r}")
+    total = sum(s["num_samples"] for s in m["shards"])
+    if total != m["num_samples"]:
+        raise ShardError(f"{path}: shards hold {total} samples but field 'num_samples' says {m['num_samples']}")
+    return m
+
+
+def _plain_relative(name: str) -> bool:
+    """A manifest may only name files under its own folder: no URL, no absolute path, no '..'."""
+    p = Path(name)
+    return bool(name) and not _URL.match(name) and not p.is_absolute() and ".." not in p.parts and "\n" not in name
+
+
+def shard_paths(manifest: dict, root: str | Path) -> list[Path]:
+    """Paths of the manifest's shards under ``root``; a refused or missing one is named in the error."""
+    paths = []
+    for s in manifest["shards"]:
+        name = s["name"]
+        if not _plain_relative(name):
+            raise ShardError(f"manifest shard name {name!r} refused: only plain paths relative to {root} are allowed")
+        p = Path(root) / name
+        if not p.is_file():
+            raise ShardError(f"{p}: shard named in the manifest is missing")
+        paths.append(p)
+    return paths
+
+
+def verify_shards(manifest: dict, root: str | Path) -> None:
+    """Compare every shard's sha256 with the manifest (reads all bytes: opt-in, slow on big sets)."""
+    for s, p in zip(manifest["shards"], shard_paths(manifest, root)):
+        want = s.get("sha256")
+        if not want:
+            raise ShardError(f"{p}: manifest has no 'sha256' for this shard")
+        got = sha256_file(p)
+        if got != want:
+            raise ShardError(f"{p}: sha256 {got} does not match the manifest's {want}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard references and sample decoding
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard to read, with its sample count when known.
+
+    ``is_local`` is decided by whoever made the reference, never guessed from a manifest's
+    text: only the user's own URLs may go through webdataset's ``gopen`` (pipe:, http:, ...).
+    """
+
+    url: str
+    num_samples: int | None = None
+    is_local: bool = True
+
+
+def refs_from_manifest(manifest: dict, root: str | Path) -> list[ShardRef]:
+    """Shard references with counts, which the exact split and truncation checks rely on."""
+    paths = shard_paths(manifest, root)
+    return [ShardRef(str(p), s["num_samples"], is_local=True) for p, s in zip(paths, manifest["shards"])]
+
+
+def refs_from_urls(urls: Sequence[str]) -> list[ShardRef]:
+    """The user's own shard URLs (brace-expanded); counts unknown, so ranks split by whole shards."""
+    import braceexpand  # a webdataset dependency
+
+    expanded = [u for pattern in urls for u in braceexpand.braceexpand(pattern)]
+    return [ShardRef(u, None, is_local=not _URL.match(u)) for u in expanded]
+
+
+class SampleDecoder:
+    """Turns a sample's raw member bytes into (latent view, label), checking shape and dtype.
+
+    The .npy header is parsed (safely, no pickle) the first time and then compared byte for
+    byte: every sample of a shard set has the same header, so decoding is one ``frombuffer``.
+    """
+
+    def __init__(self, latent_shape: Sequence[int], num_classes: int | None):
+        self.shape = (2, *latent_shape)
+        self.nbytes = math.prod(self.shape) * _F16.itemsize
+        self.num_classes = num_classes
+        self._header: bytes | None = None
+
+    def decode(self, ref: ShardRef, key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, int]:
+        for ext in _WANTED:
+            if ext not in parts:
+                raise ShardError(f"{ref.url}: sample '{key}' has no '{ext}' member")
+        return self.latent(ref, key, parts[LATENT_EXT]), self.label(ref, key, parts[LABEL_EXT])
+
+    def latent(self, ref: ShardRef, key: str, b: bytes) -> np.ndarray:
+        h = self._header
+        if h is None or not b.startswith(h) or len(b) != len(h) + self.nbytes:
+            h = self._check_header(ref, key, b)
+        return np.frombuffer(b, _F16, offset=len(h)).reshape(self.shape)
+
+    def _check_header(self, ref: ShardRef, key: str, b: bytes) -> bytes:
+        where = f"{ref.url}: sample '{key}' member '{LATENT_EXT}'"
+        f = io.BytesIO(b)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError as err:
+            raise ShardError(f"{where}: not a valid .npy ({err})") from None
+        if dtype != _F16 or fortran or tuple(shape) != self.shape:
+            raise ShardError(
+                f"{where}: has shape {tuple(shape)} dtype {dtype}{' (Fortran order)' if fortran else ''}; "
+                f"manifest latent_shape {list(self.shape[1:])} needs shape {self.shape} dtype float16"
+            )
+        if len(b) - f.tell() != self.nbytes:
+            raise ShardError(f"{where}: holds {len(b) - f.tell()} data bytes, expected {self.nbytes}")
+        self._header = b[: f.tell()]
+        return self._header
+
+    def label(self, ref: ShardRef, key: str, b: bytes) -> int:
+        try:
+            y = int(b.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise ShardError(f"{ref.url}: sample '{key}' member 'cls' is not an integer: {b[:20]!r}") from None
+        if y < 0 or (self.num_classes is not None and y >= self.num_classes):
+            raise ShardError(f"{ref.url}: sample '{key}' class {y} outside [0, {self.num_classes})")
+        return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Tar reading
+
+
+@contextmanager
+def _open_tar(ref: ShardRef) -> Iterator[tarfile.TarFile]:
+    """Local shards open seekable (skipped members cost a seek); user URLs stream via webdataset."""
+    stream = None
+    try:
+        if ref.is_local:
+            tf = tarfile.open(ref.url, "r:")
+        else:
+            from webdataset.gopen import gopen
+
+            stream = gopen(ref.url, "rb")
+            tf = tarfile.open(fileobj=stream, mode="r|*")
+    except FileNotFoundError:
+        raise ShardError(f"{ref.url}: shard not found") from None
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ShardError(f"{ref.url}: cannot open as tar ({err})") from None
+    try:
+        yield tf
+    finally:
+        tf.close()
+        if stream is not None:
+            stream.close()
+
+
+def _members(ref: ShardRef, tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Regular members in order; a read error becomes a ShardError naming the shard."""
+    while True:
+        try:
+            info = tf.next()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise ShardError(f"{ref.url}: cannot read tar ({err}): truncated or corrupt shard") from None
+        if info is None:
+            break
+        tf.members.clear()  # tarfile keeps every header otherwise; shards can hold millions
+        if info.isreg():
+            yield info
+    if ref.is_local:  # a tar cut at a member boundary reads as shorter, not as an error
+        tf.fileobj.seek(tf.offset)
+        if tf.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+            raise ShardError(f"{ref.url}: no end-of-archive block at byte {tf.offset}: truncated or corrupt shard")
+
+
+def _read_member(ref: ShardRef, tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    try:
+        return tf.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ShardError(f"{ref.url}: cannot read member '{info.name}' ({err}): truncated or corrupt shard") from None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``dir/key.ext.ext`` -> (``dir/key``, ``ext.ext``); keys hold no dot (design.md)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
+
+
+def read_shard(
+    ref: ShardRef, decoder: SampleDecoder, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Samples ``start <= i < stop`` of one shard, in tar order, as (latent (2,C,h,w) view, label).
+
+    A reader that reaches the end of a shard checks its sample count against the manifest, so a
+    truncated or swapped shard fails loudly; one that stops early leaves that to the reader of
+    the tail (every shard's tail is read once per pass).
+    """
+    expect = ref.num_samples
+    limit = math.inf if stop is None else stop
+    index, key, parts = -1, None, {}
+    with _open_tar(ref) as tf:
+        for info in _members(ref, tf):
+            k, ext = _split_name(info.name)
+            if k != key:
+                if key is not None and start <= index < limit:
+                    yield decoder.decode(ref, key, parts)
+                index, key, parts = index + 1, k, {}
+                if index >= limit and stop != expect:
+                    return  # the rest of this shard belongs to another reader
+            if start <= index < limit and ext in _WANTED:
+                if ext in parts:
+                    raise ShardError(f"{ref.url}: sample '{key}' has member '{ext}' twice")
+                parts[ext] = _read_member(ref, tf, info)
+        if key is not None and start <= index < limit:
+            yield decoder.decode(ref, key, parts)
+    count = index + 1
+    if (expect is not None and count != expect) or (stop is not None and count < stop):
+        want = expect if expect is not None else f"at least {stop}"
+        raise ShardError(f"{ref.url}: holds {count} samples, manifest says {want}: truncated or replaced shard")
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic order and split
+
+
+def mix_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any tuple (Python's hash() changes between processes)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class Piece(NamedTuple):
+    shard: int
+    start: int
+    stop: int | None
+
+
+def plan_pieces(counts: Sequence[int | None], order: Sequence[int], n_slots: int) -> list[list[Piece]]:
+    """Split one pass over the shards (in ``order``) among ``n_slots`` readers.
+
+    With known counts the concatenated samples are cut into ``n_slots`` contiguous ranges of
+    ``floor``/``ceil(total / n_slots)`` samples, so readers differ by at most one sample however
+    uneven the shards are. With unknown counts (user URLs) whole shards are dealt round-robin
+    and readers may differ by a whole shard.
+    """
+    plan: list[list[Piece]] = [[] for _ in range(n_slots)]
+    if any(c is None for c in counts):
+        for i, j in enumerate(order):
+            plan[i % n_slots].append(Piece(j, 0, None))
+        return plan
+    total = sum(counts)
+    bounds = [s * total // n_slots for s in range(n_slots + 1)]
+    pos = 0
+    for j in order:
+        a, b = pos, pos + counts[j]
+        for s in range(n_slots):
+            lo, hi = max(a, bounds[s]), min(b, bounds[s + 1])
+            if lo < hi:
+                plan[s].append(Piece(j, lo - a, hi - a))
+        pos = b
+    return plan
+
+
+def shard_order(n: int, seed: int, epoch: int, salt: int = 0) -> list[int]:
+    order = list(range(n))
+    random.Random(mix_seed("shards", seed, epoch, salt)).shuffle(order)
+    return order
+
+
+def _shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Sample-level shuffle through a buffer of ``size`` (0 or 1 = no shuffle); flushes at the end."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[Any] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = s
+    rng.shuffle(buf)
+    yield from buf
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+class Batch(NamedTuple):
+    """``mean``/``std`` float16 (B, C, h, w), unscaled; ``label`` int64 (B,)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    label: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+def _batches(samples: Iterator[tuple[np.ndarray, int]], shape: tuple, batch_size: int) -> Iterator[Batch]:
+    """Copy samples straight into one (2, B, C, h, w) buffer so mean and std come out contiguous."""
+    while True:
+        buf = np.empty((2, batch_size, *shape), _F16)
+        labels = np.empty(batch_size, np.int64)
+        n = 0
+        for latent, y in itertools.islice(samples, batch_size):
+            buf[:, n] = latent
+            labels[n] = y
+            n += 1
+        if n == 0:
+            return
+        t = torch.from_numpy(buf)
+        yield Batch(t[0, :n], t[1, :n], torch.from_numpy(labels[:n]))
+        if n < batch_size:
+            return
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming
+
+
+class LatentStream(IterableDataset):
+    """Batches from tar shards for one rank; each DataLoader worker reads its own slice.
+
+    Reader slot = ``rank * num_workers + worker`` of ``world_size * num_workers``: every rank
+    must use the same ``num_workers`` for the exact split to hold. A pass ("epoch") permutes
+    the shards with ``(seed, epoch, salt)`` and hands each slot a contiguous sample range; the
+    infinite mode runs pass after pass (each sample once per pass across all slots), with the
+    shuffle buffer carried across pass boundaries.
+    """
+
+    def __init__(self, refs: Sequence[ShardRef], latent_shape: Sequence[int], num_classes: int | None,
+                 batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 2000, infinite: bool = True, start_epoch: int = 0, salt: int = 0):
+        super().__init__()
+        self.refs = list(refs)
+        self.shape = tuple(latent_shape)
+        self.num_classes = num_classes
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.shuffle_buffer, self.infinite = seed, shuffle_buffer, infinite
+        self.start_epoch, self.salt = start_epoch, salt
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * nw + wid, self.world_size * nw
+
+    def _check_feedable(self, n_slots: int) -> None:
+        """An infinite reader with nothing to read would spin forever: refuse it up front."""
+        counts = [r.num_samples for r in self.refs]
+        if any(c is None for c in counts):
+            if len(self.refs) < n_slots:
+                raise ShardError(f"{len(self.refs)} shard URLs for {n_slots} readers (ranks x workers): "
+                                 "give at least one shard per reader or use fewer workers")
+        elif sum(counts) < n_slots:
+            raise ShardError(f"{sum(counts)} samples for {n_slots} readers (ranks x workers): use fewer workers")
+
+    def samples(self) -> Iterator[tuple[np.ndarray, int]]:
+        """This slot's samples, before shuffling: pass after pass (infinite) or one pass."""
+        slot, n_slots = self._slot()
+        if self.infinite:
+            self._check_feedable(n_slots)
+        decoder = SampleDecoder(self.shape, self.num_classes)
+        counts = [r.num_samples for r in self.refs]
+        epochs = itertools.count(self.start_epoch) if self.infinite else [self.start_epoch]
+        for epoch in epochs:
+            order = shard_order(len(self.refs), self.seed, epoch, self.salt)
+            for p in plan_pieces(counts, order, n_slots)[slot]:
+                yield from read_shard(self.refs[p.shard], decoder, p.start, p.stop)
+
+    def __iter__(self) -> Iterator[Batch]:
+        slot, n_slots = self._slot()
+        rng = random.Random(mix_seed("samples", self.seed, self.start_epoch, self.salt, slot, n_slots))
+        yield from _batches(_shuffled(self.samples(), self.shuffle_buffer, rng), self.shape, self.batch_size)
+
+
+@dataclass
+class DatasetInfo:
+    """What the trainer checks against its own config: shapes, classes, the VAE's factors."""
+
+    manifest: dict
+    latent_shape: tuple[int, int, int]
+    num_classes: int
+    vae: dict
+    num_samples: int
+
+    @classmethod
+    def from_manifest(cls, m: dict) -> "DatasetInfo":
+        return cls(m, tuple(m["latent_shape"]), len(m["class_names"]), dict(m["vae"]), int(m["num_samples"]))
+
+
+class StreamLoader:
+    """Iterable of :class:`Batch` from shards through a DataLoader (workers read, main gets batches).
+
+    Exact mode (``infinite=False``): one iteration is one pass in which every sample of the set
+    is yielded exactly once across all ranks and workers. Ranks get ``floor`` or ``ceil`` of
+    ``N / world_size`` samples (shard sizes do not matter: readers split by sample ranges), so
+    ranks may end with a different number of batches, each reader's last batch being partial;
+    a distributed evaluation must therefore all-reduce sums/counts rather than assume equal
+    steps. Each new iteration is the next pass, reshuffled.
+
+    Resume is APPROXIMATE in streaming mode: ``state_dict()`` records the samples this rank was
+    given; loading it restarts at the pass that count falls in, with a reshuffled order (salted
+    by the count), so some samples of that pass repeat and some are skipped. Use the in-memory
+    mode when exact resumption matters.
+    """
+
+    def __init__(self, info: DatasetInfo, refs: Sequence[ShardRef], batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
+                 infinite: bool = True, pin_memory: bool = False):
+        self.info, self.refs = info, list(refs)
+        self.latent_shape, self.num_classes, self.vae = info.latent_shape, info.num_classes, info.vae
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.shuffle_buffer, self.num_workers, self.infinite = shuffle_buffer, num_workers, infinite
+        self.pin_memory = pin_memory
+        self.samples_seen = 0
+        self.passes = 0
+
+    def _dataset(self) -> LatentStream:
+        counts = [r.num_samples for r in self.refs]
+        total = None if any(c is None for c in counts) else sum(counts)
+        if self.infinite:
+            epoch, salt = (self.samples_seen * self.world_size // total if total else 0), self.samples_seen
+        else:
+            epoch, salt = self.passes, 0
+        return LatentStream(self.refs, self.latent_shape, self.num_classes, self.batch_size, self.rank,
+                            self.world_size, self.seed, self.shuffle_buffer, self.infinite, epoch, salt)
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)
+        for batch in loader:
+            self.samples_seen += len(batch.label)
+            yield batch
+        self.passes += 1
+
+    def state_dict(self) -> dict[str, int]:
+        """Best-effort position (plain ints); see the class docstring: resume is approximate."""
+        return {"samples_seen": self.samples_seen, "passes": self.passes}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.samples_seen = int(state["samples_seen"])
+        self.passes = int(state.get("passes", 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# In memory
+
+
+def _as_items(a: np.ndarray, lead: int) -> np.ndarray:
+    """View a C-contiguous array's first ``lead`` axes as opaque items of the trailing bytes.
+
+    Copying such items is one memcpy each instead of a per-element float16 loop.
+    """
+    row = math.prod(a.shape[lead:]) * a.itemsize
+    return a.reshape(*a.shape[:lead], -1).view(np.dtype((np.void, row)))[..., 0]
+
+
+class MemoryLoader:
+    """Random batches gathered from one in-RAM (or memory-mapped) ``(N, 2, C, h, w)`` array.
+
+    Order is stateless: epoch ``e`` is ``randperm(N)`` from a generator seeded with
+    ``(seed, e)``, and rank ``r`` takes the strided slice ``perm[r::world_size]``, so the ranks'
+    samples are disjoint and together cover each epoch once. The position is just
+    ``(epoch, cursor)`` within this rank's slice, so ``state_dict()`` / ``load_state_dict()``
+    resume at exactly the next batch. Infinite mode lets a batch run over into the next epoch
+    (nothing is dropped); exact mode yields the rest of the current epoch (last batch partial)
+    and then moves on to the next epoch, so the next iteration is the following pass.
+    """
+
+    def __init__(self, info: DatasetInfo, latents: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, infinite: bool = True, pin_memory: bool = False):
+        if latents.dtype != torch.float16 or latents.dim() != 5 or latents.shape[1] != 2 or not latents.is_contiguous():
+            raise ValueError(f"latents must be contiguous float16 (N, 2, C, h, w), got {tuple(latents.shape)}")
+        if infinite and len(latents) < world_size:
+            raise ShardError(f"{len(latents)} samples cannot feed {world_size} ranks")
+        self.info = info
+        self.latent_shape, self.num_classes, self.vae = info.latent_shape, info.num_classes, info.vae
+        self.latents, self.labels = latents, labels
+        # 2N opaque half-rows: mean_0, std_0, mean_1, std_1, ...
+        self._halves = _as_items(latents.numpy().reshape(-1, *latents.shape[2:]), 1)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.infinite, self.pin_memory = infinite, pin_memory
+        self.epoch, self.cursor = 0, 0
+        self._slice_epoch, self._slice = -1, torch.empty(0, dtype=torch.int64)
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for ``epoch``: a pure function of (seed, epoch, rank, world)."""
+        if epoch != self._slice_epoch:
+            g = torch.Generator().manual_seed(mix_seed("memory", self.seed, epoch))
+            perm = torch.randperm(len(self.latents), generator=g)
+            self._slice, self._slice_epoch = perm[self.rank :: self.world_size].contiguous(), epoch
+        return self._slice
+
+    def _take(self, n: int) -> torch.Tensor:
+        """Up to ``n`` next indices, advancing the position (across epochs in infinite mode)."""
+        parts = []
+        while n > 0:
+            idx = self.epoch_indices(self.epoch)
+            part = idx[self.cursor : self.cursor + n]
+            parts.append(part)
+            self.cursor += len(part)
+            n -= len(part)
+            if self.cursor >= len(idx) and self.infinite:
+                self.epoch, self.cursor = self.epoch + 1, 0
+            elif self.cursor >= len(idx):
+                break
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def gather(self, idx: torch.Tensor) -> Batch:
+        """Rows ``idx`` as a batch whose mean and std are contiguous blocks of one (2, B, ...) tensor.
+
+        The array is viewed as 2N opaque half-rows (mean of sample i at 2i, std at 2i+1), so one
+        ``np.take`` copies each half-row once, straight into place. Single-threaded on purpose:
+        torch's parallel index_select collapses when the CPU is oversubscribed (measured ~10k vs
+        ~300k samples/s on a busy 2-core box) and a memory-bound copy gains little from threads.
+        ``mode="clip"`` only skips numpy's buffered bounds check: indices come from randperm.
+        """
+        i = idx.numpy()
+        halves = np.concatenate([2 * i, 2 * i + 1])
+        out = torch.empty((2, len(i), *self.latent_shape), dtype=torch.float16, pin_memory=self.pin_memory)
+        dst = _as_items(out.numpy().reshape(2 * len(i), *self.latent_shape), 1)
+        np.take(self._halves, halves, out=dst, mode="clip")
+        return Batch(out[0], out[1], self.labels.index_select(0, idx))
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.infinite and 0 < len(self.epoch_indices(self.epoch)) <= self.cursor:
+            self.epoch, self.cursor = self.epoch + 1, 0  # the previous pass was finished
+        while True:
+            idx = self._take(self.batch_size)
+            if len(idx) == 0:
+                break
+            yield self.gather(idx)
+            if not self.infinite and self.cursor >= len(self.epoch_indices(self.epoch)):
+                break
+        if not self.infinite:
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Exact position as plain ints, for the training checkpoint."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"loader state has seed {state['seed']}, this loader uses seed {self.seed}")
+        cursor, ws = int(state["cursor"]), int(state.get("world_size", self.world_size))
+        if ws != self.world_size:  # strided slices differ: keep the epoch, map the progress
+            warnings.warn(f"loader state from world size {ws}, now {self.world_size}: resume is approximate")
+            cursor = cursor * ws // self.world_size
+        self.epoch, self.cursor = int(state["epoch"]), cursor
+
+
+class _ShardArrays(Dataset):
+    """Map-style view of whole shards, so a DataLoader's workers read shards in parallel."""
+
+    def __init__(self, refs: Sequence[ShardRef], latent_shape: Sequence[int], num_classes: int | None):
+        self.refs, self.shape, self.num_classes = list(refs), tuple(latent_shape), num_classes
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        rows = list(read_shard(self.refs[j], SampleDecoder(self.shape, self.num_classes)))
+        lat = np.empty((len(rows), 2, *self.shape), _F16)
+        for i, (latent, _) in enumerate(rows):
+            lat[i] = latent
+        return j, torch.from_numpy(lat), torch.tensor([y for _, y in rows], dtype=torch.int64)
+
+
+def read_all(refs: Sequence[ShardRef], info: DatasetInfo, out: np.ndarray, num_workers: int = 0) -> np.ndarray:
+    """Fill ``out`` (N, 2, C, h, w) with every sample in manifest order; returns the labels."""
+    offsets = np.cumsum([0] + [r.num_samples for r in refs])
+    labels = np.empty(offsets[-1], np.int64)
+    ds = _ShardArrays(refs, info.latent_shape, info.num_classes)
+    for j, lat, lab in DataLoader(ds, batch_size=None, num_workers=num_workers):
+        out[offsets[j] : offsets[j + 1]] = lat.numpy()
+        labels[offsets[j] : offsets[j + 1]] = lab.numpy()
+    return labels
+
+
+def _cache_files(path: Path) -> tuple[Path, Path, Path]:
+    return path, path.with_name(path.name + ".labels.npy"), path.with_name(path.name + ".json")
+
+
+def _open_cache(path: Path, digest: str, shape: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, memory-mapped, when their sidecar matches this manifest; else None."""
+    lat_p, lab_p, meta_p = _cache_files(path)
+    if not meta_p.is_file() or read_json(meta_p).get("manifest_sha256") != digest:
+        return None
+    lat = np.load(lat_p, mmap_mode="c", allow_pickle=False)  # copy-on-write: writable view, shared pages
+    lab = np.load(lab_p, allow_pickle=False)
+    if lat.shape != shape or lat.dtype != _F16 or lab.shape != shape[:1] or lab.dtype != np.int64:
+        return None
+    return lat, lab
+
+
+def build_cache(path: Path, refs: Sequence[ShardRef], info: DatasetInfo, digest: str, num_workers: int = 0) -> None:
+    """Write the memory-map cache: arrays under temporary names, renamed, sidecar last.
+
+    The sidecar (manifest digest) is the completeness marker, so a killed build is redone.
+    """
+    lat_p, lab_p, meta_p = _cache_files(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_lat, tmp_lab = tmp_path(lat_p), tmp_path(lab_p)
+    shape = (info.num_samples, 2, *info.latent_shape)
+    out = np.lib.format.open_memmap(tmp_lat, mode="w+", dtype=_F16, shape=shape)
+    labels = read_all(refs, info, out, num_workers)
+    out.flush()
+    del out
+    with open(tmp_lab, "wb") as f:
+        np.save(f, labels, allow_pickle=False)
+    commit(tmp_lat, lat_p)
+    commit(tmp_lab, lab_p)
+    atomic_write_json(meta_p, {"manifest_sha256": digest, "shape": list(shape)})
+
+
+def load_arrays(refs: Sequence[ShardRef], info: DatasetInfo, cache: Path | None = None,
+                manifest_digest: str = "", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples as tensors (N, 2, C, h, w) float16 and (N,) int64, from the cache if valid.
+
+    With a cache, one process per node (local rank 0) builds it while the others wait at a
+    barrier, then every rank maps the same file, so the OS page cache holds one copy per node.
+    """
+    shape = (info.num_samples, 2, *info.latent_shape)
+    if cache is None:
+        out = np.empty(shape, _F16)
+        labels = read_all(refs, info, out, num_workers)
+        return torch.from_numpy(out), torch.from_numpy(labels)
+    first = not (tdist.is_available() and tdist.is_initialized()) or dist.dist_info().local_rank == 0
+    if first and _open_cache(cache, manifest_digest, shape) is None:
+        build_cache(cache, refs, info, manifest_digest, num_workers)
+    dist.barrier()
+    arrays = _open_cache(cache, manifest_digest, shape)
+    if arrays is None:
+        raise ShardError(f"{cache}: cache missing or stale after it was built")
+    return torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory and the posterior sample
+
+
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
+                 infinite: bool = True) -> StreamLoader | MemoryLoader:
+    """The loader the training loop uses: streaming or in-memory per ``cfg``, for one rank."""
+    if cfg.batch_size < 1 or cfg.num_workers < 0 or cfg.shuffle_buffer < 0:
+        raise ValueError(f"data config: batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0 needed, got {cfg}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    mpath = manifest_file(cfg.shards)
+    manifest = open_manifest(mpath)
+    info = DatasetInfo.from_manifest(manifest)
+    root = mpath.parent
+    if cfg.verify:
+        verify_shards(manifest, root)
+    pin = torch.cuda.is_available()
+    if cfg.in_memory:
+        if cfg.urls:
+            raise ValueError("data.in_memory reads the manifest's shards; data.urls is for streaming only")
+        cache = None if cfg.cache is None else (root / "latents-cache.npy" if cfg.cache == "auto" else Path(cfg.cache))
+        digest = sha256_file(mpath) if cache is not None else ""
+        lat, lab = load_arrays(refs_from_manifest(manifest, root), info, cache, digest, cfg.num_workers)
+        return MemoryLoader(info, lat, lab, cfg.batch_size, rank, world_size, cfg.seed, infinite, pin)
+    refs = refs_from_urls(cfg.urls) if cfg.urls else refs_from_manifest(manifest, root)
+    return StreamLoader(info, refs, cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle_buffer,
+                        cfg.num_workers, infinite, pin)
+
+
+def draw_latent(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One posterior sample ``(mean + std * eps - shift) * scale`` in float32, on the inputs' device.
+
+    Move the float16 batch to the training device first: drawing ``eps`` there is nearly free,
+    while on the CPU it would be the slowest step of the whole input pipeline.
+    """
+    if mean.shape != std.shape or mean.device != std.device:
+        raise ValueError(f"mean {tuple(mean.shape)} on {mean.device} and std {tuple(std.shape)} on {std.device} differ")
+    m, s = mean.float(), std.float()
+    eps = torch.randn(m.shape, generator=generator, device=m.device, dtype=torch.float32)
+    return (m + s * eps - shift_factor) * scaling_factor
