@@ -1,0 +1,430 @@
+"""The sampling job: labels, per-sample noise, work split, CFG, output layout, resume, multi-process.
+
+Runs on the CPU with a tiny DiT (latent 4 x 8 x 8) and a toy decoder. This file doubles as the
+worker script that the multi-process tests start under torchrun (see ``worker`` at the bottom).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from latent_patch import sampling  # noqa: E402
+from latent_patch.edm import Precond, SamplerConfig, sample  # noqa: E402
+
+C, R, K = 4, 8, 10  # latent channels, latent side, classes
+SAMPLER = SamplerConfig(steps=4, S_churn=10.0, cfg_scale=1.5, cfg_interval=[0.05, 50.0])
+IDENTITY = {"model": "tiny-dit-seed0", "sampler": dataclasses.asdict(SAMPLER), "seed": 7}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+class TinyNet(torch.nn.Module):
+    """A few-thousand-parameter denoiser with the project's call signature
+    ``net(x (B, C+2, h, w), c_noise (B,), labels (B,)) -> (B, C, h, w)``; label K is the null class.
+    Pure torch, so the torchrun workers start in seconds (the real models import diffusers)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(C + 2, width, 3, padding=1)
+        self.noise = torch.nn.Linear(1, width)
+        self.label = torch.nn.Embedding(K + 1, width)
+        self.out = torch.nn.Conv2d(width, C, 3, padding=1)
+
+    def forward(self, x, c_noise, labels):
+        h = self.inp(x) + (self.noise(c_noise.view(-1, 1).float()) + self.label(labels))[:, :, None, None]
+        return self.out(torch.nn.functional.silu(h))
+
+
+def tiny_net() -> torch.nn.Module:
+    """The same random weights in every process that calls it."""
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+def tiny_dit() -> torch.nn.Module:
+    """DiT-T/2 (the real model code) with weights moved off adaLN-Zero's init, so labels matter."""
+    from latent_patch.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(preset="DiT-T/2", latent_channels=C, latent_size=R, num_classes=K))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return net.eval()
+
+
+def toy_decode(z: torch.Tensor, sleep: float = 0.0) -> torch.Tensor:
+    """Stand-in for the VAE: 2x nearest upsampling of 3 latent channels, squashed to uint8."""
+    if sleep:
+        time.sleep(sleep)
+    x = torch.nn.functional.interpolate(z[:, :3], scale_factor=2)
+    return ((x.tanh() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def make_sampler(net=None, sampler_cfg: SamplerConfig = SAMPLER, seed: int = 7, sleep: float = 0.0,
+                 classes=None) -> sampling.ImageSampler:
+    return sampling.ImageSampler(net if net is not None else tiny_net(), sigma_data=0.5, latent_channels=C,
+                                 latent_size=R, num_classes=K, sampler=sampler_cfg,
+                                 decode=lambda z: toy_decode(z, sleep), seed=seed, classes=classes)
+
+
+@pytest.fixture
+def one_thread():
+    """torchrun workers run with one intra-op thread; match it so in-process references are bitwise comparable."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def load_npz(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(out / "samples.npz", allow_pickle=False) as f:
+        return f["arr_0"], f["labels"]
+
+
+# --------------------------------------------------------------------------- labels, seeds, split
+
+def test_labels_class_balanced_and_stable():
+    labels = sampling.index_labels(range(25), K).numpy()
+    counts = np.bincount(labels, minlength=K)
+    assert counts.tolist() == [3] * 5 + [2] * 5  # N // K each, remainder on the first classes
+    assert (sampling.index_labels(range(20), K).numpy() == labels[:20]).all()  # independent of N
+    chosen = sampling.index_labels(range(7), K, classes=[1, 5, 7]).tolist()
+    assert chosen == [1, 5, 7, 1, 5, 7, 1]
+
+
+def test_row_noise_depends_only_on_seed_and_index():
+    whole = sampling.RowRandn(3, range(6)).randn((2, 3))
+    parts = torch.cat([sampling.RowRandn(3, [0, 1]).randn((2, 3)), sampling.RowRandn(3, [2, 3, 4, 5]).randn((2, 3))])
+    assert torch.equal(whole, parts)
+    assert torch.equal(sampling.RowRandn(3, [4]).randn((2, 3))[0], whole[4])
+    assert not torch.equal(sampling.RowRandn(4, range(6)).randn((2, 3)), whole)  # the seed matters
+    rows = sampling.RowRandn(3, range(6))
+    x = torch.zeros(6, 2, 3, dtype=torch.float64)
+    assert rows.randn_like(x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_plan_batches_no_duplicate_no_gap(world):
+    todo = [i for i in range(40) if i not in {3, 4, 17, 30, 31, 32}]
+    blocks = [b for r in range(world) for b in sampling.plan_batches(todo, 4, r, world)]
+    flat = [i for b in blocks for i in b]
+    assert sorted(flat) == todo and len(flat) == len(set(flat))
+    assert all(len(b) <= 4 and b == list(range(b[0], b[-1] + 1)) for b in blocks)
+
+
+# --------------------------------------------------------------------------- CFG through the job path
+
+class CountingNet(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.batches = net, []
+
+    def forward(self, x, c_noise, labels):
+        self.batches.append(x.shape[0])
+        return self.net(x, c_noise, labels)
+
+
+@pytest.mark.parametrize("make_net", [tiny_net, tiny_dit], ids=["tiny", "dit"])
+def test_cfg_scale_one_zero_and_interval(one_thread, make_net):
+    net = make_net()
+    idx = list(range(6))
+    base = SamplerConfig(steps=3)
+
+    def latents(cfg, classes=None):
+        counting = CountingNet(net)
+        x, _ = make_sampler(counting, cfg, classes=classes).latents(idx)
+        return x, counting.batches
+
+    cond, passes = latents(base)
+    assert passes == [6] * 5  # 3 Heun steps = 5 evaluations, one batch each: scale 1 costs one pass
+    # scale 1 is the plain conditional model
+    rng = sampling.RowRandn(7, idx)
+    manual = sample(Precond(net, 0.5), rng.randn((C, R, R)), torch.tensor(idx) % K, base, K, rng.randn_like)
+    assert torch.equal(cond, manual)
+    # scale 0 is the unconditional model (every label the null class K)
+    uncond, _ = latents(dataclasses.replace(base, cfg_scale=0.0))
+    rng = sampling.RowRandn(7, idx)
+    manual_u = sample(Precond(net, 0.5), rng.randn((C, R, R)), torch.full((6,), K), base, K, rng.randn_like)
+    assert torch.allclose(uncond, manual_u, atol=1e-5) and not torch.allclose(uncond, cond, atol=1e-3)
+    # guidance: one batched pass of 2B rows; an interval that excludes every sigma gates it off
+    guided, passes = latents(dataclasses.replace(base, cfg_scale=2.0))
+    assert passes == [12] * 5 and not torch.allclose(guided, cond, atol=1e-3)
+    gated, passes = latents(dataclasses.replace(base, cfg_scale=2.0, cfg_interval=[1000.0, 2000.0]))
+    assert torch.equal(gated, cond) and passes == [6] * 5
+    everywhere, _ = latents(dataclasses.replace(base, cfg_scale=2.0, cfg_interval=[0.0, 1000.0]))
+    assert torch.allclose(everywhere, guided, atol=1e-6)
+    partly, passes = latents(dataclasses.replace(base, cfg_scale=2.0, cfg_interval=[0.1, 10.0]))
+    assert 6 in passes and 12 in passes  # guided only at the sigmas inside the interval
+
+
+# --------------------------------------------------------------------------- the job in-process
+
+def test_job_layout_and_settings_guard(tmp_path, one_thread):
+    s = make_sampler()
+    out = tmp_path / "out"
+    sampling.run_job(s, out, 13, 4, IDENTITY, save=("npz", "png"), grid=9, progress=False)
+    arr, labels = load_npz(out)
+    assert arr.dtype == np.uint8 and arr.shape == (13, 2 * R, 2 * R, 3)
+    assert labels.tolist() == [i % K for i in range(13)]
+    direct, _ = s.images(list(range(4, 8)))  # index order: rows 4..7 are samples 4..7
+    assert np.array_equal(arr[4:8], direct)
+    pngs = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in pngs[:2]] == ["000000.png", "000001.png"] and len(pngs) == 13
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(pngs[12])), arr[12])
+    assert (out / "grid.png").is_file()
+    meta = json.loads((out / "sampling.json").read_text())
+    assert meta["identity"]["seed"] == 7 and meta["num_samples"] == 13
+    # other settings into the same OUT: refused with the differing key named
+    with pytest.raises(sampling.SettingsMismatch, match="seed"):
+        sampling.run_job(s, out, 13, 4, {**IDENTITY, "seed": 8}, progress=False)
+    # a larger N with the same settings reuses the 13 done samples and only adds the rest
+    sampling.run_job(s, out, 16, 5, IDENTITY, save=("npz",), grid=0, progress=False)
+    arr16, _ = load_npz(out)
+    assert np.array_equal(arr16[:13], arr)
+
+
+def test_resume_after_lost_parts_and_other_batch_size(tmp_path, one_thread):
+    s = make_sampler()
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    sampling.run_job(s, ref_out, 12, 4, IDENTITY, save=("npz",), grid=0, progress=False)
+    ref, _ = load_npz(ref_out)
+    sampling.run_job(s, out, 12, 4, IDENTITY, save=("npz",), grid=0, progress=False)
+    parts = sampling.list_parts(out)
+    for _, _, p in parts[1:]:
+        p.unlink()  # as if killed after the first block
+    (out / "parts" / ".idx-00000004-00000008.npz.123.tmp").write_bytes(b"half")  # a killed writer's leftover
+    sampling.run_job(s, out, 12, 3, IDENTITY, save=("npz",), grid=0, progress=False)
+    again, _ = load_npz(out)
+    assert not list((out / "parts").glob(".*.tmp"))
+    # Bitwise equal although the rest was made in blocks of 3, not 4. (Single-threaded CPU
+    # kernels here are batch-size invariant; multi-threaded or GPU kernels may pick another
+    # reduction order for another batch size, which can move a rare pixel by one level.)
+    assert np.array_equal(again, ref)
+
+
+def test_gap_is_reported(tmp_path):
+    s = make_sampler(sampler_cfg=SamplerConfig(steps=2))
+    out = tmp_path / "out"
+    sampling.run_job(s, out, 8, 4, IDENTITY, save=("npz",), grid=0, progress=False)
+    sampling.list_parts(out)[0][2].unlink()
+    with pytest.raises(RuntimeError, match="samples 0..3 are missing"):
+        sampling.write_npz(out, 8)
+
+
+def test_make_decoder_undoes_the_training_normalisation():
+    calls = []
+
+    class FakeCodec:
+        scaling_factor, shift_factor = 0.5, 0.1
+
+        def scale(self, x):
+            return (x - self.shift_factor) * self.scaling_factor
+
+        def decode_uint8(self, z):
+            calls.append(len(z))
+            return z[:, :3].permute(0, 2, 3, 1).clone()
+
+    z = torch.randn(5, 4, 2, 2)
+    same = sampling.make_decoder(FakeCodec(), batch_size=2)(z)
+    assert torch.equal(same, z[:, :3].permute(0, 2, 3, 1)) and calls == [2, 2, 1]
+    other = sampling.make_decoder(FakeCodec(), scaling_factor=0.25, shift_factor=0.0)(z)
+    raw = z / 0.25
+    assert torch.allclose(other, ((raw - 0.1) * 0.5)[:, :3].permute(0, 2, 3, 1))
+
+
+class ToyCodec:
+    scaling_factor, shift_factor = 0.18215, 0.0
+
+    def decode_uint8(self, z):
+        return toy_decode(z)
+
+
+def toy_evaluate(net, distributed: bool = False) -> dict:
+    """evaluate_model on 20 samples with a cheap extractor, against the statistics of those very
+    samples (so FD ~ 0) made directly by ImageSampler."""
+    from latent_patch import fid
+
+    extractor = fid.CallableFeatures(lambda im: im.reshape(len(im), -1)[:, ::97].astype(np.float64), "toy")
+    cfg = SimpleNamespace(model=SimpleNamespace(latent_channels=C, latent_size=R, num_classes=K),
+                          edm=SimpleNamespace(sigma_data=0.5), data=SimpleNamespace(shards=None))
+    imgs, _ = make_sampler(net, SamplerConfig(steps=3), seed=0).images(list(range(20)))
+    ref = fid.Stats(*fid.stats_of(extractor.features(imgs)), num=20, extractor="toy")
+    return sampling.evaluate_model(net, cfg, 20, ref, features=extractor, codec=ToyCodec(), manifest={},
+                                   sampler=SamplerConfig(steps=3), batch_size=8, distributed=distributed)
+
+
+def test_evaluate_model_with_custom_features(one_thread):
+    net = tiny_net().train()
+    m = toy_evaluate(net)
+    assert net.training  # mode restored
+    assert m["features"] == "toy" and m["num_samples"] == 20 and abs(m["fd"]) < 1e-6
+
+
+# --------------------------------------------------------------------------- the CLI on a real checkpoint
+
+def _write_checkpoint(run: Path, vae_dir: Path) -> None:
+    """A complete checkpoint folder as train.py writes it (tiny DiT, manifest naming a tiny VAE)."""
+    import yaml
+
+    from latent_patch import checkpoint as ck
+    from latent_patch import config as config_mod
+    from latent_patch.train import TrainConfig
+
+    from latent_patch.models import ModelConfig
+
+    cfg = TrainConfig()
+    cfg.model = ModelConfig(preset="DiT-T/2", latent_channels=C, latent_size=R, num_classes=K)
+    net = tiny_dit()
+    tmp = ck.begin(run, 10)
+    ck.save_weights(tmp / ck.MODEL_FILE, net.state_dict(), {})
+    ck.save_weights(tmp / ck.EMA_FILE, net.state_dict(), {})
+    ck.write_text(tmp / ck.CONFIG_FILE, yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+    manifest = {"vae": {"id": str(vae_dir), "scaling_factor": 0.5, "shift_factor": 0.0}}
+    ck.write_text(tmp / ck.MANIFEST_FILE, json.dumps(manifest))
+    ck.finish(tmp)
+
+
+def _tiny_vae(path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=C, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=4, sample_size=16).save_pretrained(path)
+
+
+def test_cli_end_to_end(tmp_path, one_thread, monkeypatch):
+    pytest.importorskip("latent_patch.train")
+    import sample as sample_cli
+
+    from latent_patch import fid
+
+    _tiny_vae(tmp_path / "vae")
+    _write_checkpoint(tmp_path / "run", tmp_path / "vae")
+    out = tmp_path / "out"
+    extractor = fid.CallableFeatures(lambda im: im.reshape(len(im), -1)[:, ::61].astype(np.float64), "toy")
+    monkeypatch.setattr(fid, "build_extractor", lambda *a, **k: extractor)
+    rng = np.random.default_rng(0)
+    ref = fid.Stats(*fid.stats_of(rng.normal(size=(50, extractor.features(np.zeros((1, 16, 16, 3), np.uint8)).shape[1]))),
+                    num=50, extractor="toy")
+    ref.save(tmp_path / "ref.npz")
+    args = ["--checkpoint", str(tmp_path / "run"), "--num-samples", "6", "--out", str(out), "--seed", "1",
+            "--steps", "3", "--cfg-scale", "1.5", "--batch-size", "4", "--fid-ref", str(tmp_path / "ref.npz"),
+            "--no-progress"]
+    sample_cli.main(args)
+    arr, labels = load_npz(out)
+    assert arr.shape == (6, 16, 16, 3) and labels.tolist() == [0, 1, 2, 3, 4, 5]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["features"] == "toy" and metrics["num_samples"] == 6 and "fd" in metrics
+    meta = json.loads((out / "sampling.json").read_text())
+    assert meta["identity"]["sampler"]["steps"] == 3 and meta["identity"]["vae"]["scaling_factor"] == 0.5
+    with pytest.raises(sampling.SettingsMismatch, match="cfg_scale|sampler"):
+        sample_cli.main([a if a != "1.5" else "2.0" for a in args])
+    sample_cli.main(args[:-3] + ["--no-progress", "--batch-size", "5"])  # same settings: nothing to redo
+    assert np.array_equal(load_npz(out)[0], arr)
+
+
+# --------------------------------------------------------------------------- multi-process and kill
+
+def _torchrun(out: Path, nproc: int, batch: int, n: int, sleep: float = 0.0, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           __file__, "--out", str(out), "--num-samples", str(n), "--batch-size", str(batch), "--sleep", str(sleep)]
+    if nproc == 1:
+        cmd = [sys.executable, __file__] + cmd[cmd.index(__file__) + 1:]
+    # own process group: a timed-out or failed test kills launcher AND workers (orphaned workers
+    # would otherwise wait for the launcher's store until the 2 h collective timeout)
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, **popen)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> None:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, out.decode()[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_kill_resume(tmp_path, one_thread):
+    n, batch = 10, 3
+    ref_out = tmp_path / "ref"
+    sampling.run_job(make_sampler(), ref_out, n, batch, IDENTITY, save=("npz", "png"), grid=0, progress=False)
+    ref, ref_labels = load_npz(ref_out)
+
+    # 2 processes under torchrun (gloo): the same arrays as one process
+    two = tmp_path / "two"
+    _finish(_torchrun(two, 2, batch, n))
+    arr, labels = load_npz(two)
+    assert np.array_equal(arr, ref) and np.array_equal(labels, ref_labels)
+    assert len(list((two / "images").glob("*.png"))) == n
+    evals = [json.loads((two / f"eval-{r}.json").read_text()) for r in range(2)]  # distributed evaluate_model
+    assert evals[0] == evals[1] and evals[0]["num_samples"] == 20 and abs(evals[0]["fd"]) < 1e-6
+
+    # SIGKILL a 2-process run mid-way, then finish it with ONE process: the same arrays again
+    killed = tmp_path / "killed"
+    proc = _torchrun(killed, 2, batch, n, sleep=0.5)
+    deadline = time.time() + 90
+    while len(sampling.list_parts(killed)) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    _kill_group(proc)
+    done = len(sampling.done_indices(killed, n))
+    assert 0 < done < n, f"kill landed outside the run ({done} of {n} done)"
+    assert not (killed / "samples.npz").exists()
+    sampling.run_job(make_sampler(), killed, n, batch, IDENTITY, save=("npz",), grid=0, progress=False)
+    arr, _ = load_npz(killed)
+    assert np.array_equal(arr, ref)
+
+
+# --------------------------------------------------------------------------- worker (torchrun entry)
+
+def worker(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--sleep", type=float, default=0.0)
+    a = p.parse_args(argv)
+    from latent_patch import dist
+
+    dist.init_process_group()
+    sampling.run_job(make_sampler(sleep=a.sleep), a.out, a.num_samples, a.batch_size, IDENTITY,
+                     save=("npz", "png"), grid=0, progress=False)
+    if a.sleep == 0.0:  # also: training-time FID split over the ranks, features gathered
+        info = dist.dist_info()
+        m = toy_evaluate(tiny_net(), distributed=info.world_size > 1)
+        Path(a.out, f"eval-{info.rank}.json").write_text(json.dumps({k: v for k, v in m.items() if k != "seconds"}))
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    worker()
