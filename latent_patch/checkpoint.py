@@ -1,0 +1,326 @@
+"""Training checkpoints: atomic save, find the latest complete one, load for resume or inference.
+
+Layout of a run folder ``RUN/``::
+
+    RUN/checkpoints/step-000001000/
+        model.safetensors   the raw network weights (fp32)
+        ema.safetensors     the EMA weights, what the sampler uses
+        state.pt            optimizer, scaler, progress counters, schedule RNGs and rank 0's
+                            RNG + loader state (torch.load(weights_only=True) readable)
+        rank-00001.pt ...   RNG + loader state of every other rank (multi-process runs)
+        config.yaml         the resolved TrainConfig
+        manifest.json       copy of the shards' manifest (VAE id, class names) for the sampler
+        DONE                JSON {file name: size in bytes}, written last
+
+A checkpoint is written into ``checkpoints/.tmp-step-.../``, DONE is written after every other
+file is flushed, and only then is the folder renamed to ``step-...``. A crash at any instant thus
+leaves either no ``step-...`` folder or a complete one; DONE's sizes additionally catch a
+checkpoint damaged later (truncated copy, full disk on a sync) with an error naming the file.
+"Latest" always means the highest step number among complete folders, never mtime or size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle  # only for its exception class: nothing here unpickles (torch.load weights_only=True)
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from latent_patch import fsutil
+
+CKPT_DIR = "checkpoints"
+DONE = "DONE"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+_NAME_RE = re.compile(r"^step-(\d{9})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, damaged, or does not fit the current config."""
+
+
+# --------------------------------------------------------------------------- names and discovery
+
+def ckpt_name(step: int) -> str:
+    """Folder name of the checkpoint after optimizer step ``step`` (zero padded so names sort)."""
+    return f"step-{step:09d}"
+
+
+def rank_file(rank: int) -> str:
+    """File holding the RNG/loader state of a rank other than 0."""
+    return f"rank-{rank:05d}.pt"
+
+
+def is_complete(path: str | Path) -> bool:
+    """A checkpoint folder counts only when its DONE marker exists (written last)."""
+    return (Path(path) / DONE).is_file()
+
+
+def list_complete(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, folder), ascending by step number."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME_RE.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step number, or None; half-written ones are ignored."""
+    done = list_complete(run_dir)
+    return done[-1][1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from either a checkpoint folder or a run folder (-> its latest complete one)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or run folder")
+    if (p / DONE).exists() or (p / STATE_FILE).exists() or (p / MODEL_FILE).exists():
+        if not is_complete(p):
+            raise CheckpointError(f"{p}: checkpoint is incomplete (no {DONE} marker); it was never finished")
+        return p
+    latest = find_latest(p)
+    if latest is None:
+        raise CheckpointError(f"{p}: holds no complete checkpoint under {CKPT_DIR}/")
+    return latest
+
+
+def resolve_resume(spec: str | None, run_dir: str | Path) -> Path | None:
+    """Map ``--resume`` to a checkpoint: 'auto' -> latest complete in run_dir (or None), a path -> that one."""
+    if spec is None or spec in ("", "none", "no"):
+        return None
+    if spec == "auto":
+        return find_latest(run_dir)
+    return resolve_checkpoint(spec)
+
+
+# --------------------------------------------------------------------------- writing
+
+def begin(run_dir: str | Path, step: int) -> Path:
+    """Create (fresh) the temporary folder a checkpoint is written into; rank 0 only."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{ckpt_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # leftover of a crash while writing this very step
+    tmp.mkdir()
+    return tmp
+
+
+def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Weights as safetensors: CPU copies, so shared or non-contiguous tensors are stored plainly."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Training state via torch.save; must hold only tensors and plain Python values (weights_only)."""
+    torch.save(state, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def finish(tmp: Path, keep_last: int = 0) -> Path:
+    """Flush every file, write DONE (file sizes) last, rename the folder into place, prune old ones.
+
+    Returns the final folder. An existing folder of the same step (a run resumed from an earlier
+    checkpoint re-reaching it) is replaced only after the new one is complete.
+    """
+    sizes = {}
+    for f in sorted(tmp.iterdir()):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        sizes[f.name] = f.stat().st_size
+    fsutil.atomic_write_json(tmp / DONE, {"files": sizes})
+    final = tmp.with_name(tmp.name[len(".tmp-"):])
+    if final.exists():
+        trash = final.with_name(f".old-{final.name}")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, final)
+    fsutil.fsync_dir(final.parent)
+    if keep_last > 0:
+        prune(final.parent.parent, keep_last)
+    return final
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` highest-step complete checkpoints; returns what was removed."""
+    done = list_complete(run_dir)
+    removed = [p for _, p in done[:-keep_last]] if keep_last > 0 else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def recover(run_dir: str | Path) -> list[str]:
+    """Complete a same-step replacement that a kill interrupted; call before looking for the latest.
+
+    ``finish`` replaces an existing ``step-X`` in two renames (old -> ``.old-step-X``, new ->
+    ``step-X``); POSIX cannot swap folders atomically. A kill between them leaves no ``step-X``:
+    the new copy is published if its DONE shows it complete, else the old one is put back.
+    A lone ``.tmp-step-X`` (a writer killed before publishing) is NOT promoted: it stays
+    invisible, as any unpublished checkpoint, and ``remove_stale`` deletes it.
+    """
+    root = Path(run_dir) / CKPT_DIR
+    done = []
+    for old in sorted(root.glob(".old-step-*")) if root.is_dir() else []:
+        final = root / old.name[len(".old-"):]
+        if final.exists() or not _NAME_RE.match(final.name):
+            continue
+        new = root / f".tmp-{final.name}"
+        try:
+            verify(new)
+            os.replace(new, final)
+            done.append(f"published {final.name}, whose replacement a kill interrupted")
+        except CheckpointError:
+            if is_complete(old):
+                os.replace(old, final)
+                done.append(f"restored {final.name}, whose replacement a kill interrupted")
+    if done:
+        fsutil.fsync_dir(root)
+    return done
+
+
+def remove_stale(run_dir: str | Path) -> list[Path]:
+    """Remove leftovers of killed writers (``.tmp-step-*``, ``.old-step-*``); call before training starts."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.startswith((".tmp-step-", ".old-step-"))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+# --------------------------------------------------------------------------- reading
+
+def verify(ckpt: Path) -> dict[str, int]:
+    """Check every file DONE lists exists with its recorded size; raise CheckpointError naming the first bad one."""
+    if not is_complete(ckpt):
+        raise CheckpointError(f"{ckpt}: checkpoint is incomplete (no {DONE} marker)")
+    try:
+        sizes = fsutil.read_json(ckpt / DONE)["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{ckpt / DONE}: damaged marker ({err})") from err
+    for name, size in sizes.items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint (listed in {DONE})")
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"{f}: truncated or damaged ({f.stat().st_size} bytes, {DONE} says {size}); "
+                "resume from an earlier checkpoint with --resume PATH"
+            )
+    return sizes
+
+
+def load_weights(ckpt: Path, name: str = MODEL_FILE) -> dict[str, torch.Tensor]:
+    """Read a safetensors file of the checkpoint, naming the file when it cannot be read."""
+    path = ckpt / name
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot read weights ({err})") from err
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a state.pt / rank file with weights_only=True (no arbitrary code), naming the file on failure."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from None
+    except pickle.UnpicklingError as err:  # only raised here, never executed: weights_only refuses objects
+        raise CheckpointError(
+            f"{path}: cannot read training state (it holds objects other than tensors and plain values, "
+            "refused unexecuted by weights_only loading; the file is not one this code wrote)"
+        ) from err
+    except Exception as err:  # torch raises RuntimeError/EOFError for damaged files
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"{path}: cannot read training state ({type(err).__name__}: {reason})") from err
+
+
+def read_manifest(ckpt: Path) -> dict | None:
+    """The shards' manifest stored with the checkpoint, or None when the run had none."""
+    p = ckpt / MANIFEST_FILE
+    return fsutil.read_json(p) if p.is_file() else None
+
+
+def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Strict load that turns key/shape mismatches into an error saying the model config differs."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    bad_shape = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if missing or unexpected or bad_shape:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            detail.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        if bad_shape:
+            k = bad_shape[0]
+            detail.append(f"shape of {k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}")
+        raise CheckpointError(
+            f"{source}: weights do not fit this model (a checkpoint of another model config?): "
+            + "; ".join(detail)
+        )
+    module.load_state_dict(tensors, strict=True)
+
+
+def load_inference_model(
+    path_or_run: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Any, dict | None]:
+    """(network in eval mode, TrainConfig, manifest or None) from a run folder or a checkpoint folder.
+
+    The network is the bare denoiser ``net(x, c_noise, labels)``; wrap it with
+    ``edm.Precond(net, cfg.edm.sigma_data)`` to sample. The model is rebuilt from the config stored
+    in the checkpoint, so the caller needs no training config of its own.
+    """
+    from latent_patch import config as config_mod  # lazy: train imports this module
+    from latent_patch.models import build_model
+    from latent_patch.train import TrainConfig
+
+    ckpt = resolve_checkpoint(path_or_run)
+    verify(ckpt)
+    try:
+        cfg = config_mod.load(TrainConfig, ckpt / CONFIG_FILE)
+    except config_mod.ConfigError as err:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: {err}") from err
+    net = build_model(cfg.model)
+    name = EMA_FILE if use_ema else MODEL_FILE
+    load_into(net, load_weights(ckpt, name), ckpt / name)
+    net.to(device).eval().requires_grad_(False)
+    return net, cfg, read_manifest(ckpt)
+
+
+def describe(ckpt: Path) -> str:
+    """One line for logs: folder and step."""
+    m = _NAME_RE.match(ckpt.name)
+    return f"{ckpt} (step {int(m.group(1)) if m else '?'})"
+
+
+def dumps_meta(obj: Any) -> str:
+    """Compact JSON for safetensors metadata (strings only there)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,195 @@
+"""latent_patch.checkpoint: atomic folders with DONE last, latest by step number, pruning, damage errors."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from latent_patch import checkpoint as ckpt
+from latent_patch import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_checkpoint(run: Path, step: int, payload: bytes = b"x", keep_last: int = 0) -> Path:
+    """A complete checkpoint folder written through the real begin/finish path."""
+    tmp = ckpt.begin(run, step)
+    ckpt.save_weights(tmp / ckpt.MODEL_FILE, {"w": torch.full((4,), float(step))}, {"step": str(step)})
+    ckpt.save_state(tmp / ckpt.STATE_FILE, {"step": step, "blob": payload})
+    return ckpt.finish(tmp, keep_last)
+
+
+def test_finish_renames_and_lists_sizes(tmp_path):
+    final = fake_checkpoint(tmp_path, 7)
+    assert final == tmp_path / "checkpoints" / "step-000000007"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    sizes = ckpt.verify(final)
+    assert set(sizes) == {ckpt.MODEL_FILE, ckpt.STATE_FILE}
+    assert sizes[ckpt.STATE_FILE] == (final / ckpt.STATE_FILE).stat().st_size
+    assert ckpt.load_state(final / ckpt.STATE_FILE)["step"] == 7
+
+
+def test_latest_is_by_step_number_not_mtime_or_size(tmp_path):
+    ten = fake_checkpoint(tmp_path, 10, b"small")
+    nine = fake_checkpoint(tmp_path, 9, b"much bigger" * 1000)  # written later, larger
+    os.utime(ten, (time.time() - 1000, time.time() - 1000))
+    assert ckpt.find_latest(tmp_path) == ten
+    # half-written later ones: a folder without DONE, a writer's temp folder, a stray name
+    (tmp_path / "checkpoints" / "step-000000011").mkdir()
+    (tmp_path / "checkpoints" / "step-000000011" / ckpt.MODEL_FILE).write_bytes(b"partial")
+    ckpt.begin(tmp_path, 12)
+    (tmp_path / "checkpoints" / "step-latest").mkdir()
+    assert ckpt.find_latest(tmp_path) == ten
+    assert [s for s, _ in ckpt.list_complete(tmp_path)] == [9, 10]
+    assert ckpt.resolve_resume("auto", tmp_path) == ten
+    assert nine.exists()
+
+
+def test_keep_last_prunes_lowest_steps(tmp_path):
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 5, keep_last=2)
+    assert [s for s, _ in ckpt.list_complete(tmp_path)] == [4, 5]
+
+
+def test_same_step_is_replaced_atomically(tmp_path):
+    fake_checkpoint(tmp_path, 3, b"old")
+    final = fake_checkpoint(tmp_path, 3, b"new")
+    assert ckpt.load_state(final / ckpt.STATE_FILE)["blob"] == b"new"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000003"]
+
+
+def test_remove_stale_clears_writer_leftovers(tmp_path):
+    fake_checkpoint(tmp_path, 1)
+    ckpt.begin(tmp_path, 2)
+    assert [p.name for p in ckpt.remove_stale(tmp_path)] == [".tmp-step-000000002"]
+    assert [s for s, _ in ckpt.list_complete(tmp_path)] == [1]
+
+
+def test_resolve_paths_and_errors(tmp_path):
+    assert ckpt.resolve_resume("auto", tmp_path) is None  # fresh run
+    assert ckpt.resolve_resume(None, tmp_path) is None
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="no such"):
+        ckpt.resolve_checkpoint(tmp_path / "missing")
+    final = fake_checkpoint(tmp_path, 4)
+    assert ckpt.resolve_checkpoint(tmp_path) == final and ckpt.resolve_checkpoint(final) == final
+    (final / ckpt.DONE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.resolve_checkpoint(final)
+
+
+def test_truncated_or_missing_file_is_named(tmp_path):
+    final = fake_checkpoint(tmp_path, 2)
+    data = (final / ckpt.MODEL_FILE).read_bytes()
+    (final / ckpt.MODEL_FILE).write_bytes(data[:-8])
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors: truncated"):
+        ckpt.verify(final)
+    (final / ckpt.MODEL_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors: missing"):
+        ckpt.verify(final)
+
+
+def test_damaged_files_of_right_size_are_named(tmp_path):
+    final = fake_checkpoint(tmp_path, 2)
+    for name in (ckpt.MODEL_FILE, ckpt.STATE_FILE):
+        size = (final / name).stat().st_size
+        (final / name).write_bytes(b"\xff" * size)
+    ckpt.verify(final)  # sizes still match
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors: cannot read weights"):
+        ckpt.load_weights(final)
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.pt: cannot read training state"):
+        ckpt.load_state(final / ckpt.STATE_FILE)
+
+
+class NotData:
+    """An arbitrary object: torch.load(weights_only=True) must refuse to build it."""
+
+
+def test_state_is_loaded_weights_only(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save({"evil": NotData()}, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.pt: cannot read training state"):
+        ckpt.load_state(path)
+
+
+def _train_config(*overrides: str):
+    pytest.importorskip("latent_patch.loader")
+    from latent_patch.train import TrainConfig
+
+    return config.load(TrainConfig, ROOT / "configs" / "tiny_cpu_dit.yaml", list(overrides))
+
+
+def _write_model_checkpoint(run: Path, step: int, cfg) -> tuple[dict, dict]:
+    from latent_patch.models import build_model
+
+    torch.manual_seed(step)
+    net, ema = build_model(cfg.model), build_model(cfg.model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)  # tell EMA and raw weights apart
+    tmp = ckpt.begin(run, step)
+    ckpt.save_weights(tmp / ckpt.MODEL_FILE, net.state_dict(), {})
+    ckpt.save_weights(tmp / ckpt.EMA_FILE, ema.state_dict(), {})
+    config.save(cfg, tmp / ckpt.CONFIG_FILE)
+    (tmp / ckpt.MANIFEST_FILE).write_text('{"class_names": ["a", "b"]}')
+    ckpt.finish(tmp)
+    return net.state_dict(), ema.state_dict()
+
+
+def test_load_inference_model_from_run_or_checkpoint(tmp_path):
+    cfg = _train_config()
+    _write_model_checkpoint(tmp_path, 1, cfg)
+    raw, ema = _write_model_checkpoint(tmp_path, 2, cfg)
+    net, loaded_cfg, manifest = ckpt.load_inference_model(tmp_path)  # run folder -> latest (step 2), EMA
+    assert loaded_cfg.model == cfg.model and manifest == {"class_names": ["a", "b"]}
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, ema[k]) for k, v in net.state_dict().items())
+    net_raw, _, _ = ckpt.load_inference_model(tmp_path / "checkpoints" / "step-000000002", use_ema=False)
+    assert all(torch.equal(v, raw[k]) for k, v in net_raw.state_dict().items())
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    cfg = _train_config()
+    _write_model_checkpoint(tmp_path, 1, cfg)
+    final = tmp_path / "checkpoints" / "step-000000001"
+    config.save(_train_config("model.hidden=32"), final / ckpt.CONFIG_FILE)  # config says another width
+    sizes = ckpt.fsutil.read_json(final / ckpt.DONE)["files"]
+    sizes[ckpt.CONFIG_FILE] = (final / ckpt.CONFIG_FILE).stat().st_size
+    ckpt.fsutil.atomic_write_json(final / ckpt.DONE, {"files": sizes})
+    with pytest.raises(ckpt.CheckpointError, match=r"ema\.safetensors: weights do not fit this model"):
+        ckpt.load_inference_model(final)
+
+
+def test_kill_between_the_two_renames_of_a_replacement_is_recovered(tmp_path):
+    """Replacing step-X moves the old copy to .old-step-X, then publishes .tmp-step-X: a kill in
+    between leaves no step-X. recover() publishes the complete new copy, or restores the old one."""
+    fake_checkpoint(tmp_path, 1)
+    final = fake_checkpoint(tmp_path, 2, b"old")
+    root = tmp_path / "checkpoints"
+    tmp = ckpt.begin(tmp_path, 2)
+    ckpt.save_state(tmp / ckpt.STATE_FILE, {"blob": b"new"})
+    ckpt.fsutil.atomic_write_json(tmp / ckpt.DONE, {"files": {ckpt.STATE_FILE: (tmp / ckpt.STATE_FILE).stat().st_size}})
+    final.rename(root / ".old-step-000000002")  # SIGKILL here
+    assert ckpt.find_latest(tmp_path).name == "step-000000001"
+    assert ckpt.recover(tmp_path) == ["published step-000000002, whose replacement a kill interrupted"]
+    assert ckpt.load_state(ckpt.find_latest(tmp_path) / ckpt.STATE_FILE)["blob"] == b"new"
+    # the new copy incomplete (killed before its DONE): the old one comes back
+    ckpt.remove_stale(tmp_path)
+    final = ckpt.find_latest(tmp_path)
+    (ckpt.begin(tmp_path, 2) / ckpt.STATE_FILE).write_bytes(b"partial")
+    final.rename(root / ".old-step-000000002")
+    assert ckpt.recover(tmp_path) == ["restored step-000000002, whose replacement a kill interrupted"]
+    assert ckpt.load_state(ckpt.find_latest(tmp_path) / ckpt.STATE_FILE)["blob"] == b"new"
+
+
+def test_a_lone_complete_temp_folder_is_not_promoted(tmp_path):
+    fake_checkpoint(tmp_path, 1)
+    tmp = ckpt.begin(tmp_path, 2)
+    ckpt.fsutil.atomic_write_json(tmp / ckpt.DONE, {"files": {}})
+    assert ckpt.recover(tmp_path) == [] and ckpt.find_latest(tmp_path).name == "step-000000001"

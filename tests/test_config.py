@@ -1,0 +1,132 @@
+"""latent_patch.config: YAML + key=value overrides into typed dataclasses, errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from latent_patch import config
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-4
+    sizes: list[int] = field(default_factory=lambda: [16, 32])
+    name: str | None = None
+
+
+@dataclass
+class WithTuple:
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    steps: int = 10
+    flag: bool = False
+    mode: Literal["no", "bf16", "fp16"] = "no"
+
+
+def _yaml(tmp_path, text: str):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    p = _yaml(tmp_path, "steps: 5\ninner:\n  lr: 0.001\n")
+    cfg = config.load(Outer, p, ["flag=true", "mode=bf16", "inner.sizes=[8]"])
+    assert cfg.steps == 5 and cfg.inner.lr == 1e-3  # from the file
+    assert cfg.flag is True and cfg.mode == "bf16" and cfg.inner.sizes == [8]  # overrides, typed
+    assert cfg.inner.name is None  # untouched default
+
+
+def test_override_beats_file_and_parses_yaml_scalars(tmp_path):
+    p = _yaml(tmp_path, "steps: 5\n")
+    cfg = config.load(Outer, p, ["steps=7", "inner.lr=3.0e-4", "inner.name=run1"])
+    assert cfg.steps == 7 and cfg.inner.lr == pytest.approx(3e-4) and cfg.inner.name == "run1"
+    assert isinstance(cfg.inner.lr, float)
+
+
+def test_fixed_length_tuple_override():
+    assert config.load(WithTuple).betas == (0.9, 0.999)
+    assert config.load(WithTuple, None, ["betas=[0.5, 0.6]"]).betas == (0.5, 0.6)
+
+
+def test_exponent_without_dot_is_a_float():
+    assert config.load(Outer, None, ["inner.lr=3e-4"]).inner.lr == pytest.approx(3e-4)
+
+
+def test_int_into_float_field_is_accepted(tmp_path):
+    assert config.load(Outer, None, ["inner.lr=1"]).inner.lr == 1.0
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    p = _yaml(tmp_path, "inner:\n  lrr: 0.1\n")
+    with pytest.raises(config.ConfigError, match=r"inner\.lrr"):
+        config.load(Outer, p)
+
+
+def test_unknown_override_key_is_named(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"inner\.bogus"):
+        config.load(Outer, None, ["inner.bogus=1"])
+    with pytest.raises(config.ConfigError, match=r"'nope'"):
+        config.load(Outer, None, ["nope=1"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("steps=abc", "steps"), ("flag=3", "flag"), ("inner.lr=fast", "inner.lr"),
+     ("mode=fp8", "mode"), ("inner.sizes=[1, x]", r"inner.sizes\[1\]"), ("inner.sizes=3", "inner.sizes"), ("steps=1.5", "steps")],
+)
+def test_wrong_type_is_named(override, key):
+    with pytest.raises(config.ConfigError, match=key if "\\" in key else key.replace(".", r"\.")):
+        config.load(Outer, None, [override])
+
+
+def test_wrong_type_in_file_names_file_and_key(tmp_path):
+    p = _yaml(tmp_path, "steps: many\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(Outer, p)
+    assert "steps" in str(err.value) and str(p) in str(err.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="key=value"):
+        config.load(Outer, None, ["steps"])
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.load(Outer, tmp_path / "missing.yaml")
+
+
+def test_save_then_load_round_trips(tmp_path):
+    cfg = config.load(Outer, None, ["inner.sizes=[1, 2]", "steps=3", "inner.name=x"])
+    config.save(cfg, tmp_path / "out.yaml")
+    assert config.load(Outer, tmp_path / "out.yaml") == cfg
+
+
+def test_train_config_yaml_files_load():
+    """Every shipped config loads into TrainConfig (keys match the dataclasses)."""
+    from pathlib import Path
+
+    pytest.importorskip("latent_patch.loader")
+    from latent_patch.train import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = ["imagenet256_adm_unet.yaml", "imagenet256_dit_b2.yaml", "imagenet256_dit_xl2.yaml",
+             "tiny_cpu_dit.yaml", "tiny_cpu_unet.yaml"]
+    for name in names:
+        cfg = config.load(TrainConfig, root / name)
+        assert cfg.optim.batch_size_global > 0, name
+
+
+def test_train_config_bad_override_is_named():
+    pytest.importorskip("latent_patch.loader")
+    from latent_patch.train import TrainConfig
+
+    with pytest.raises(config.ConfigError, match=r"optim\.lrr"):
+        config.load(TrainConfig, None, ["optim.lrr=1"])
+    with pytest.raises(config.ConfigError, match=r"run\.mixed_precision"):
+        config.load(TrainConfig, None, ["run.mixed_precision=fp8"])

@@ -1,0 +1,406 @@
+"""The training loop on the CPU with tiny shards: learning, exact resume, failure modes, torchrun.
+
+Fixtures write their own shards (design.md format: webdataset tars + manifest.json) of 64
+structured 4 x 8 x 8 latents in 10 classes, and a tiny random AutoencoderKL for previews.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latent_patch import checkpoint as ckpt
+from latent_patch import config
+from latent_patch.train import TrainConfig, TrainingError, accumulation_steps, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_cpu_dit.yaml"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def write_shards(out: Path, n: int = 64, C: int = 4, R: int = 8, num_classes: int = 10, per_shard: int = 32) -> Path:
+    """Shards of class templates + small per-sample noise (learnable), std 0.05, scaling 0.5."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    templates = rng.standard_normal((num_classes, C, R, R)).astype(np.float32)
+    shards = []
+    for j in range(0, n, per_shard):
+        name = f"shard-{j // per_shard:06d}.tar"
+        with wds.TarWriter(str(out / name)) as w:
+            for i in range(j, min(n, j + per_shard)):
+                y = i % num_classes
+                mean = templates[y] + 0.1 * rng.standard_normal((C, R, R))
+                buf = io.BytesIO()
+                np.save(buf, np.stack([mean, np.full((C, R, R), 0.05)]).astype(np.float16))
+                w.write({"__key__": f"{i:08d}_img{i}", "latent.npy": buf.getvalue(), "cls": str(y).encode(),
+                         "json": json.dumps({"source": f"img{i}.png", "flip": False}).encode()})
+        shards.append({"name": name, "num_samples": min(n, j + per_shard) - j, "sha256": ""})
+    manifest = {
+        "format": "latent-patch-shards/1", "num_samples": n, "num_images": n,
+        "class_counts": [sum(1 for i in range(n) if i % num_classes == k) for k in range(num_classes)],
+        "class_names": [f"class{k}" for k in range(num_classes)], "resolution": R * 4, "latent_shape": [C, R, R],
+        "vae": {"id": str(out / "no-such-vae"), "scaling_factor": 0.5, "shift_factor": 0.0, "latent_channels": C, "downsample": 4},
+        "flips": "none", "latent_stats": {"mean": [0.0] * C, "std": [1.0] * C}, "shards": shards, "skipped": [],
+        "source": {"path": "synthetic", "kind": "synthetic", "num_inputs": n, "listing_sha256": ""},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate():
+    """One intra-op thread (the 2-core test machine is shared: threads only contend) and a clean
+    accelerate singleton per test, since tests switch mixed precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(shards: Path, out: Path, *overrides: str) -> TrainConfig:
+    base = [f"data.shards={shards}", f"run.out_dir={out}", "run.tensorboard=false"]
+    return config.load(TrainConfig, TINY, [*base, *overrides])
+
+
+def metrics(run: Path) -> dict[int, dict]:
+    """Last metrics.jsonl record per step."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec
+    return out
+
+
+# --------------------------------------------------------------------------- learning
+
+def test_loss_falls(shards, tmp_path):
+    t0 = time.perf_counter()
+    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_images=8000", "run.log_every_images=1000",
+                   "run.ckpt_every_images=0", "optim.lr=0.003", "model.hidden=128", "model.heads=4")
+    progress = train(cfg)
+    recs = sorted(metrics(tmp_path / "run").values(), key=lambda r: r["step"])
+    first, last = recs[0]["loss"], recs[-1]["loss"]
+    assert progress.images >= 8000 and progress.full_equiv < progress.images  # half-size patches count 1/4
+    assert last < 0.9 * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
+    assert ckpt.find_latest(tmp_path / "run") is not None  # the final checkpoint is always written
+    assert time.perf_counter() - t0 < 60
+
+
+def test_bf16_autocast_and_grad_checkpointing_run(shards, tmp_path, monkeypatch):
+    import latent_patch.train as train_mod
+
+    built = []
+    real_build = train_mod.build_trainer
+    monkeypatch.setattr(train_mod, "build_trainer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    cfg = tiny_cfg(shards, tmp_path / "run", "run.mixed_precision=bf16", "run.grad_checkpointing=true",
+                   "run.total_images=200", "run.log_every_images=100")
+    train(cfg)
+    assert built[0].net.gradient_checkpointing and built[0].accelerator.mixed_precision == "bf16"
+    assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "run").values())
+
+
+def test_tiny_unet_config_trains(shards, tmp_path):
+    cfg = config.load(TrainConfig, ROOT / "configs" / "tiny_cpu_unet.yaml",
+                      [f"data.shards={shards}", f"run.out_dir={tmp_path / 'run'}", "run.tensorboard=false",
+                       "run.total_images=200", "run.log_every_images=100", "run.mixed_precision=no",
+                       "run.preview_every_images=100"])
+    progress = train(cfg)
+    assert progress.images >= 200 and ckpt.find_latest(tmp_path / "run") is not None
+    # the manifest's VAE is unavailable (as a hub id is offline): previews skipped with a log line
+    assert "previews skipped: VAE" in (tmp_path / "run" / "log.txt").read_text()
+    assert not (tmp_path / "run" / "previews").exists()
+
+
+def test_named_preview_vae_must_load_and_fit(shards, tmp_path):
+    """A VAE the user names is checked before the first step (not at the first preview)."""
+    from diffusers import AutoencoderKL
+
+    with pytest.raises(TrainingError, match=r"run\.preview_vae=.*no_vae: cannot load"):
+        train(tiny_cfg(shards, tmp_path / "a", "run.preview_every_images=100", f"run.preview_vae={tmp_path / 'no_vae'}"))
+    vae8 = tmp_path / "vae8"
+    AutoencoderKL(latent_channels=8, block_out_channels=(8,), layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).save_pretrained(vae8)
+    with pytest.raises(TrainingError, match=r"vae8 has 8 latent channels but the shards' latents have 4"):
+        train(tiny_cfg(shards, tmp_path / "b", "run.preview_every_images=100", f"run.preview_vae={vae8}"))
+    assert not (tmp_path / "b" / "metrics.jsonl").exists() and ckpt.find_latest(tmp_path / "b") is None
+
+
+def test_time_budget_stops_with_a_checkpoint_and_resumes(shards, tmp_path):
+    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_images=10000000", "run.max_train_seconds=1",
+                   "run.ckpt_every_images=0", "run.log_every_images=1000000")
+    first = train(cfg)
+    assert 0 < first.images < 10_000_000
+    assert ckpt.list_complete(tmp_path / "run")[-1][0] == first.step
+    second = train(cfg, "auto")
+    assert second.step > first.step
+
+
+# --------------------------------------------------------------------------- exact resume
+
+@pytest.fixture(scope="module")
+def run_a(shards, tiny_vae, tmp_path_factory) -> Path:
+    """An uninterrupted run of ~30 steps, one log line per step, checkpoints at 600 and the end,
+    and previews (which must not disturb any training random stream)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path_factory.mktemp("run_a")
+    cfg = tiny_cfg(shards, out, "run.total_images=1200", "run.log_every_images=1", "run.ckpt_every_images=600",
+                   "run.keep_last=0", "run.preview_every_images=500", f"run.preview_vae={tiny_vae}",
+                   "run.tensorboard=true", "model.dropout=0.1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_resume_is_bit_exact(run_a, shards, tmp_path):
+    done = ckpt.list_complete(run_a)
+    assert len(done) == 2, done
+    mid_step, mid = done[0]
+    out_b = tmp_path / "run_b"
+    cfg = tiny_cfg(shards, out_b, "run.total_images=1200", "run.log_every_images=1", "run.ckpt_every_images=600",
+                   "run.keep_last=0", "model.dropout=0.1")  # no previews in B: they must not matter
+    train(cfg, str(mid))
+    a, b = metrics(run_a), metrics(out_b)
+    assert sorted(b) == [s for s in sorted(a) if s > mid_step]
+    for step in sorted(b):
+        assert a[step]["loss"] == b[step]["loss"], f"step {step}: {a[step]['loss']!r} != {b[step]['loss']!r}"
+        assert a[step]["images"] == b[step]["images"] and a[step]["full_equiv"] == b[step]["full_equiv"]
+    end_a, end_b = ckpt.find_latest(run_a), ckpt.find_latest(out_b)
+    assert end_a.name == end_b.name
+    for name in (ckpt.MODEL_FILE, ckpt.EMA_FILE):
+        wa, wb = ckpt.load_weights(end_a, name), ckpt.load_weights(end_b, name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_previews_and_logs_written(run_a):
+    pngs = sorted((run_a / "previews").glob("step-*.png"))
+    assert len(pngs) >= 2
+    from PIL import Image
+
+    img = Image.open(pngs[0])
+    assert img.size == (4 * 32, 2 * 32)  # 8 previews, 4 per class row, 8x8 latents decode to 32 px
+    rec = next(iter(metrics(run_a).values()))
+    for key in ("images", "full_equiv", "loss", "patches_per_s", "full_equiv_per_s", "lr", "peak_mem_gib"):
+        assert key in rec
+    assert list((run_a / "tensorboard").rglob("events.out.tfevents.*"))
+    assert "patches/s" in (run_a / "log.txt").read_text()
+    saved = config.load(TrainConfig, run_a / "config.yaml")
+    assert saved.run.total_images == 1200
+
+
+def test_resume_auto_takes_latest_complete_and_ignores_half_written(run_a, shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    latest_step, latest = ckpt.list_complete(run)[-1]
+    # a later step that never got its DONE marker, and a writer's temp folder of an even later one
+    fake = run / "checkpoints" / ckpt.ckpt_name(latest_step + 5)
+    shutil.copytree(latest, fake)
+    (fake / ckpt.DONE).unlink()
+    shutil.copytree(latest, run / "checkpoints" / f".tmp-{ckpt.ckpt_name(latest_step + 9)}")
+    assert ckpt.resolve_resume("auto", run) == latest
+    cfg = tiny_cfg(shards, run, "run.total_images=1400", "run.log_every_images=1", "run.ckpt_every_images=0")
+    progress = train(cfg, "auto")
+    assert min(s for s in metrics(run) if s > latest_step) == latest_step + 1  # continued from the latest
+    assert progress.images >= 1400
+    assert not (run / "checkpoints" / f".tmp-{ckpt.ckpt_name(latest_step + 9)}").exists()  # stale temp removed
+
+
+def test_existing_run_without_resume_is_refused(run_a, shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    with pytest.raises(TrainingError, match="--resume auto"):
+        train(tiny_cfg(shards, run, "run.total_images=1400"))
+
+
+def test_resume_with_other_model_config_is_refused(run_a, shards, tmp_path):
+    mid = ckpt.list_complete(run_a)[0][1]
+    cfg = tiny_cfg(shards, tmp_path / "run", "model.hidden=32")
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.hidden: checkpoint None vs config 32"):
+        train(cfg, str(mid))
+
+
+def test_truncated_checkpoint_error_names_file(run_a, shards, tmp_path):
+    mid = tmp_path / "ckpt"
+    shutil.copytree(ckpt.list_complete(run_a)[0][1], mid)
+    data = (mid / ckpt.STATE_FILE).read_bytes()
+    (mid / ckpt.STATE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.pt: truncated"):
+        train(tiny_cfg(shards, tmp_path / "run"), str(mid))
+
+
+# --------------------------------------------------------------------------- failure modes
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(run_a, shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    before = [(s, p.name) for s, p in ckpt.list_complete(run)]
+    cfg = tiny_cfg(shards, run, "optim.lr=1.0e+30", "optim.grad_clip=0", "run.total_images=100000",
+                   "run.ckpt_every_images=100000", "run.log_every_images=100000")
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+"):
+        train(cfg, "auto")
+    assert [(s, p.name) for s, p in ckpt.list_complete(run)] == before
+    ckpt.verify(ckpt.find_latest(run))  # intact
+
+
+def test_no_checkpoint_at_or_after_a_nan_step(shards, tmp_path, monkeypatch):
+    """A checkpoint is due after EVERY step; the loss of step 6 turns NaN: steps 1..5 are saved, 6 is not."""
+    import latent_patch.train as train_mod
+
+    real, calls = train_mod.micro_batch_loss, {"n": 0}
+
+    def poisoned(t, size, mult):
+        calls["n"] += 1
+        loss = real(t, size, mult)
+        return loss * float("nan") if t.progress.step + 1 >= 6 else loss
+
+    monkeypatch.setattr(train_mod, "micro_batch_loss", poisoned)
+    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_images=5000", "run.ckpt_every_images=1",
+                   "run.keep_last=0", "run.log_every_images=100000")
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 6 "):
+        train(cfg)
+    assert [s for s, _ in ckpt.list_complete(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+def test_shape_mismatch_names_both(shards, tmp_path):
+    with pytest.raises(TrainingError, match=r"\[4, 8, 8\].*model\.latent_channels=4, model\.latent_size=16"):
+        train(tiny_cfg(shards, tmp_path / "run", "model.latent_size=16"))
+    with pytest.raises(TrainingError, match=r"10 classes but model\.num_classes=7"):
+        train(tiny_cfg(shards, tmp_path / "run", "model.num_classes=7"))
+    with pytest.raises(TrainingError, match=r"latents of shape \[4, 8, 8\].*latent_channels=3"):
+        train(tiny_cfg(shards, tmp_path / "run", "model.latent_channels=3"))
+
+
+def test_global_batch_must_divide():
+    cfg = config.load(TrainConfig, TINY, ["optim.batch_size_global=20", "data.batch_size=8"])
+    with pytest.raises(TrainingError, match=r"batch_size_global=20 .* data\.batch_size=8 x 2 processes = 16"):
+        accumulation_steps(cfg, 2)
+    assert accumulation_steps(config.load(TrainConfig, TINY, ["optim.batch_size_global=64"]), 2) == 4
+
+
+def test_cli_names_bad_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["--config", str(TINY), "optim.lrr=1"])
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal only")
+def test_fp16_needs_a_gpu(shards, tmp_path):
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
+        train(tiny_cfg(shards, tmp_path / "run", "run.mixed_precision=fp16"))
+
+
+# --------------------------------------------------------------------------- multi-process
+
+def torchrun(shards: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--standalone",
+           str(ROOT / "train_latent.py"), "--config", str(TINY), f"data.shards={shards}", f"run.out_dir={out}",
+           "run.total_images=400", "run.log_every_images=1", "run.ckpt_every_images=200", "run.keep_last=0", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_resume_exactly(shards, tmp_path):
+    """2 gloo processes: the run finishes, checkpoints hold rank 1's state, and a resume from the
+    middle checkpoint (also under torchrun) reproduces the uninterrupted losses exactly."""
+    out = tmp_path / "run"
+    proc = torchrun(shards, out)
+    assert "2 process(es)" in proc.stdout
+    done = ckpt.list_complete(out)
+    assert len(done) == 2
+    for _, path in done:
+        sizes = ckpt.verify(path)
+        assert ckpt.rank_file(1) in sizes and ckpt.STATE_FILE in sizes
+    state = ckpt.load_state(done[-1][1] / ckpt.STATE_FILE)
+    assert state["world_size"] == 2 and state["images"] >= 400
+    mid_step, mid = done[0]
+    torchrun(shards, tmp_path / "resumed", "--resume", str(mid))
+    a, b = metrics(out), metrics(tmp_path / "resumed")
+    assert sorted(b) == [s for s in sorted(a) if s > mid_step]
+    assert all(a[s]["loss"] == b[s]["loss"] for s in b), [(a[s]["loss"], b[s]["loss"]) for s in b]
+
+
+# --------------------------------------------------------------------------- benchmark helpers
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_flop_count_matches_dit_paper():
+    """DiT reports 118.6 G multiply-adds for DiT-XL/2 on a 32x32 latent: 2x that in FLOPs."""
+    from latent_patch.models import ModelConfig
+
+    flops = _bench().forward_flops(ModelConfig(preset="DiT-XL/2"))
+    assert flops == pytest.approx(2 * 118.6e9, rel=0.01)
+
+
+def test_bench_train_smoke(capsys):
+    args = ["--quick", "--steps", "2", "--warmup", "1", "--batch", "2", "--hidden", "64", "--depth", "1",
+            "--heads", "2", "--latent", "8", "--samples", "32"]
+    assert _bench().main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("full_samples_s", "patch_samples_s", "ratio", "full_equiv_ratio", "drawn_mix", "peak_rss_gib"):
+        assert key in out
+    assert out["steps"] == 2 and sum(out["drawn_mix"].values()) == 2
+
+
+def test_partial_metrics_line_of_a_killed_run_is_dropped(tmp_path):
+    from latent_patch.train import drop_partial_line
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo')
+    drop_partial_line(path)
+    assert path.read_text() == '{"step": 1}\n'
+    drop_partial_line(path)  # a complete file is left alone
+    assert path.read_text() == '{"step": 1}\n'
