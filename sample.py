@@ -15,7 +15,18 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Dispatch, turning the jobs' refusals into one clear line and exit status 1 (no traceback)."""
+    from latent_patch.checkpoint import CheckpointError
+    from latent_patch.sampling import SettingsMismatch
+
+    try:
+        _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except (CheckpointError, SettingsMismatch, FileNotFoundError, ValueError) as err:
+        print(f"sample.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _dispatch(argv: list[str]) -> None:
     if argv[:1] == ["fid-ref"]:
         from latent_patch.fid import main_ref
 

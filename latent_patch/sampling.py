@@ -628,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
     net, cfg, manifest = checkpoint.load_inference_model(ckpt, use_ema=args.weights == "ema", device=device)
     codec = VAECodec.load(_vae_spec(manifest, args.vae), device, args.decode_dtype)
+    check_vae_fits(codec, cfg.model.latent_channels)
     vae = (manifest or {}).get("vae", {})
     scale, shift = vae.get("scaling_factor", codec.scaling_factor), vae.get("shift_factor", codec.shift_factor)
     sampler_cfg = sampler_from_args(args)
@@ -651,6 +652,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.fid_ref and dist.dist_info().is_main:
         score_out(out, args.num_samples, args.fid_ref, args.features, args.inception, device, args.ref_from_images)
     return out
+
+
+def check_vae_fits(codec: Any, latent_channels: int) -> None:
+    """Refuse a VAE whose latent channels differ from the model's before any sample is made
+    (otherwise the first decode fails after sampling.json has pinned the wrong VAE)."""
+    if codec.latent_channels != latent_channels:
+        raise SystemExit(f"--vae {codec.name}: the VAE has {codec.latent_channels} latent channels but the "
+                         f"model generates {latent_channels}; pass the VAE the shards were encoded with")
 
 
 def score_out(out_dir: str | Path, num_samples: int, ref: str, features: str, inception: str | None,

@@ -24,13 +24,8 @@ STAGE_BUG_LISTING = pytest.mark.xfail(strict=True, reason=(
     "STAGE BUG (images.list_class_tree / list_flat): entries of a class folder that are not "
     "regular files (dangling symlink, FIFO, directory named x.JPEG) are dropped silently instead "
     "of being listed in the manifest's 'skipped' with a reason"))
-STAGE_BUG_SAMPLE_VAE = pytest.mark.xfail(strict=True, reason=(
-    "STAGE BUG (sampling.main): sample.py --vae with other latent channels than the model fails "
-    "after sampling a batch, as a torch conv error, and its sampling.json then blocks the "
-    "corrected command with SettingsMismatch"))
-
 KNOWN_IMAGE_BUGS = {"dangling_symlink", "fifo_named_jpeg", "directory_named_jpeg"}
-KNOWN_RUN_BUGS = {"case_sample_vae": STAGE_BUG_SAMPLE_VAE}
+KNOWN_RUN_BUGS: dict = {}
 
 
 def _marks(kind: str, known: set[str], mark) -> list:
