@@ -1,0 +1,405 @@
+"""The encoding job: source images -> VAE posteriors -> shards + manifest, split and resumable.
+
+Work units are shards, and shard ``j`` is always the input block ``[j*k, (j+1)*k)``, so the output
+does not depend on how the work is split. Worker ``w`` of ``W`` (``W = num_jobs * world_size``,
+``w = job_index * world_size + rank``) takes the shards with ``j % W == w`` that are not complete
+yet; a killed run is resumed by re-running the same command. Batches never straddle shards, so a
+shard's bytes do not depend on which worker (or how many) encoded it, given the same numerics:
+on the CPU the torch thread count changes the VAE's fp32 results at the 1e-7 level, which can
+flip an fp16 rounding, so pin ``--threads`` where byte identity across splits matters.
+
+On a GPU, images are decoded and cropped in DataLoader workers while the main process runs the
+VAE and writes tars (about 16 KiB per sample: cheap next to the VAE); on a CPU, where both
+compete for the same cores, decoding runs inline (see :func:`choose_parallelism`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import dist, fsutil, shards
+from .codec import DEFAULT_VAE, VAECodec
+from .images import DEFAULT_MAX_PIXELS, BadImage, Listing, list_source, load_image, to_model_pixels
+
+log = logging.getLogger(__name__)
+DEFAULT_SHARD_SIZE = 5000
+
+
+@dataclass
+class EncodeConfig:
+    """Everything one encoding run needs; the CLI flags of encode_latents.py map onto it."""
+
+    source: str
+    out: str = "shards"
+    vae: str = DEFAULT_VAE
+    resolution: int = 256
+    flips: str = "none"  # "none" | "both"
+    shard_size: int = DEFAULT_SHARD_SIZE  # samples per shard (images per shard halve with flips)
+    num_jobs: int = 1
+    job_index: int = 0
+    batch_size: int = 64  # images per VAE call (original + flipped copies count separately)
+    labels: str | None = None
+    workers: int | None = None  # decoding processes; None = chosen from the cores and device
+    threads: int | None = None  # torch intra-op threads of the main process (CPU encoding)
+    dtype: str | None = None  # fp16 / bf16 / fp32 on the GPU; the CPU always uses fp32
+    device: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+    def inputs_per_shard(self) -> int:
+        k = self.shard_size // (2 if self.flips == "both" else 1)
+        if k < 1:
+            raise ValueError(f"--shard-size {self.shard_size} is too small for --flips both "
+                             "(min 2)")
+        return k
+
+    def validate(self) -> None:
+        if self.flips not in ("none", "both"):
+            raise ValueError(f"--flips {self.flips!r}: choose none or both")
+        if not 0 <= self.job_index < self.num_jobs:
+            raise ValueError(f"--job-index {self.job_index} not in [0, --num-jobs {self.num_jobs})")
+        for name in ("resolution", "shard_size", "batch_size", "num_jobs", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.inputs_per_shard()
+
+
+# ----------------------------------------------------------------------------- job identity
+
+
+def job_params(cfg: EncodeConfig, listing: Listing, codec: VAECodec) -> dict:
+    """What must stay equal for a resumed or parallel run to add to the same output folder.
+
+    The source's location is recorded but not compared (a moved dataset lists the same)."""
+    return {"format": shards.FORMAT, "resolution": cfg.resolution, "flips": cfg.flips,
+            "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels, "vae": codec.info(),
+            "source": {"kind": listing.kind, "num_inputs": len(listing),
+                       "listing_sha256": listing.sha256(), "path": listing.path}}
+
+
+def job_id(params: dict) -> str:
+    """Short fingerprint of the compared job parameters; sidecars carry it."""
+    core = {k: v for k, v in params.items() if k != "source"}
+    core["source"] = {k: v for k, v in params["source"].items() if k != "path"}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key == "path" and prefix == "source.":
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} in the folder, {b!r} now")
+    return diffs
+
+
+def claim_out_dir(out: Path, params: dict) -> None:
+    """Write job.json on first start; on resume refuse an output made with other parameters."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / shards.JOB_FILE
+    if path.is_file():
+        diffs = _differences(fsutil.read_json(path), params)
+        if diffs:
+            raise ValueError(f"{out} holds an encoding made with different parameters "
+                             f"({'; '.join(diffs)}): use another --out or the same parameters")
+        return
+    if (out / shards.MANIFEST).exists() or any(out.glob("shard-*.json")):
+        raise ValueError(f"{out} holds shards but no {shards.JOB_FILE} (not made by this tool, "
+                         "or by an older version): use an empty --out")
+    fsutil.atomic_write_json(path, params)
+
+
+# ----------------------------------------------------------------------------- work plan
+
+
+def worker_slot(cfg: EncodeConfig, info: dist.DistInfo) -> tuple[int, int]:
+    """(w, W): this process's slot among every process of every job."""
+    return cfg.job_index * info.world_size + info.rank, cfg.num_jobs * info.world_size
+
+
+def plan_chunks(shard_ids: list[int], k: int, num_inputs: int,
+                chunk: int) -> list[tuple[int, list[int], bool]]:
+    """(shard, input indices, last chunk of its shard) for each batch, never across shards."""
+    plan: list[tuple[int, list[int], bool]] = []
+    for j in shard_ids:
+        idx = list(range(j * k, min((j + 1) * k, num_inputs)))
+        parts = [idx[i:i + chunk] for i in range(0, len(idx), chunk)] or [[]]
+        plan += [(j, p, n == len(parts) - 1) for n, p in enumerate(parts)]
+    return plan
+
+
+class DecodeDataset(Dataset):
+    """Index -> (index, ADM-cropped uint8 HWC array or None, skip reason); runs in workers."""
+
+    def __init__(self, listing: Listing, res: int, max_pixels: int) -> None:
+        self.listing, self.res, self.max_pixels = listing, res, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.listing)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
+        try:
+            return i, load_image(self.listing.read_bytes(i), self.res, self.max_pixels), ""
+        except BadImage as err:
+            return i, None, str(err)
+
+
+def collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict:
+    """Stack the good images (uint8, small to ship between processes), list the bad ones."""
+    good = [(i, a) for i, a, _ in items if a is not None]
+    pix = torch.from_numpy(np.stack([a for _, a in good])) if good else None
+    return {"indices": [i for i, _ in good], "pixels": pix,
+            "bad": [(i, r) for i, a, r in items if a is None]}
+
+
+def cpus_per_process() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def choose_parallelism(cfg: EncodeConfig, device: torch.device) -> tuple[int, int]:
+    """(decode workers, torch threads); explicit --workers / --threads win.
+
+    GPU: the cores only decode, up to 8 worker processes. CPU: the VAE and the decoding share
+    the cores, so decoding runs inline and the VAE keeps every core. Measured on 2 shared cores
+    (benchmarks/bench_encode.py, 3 runs each): inline 0.91-1.02 of the bound; one decoder
+    beside a 1-thread VAE 0.74-0.97; one decoder beside a 2-thread VAE 0.73-0.99 (OpenMP
+    regions stall when a thread shares its core). With a heavy VAE (SD-VAE) decoding is ~2% of
+    the work, so a core taken from the VAE costs more than decoding inline.
+    """
+    cpus = cpus_per_process()
+    if device.type == "cuda":
+        workers = min(8, cpus) if cfg.workers is None else cfg.workers
+        return workers, cfg.threads or torch.get_num_threads()
+    workers = 0 if cfg.workers is None else cfg.workers
+    return workers, cfg.threads or max(1, cpus - workers)
+
+
+def make_loader(listing: Listing, cfg: EncodeConfig, plan: list, workers: int,
+                pin: bool) -> DataLoader:
+    ds = DecodeDataset(listing, cfg.resolution, cfg.max_pixels)
+    batches = [idx for _, idx, _ in plan]
+    return DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin, prefetch_factor=4 if workers else None)
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def encode_batch(codec: VAECodec, pixels: torch.Tensor, flips: bool) -> np.ndarray:
+    """uint8 NHWC -> float16 (n[*2], 2, C, h, w) [mean, std]; flipped copies follow the originals.
+
+    The flipped copy is the encode of the flipped PIXELS (a flipped latent is not the same)."""
+    x = to_model_pixels(pixels.to(codec.device, non_blocking=True))  # uint8 over the bus: 4x less
+    if flips:
+        x = torch.cat([x, x.flip(3)])
+    mean, std = codec.encode(x)
+    return torch.stack([mean, std], 1).to(torch.float16).cpu().numpy()
+
+
+def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: list[int],
+                  jid: str, show: bool) -> dict:
+    """Encode the shards ``todo`` (each committed atomically as it completes)."""
+    k, out = cfg.inputs_per_shard(), Path(cfg.out)
+    chunk = max(1, cfg.batch_size // 2) if cfg.flips == "both" else cfg.batch_size
+    plan = plan_chunks(todo, k, len(listing), chunk)
+    workers, threads = choose_parallelism(cfg, codec.device)
+    if codec.device.type == "cpu":
+        torch.set_num_threads(threads)
+    loader = make_loader(listing, cfg, plan, workers, pin=codec.device.type == "cuda")
+    total = sum(len(idx) for _, idx, _ in plan)
+    bar = tqdm(total=total, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1,
+               desc=f"encode {len(todo)} shards")
+    done = {"images": 0, "samples": 0, "skipped": 0, "shards": 0}
+    builder: shards.ShardBuilder | None = None
+    committer = Committer()
+    try:
+        for (j, idx, last), batch in zip(plan, loader):
+            if builder is None:
+                builder = shards.ShardBuilder(out, j, (j * k, min((j + 1) * k, len(listing))),
+                                              codec.scaling_factor, codec.shift_factor, jid)
+            _add_batch(builder, listing, codec, batch, cfg.flips == "both", done)
+            bar.update(len(idx))
+            bar.set_postfix(skipped=done["skipped"], refresh=False)
+            if last:
+                committer.submit(builder)
+                builder, done["shards"] = None, done["shards"] + 1
+        committer.wait()
+    except BaseException:
+        if builder is not None:
+            builder.abort()
+        raise
+    finally:
+        committer.shutdown()
+        bar.close()
+    return done
+
+
+class Committer:
+    """Commits finished shards on one background thread (sha256 re-read, fsyncs, renames).
+
+    Committing is I/O that would otherwise stall the VAE: for a 5000-sample shard on a network
+    file system it takes about as long as encoding hundreds of images. One thread keeps the
+    commits in shard order; an error surfaces at the next submit or at :meth:`wait`.
+    """
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
+        self.pending: list[Future] = []
+
+    def submit(self, builder: shards.ShardBuilder) -> None:
+        builder.close()
+        self._reap()
+        self.pending.append(self.pool.submit(builder.commit))
+
+    def _reap(self) -> None:
+        for f in [f for f in self.pending if f.done()]:
+            self.pending.remove(f)
+            f.result()  # re-raises a failed commit here, in the encoding thread
+
+    def wait(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _add_batch(builder: shards.ShardBuilder, listing: Listing, codec: VAECodec, batch: dict,
+               flips: bool, done: dict) -> None:
+    """Encode one batch and append its samples (and skip records) in input order."""
+    lat = encode_batch(codec, batch["pixels"], flips) if batch["indices"] else None
+    n = len(batch["indices"])
+    rows = {i: r for r, i in enumerate(batch["indices"])}
+    bad = dict(batch["bad"])
+    for i in sorted(list(rows) + list(bad)):
+        src = listing.sources[i]
+        if i in bad:
+            builder.skip(src, bad[i])
+            done["skipped"] += 1
+            continue
+        builder.add(i, src, listing.labels[i], lat[rows[i]])
+        if flips:
+            builder.add(i, src, listing.labels[i], lat[n + rows[i]], flip=True)
+        done["images"] += 1
+    done["samples"] += n * (2 if flips else 1)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def manifest_header(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict) -> dict:
+    """Job-level manifest fields that the sidecars do not carry."""
+    src = params["source"]
+    return {"class_names": listing.class_names, "resolution": cfg.resolution,
+            "vae": codec.info(), "flips": cfg.flips, "job_id": job_id(params),
+            "source": {"path": src["path"], "kind": src["kind"], "num_inputs": src["num_inputs"],
+                       "listing_sha256": src["listing_sha256"]},
+            "shard_size": cfg.shard_size, "inputs_per_shard": cfg.inputs_per_shard(),
+            "skipped": list(listing.warnings)}
+
+
+def finalize(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict,
+             num_shards: int) -> Path | None:
+    """Write manifest.json when every shard is complete; else say how many remain."""
+    out = Path(cfg.out)
+    remaining = [j for j in range(num_shards) if not shards.is_complete(out, j)]
+    if remaining:
+        print(f"this part is done; {len(remaining)} of {num_shards} shards remain for other "
+              f"jobs/processes (first: {shards.shard_name(remaining[0])}); manifest.json is "
+              "written by whichever finishes last", flush=True)
+        return None
+    man = shards.assemble_manifest(out, num_shards, manifest_header(cfg, listing, codec, params))
+    if man["num_images"] == 0:
+        why = "; ".join(f"{s['source']}: {s['reason']}" for s in man["skipped"][:5])
+        raise ValueError(f"--source {cfg.source}: no valid image among {len(listing)} inputs "
+                         f"(e.g. {why}); no manifest written")
+    path = shards.write_manifest(out, man)
+    print(f"manifest: {path} ({man['num_images']} images, {man['num_samples']} samples, "
+          f"{len(man['skipped'])} skipped, {num_shards} shards)", flush=True)
+    return path
+
+
+def prepare(cfg: EncodeConfig) -> tuple[Listing, VAECodec, dict, int]:
+    """List the source, load the VAE, claim the output folder: (listing, codec, params, shards)."""
+    cfg.validate()
+    listing = list_source(cfg.source, cfg.labels)
+    if all(i in listing.problems for i in range(len(listing))):
+        raise ValueError(f"--source {cfg.source}: no input can be read ({len(listing)} listed)")
+    info = dist.dist_info()
+    device = torch.device(cfg.device) if cfg.device else dist.default_device()
+    codec = VAECodec.load(cfg.vae, device=device, dtype=cfg.dtype)
+    if cfg.resolution % codec.downsample:
+        raise ValueError(f"--resolution {cfg.resolution} is not a multiple of the VAE's "
+                         f"downsampling factor {codec.downsample}")
+    params = job_params(cfg, listing, codec)
+    claim_out_dir(Path(cfg.out), params)
+    log.debug("rank %d: %d inputs, kind %s", info.rank, len(listing), listing.kind)
+    return listing, codec, params, shards.num_shards_for(len(listing), cfg.inputs_per_shard())
+
+
+def run_encode(cfg: EncodeConfig) -> dict:
+    """The whole job for this process: encode its pending shards, then maybe the manifest."""
+    grouped = dist.init_process_group()
+    info = dist.dist_info()
+    try:
+        listing, codec, params, num_shards = prepare(cfg)
+        w, wn = worker_slot(cfg, info)
+        mine = [j for j in range(num_shards) if j % wn == w]
+        todo = [j for j in mine if not shards.is_complete(cfg.out, j)]
+        stale = sum(shards.remove_stale(cfg.out, j) for j in todo)
+        if stale:
+            print(f"removed {stale} stale temporary files of killed writers", flush=True)
+        print(f"worker {w}/{wn}: {len(mine)} shards assigned, {len(mine) - len(todo)} already "
+              f"done, {len(todo)} to encode ({listing.kind} source, {len(listing)} inputs)",
+              flush=True)
+        t0 = time.perf_counter()
+        done = encode_shards(cfg, listing, codec, todo, job_id(params),
+                             show=cfg.progress and info.is_main)
+        secs = time.perf_counter() - t0
+        done["seconds"], done["img_per_s"] = secs, done["images"] / secs if secs > 0 else 0.0
+        if todo:
+            print(f"worker {w}: {done['images']} images -> {done['samples']} samples, "
+                  f"{done['skipped']} skipped, {secs:.1f} s ({done['img_per_s']:.1f} img/s)",
+                  flush=True)
+        if grouped:
+            dist.barrier()
+        manifest = None
+        if info.is_main or not grouped:
+            manifest = finalize(cfg, listing, codec, params, num_shards)
+        done["manifest"] = str(manifest) if manifest else None
+        return done
+    finally:
+        if grouped:
+            dist.destroy()
+
+
+def verify(out: str | Path) -> int:
+    """CLI helper: check every shard's sha256 (and sample count) against manifest.json."""
+    problems = shards.verify_shards(out)
+    for p in problems:
+        print(f"FAIL {p}", file=sys.stderr)
+    if not problems:
+        man = fsutil.read_json(Path(out) / shards.MANIFEST)
+        print(f"ok: {len(man['shards'])} shards, {man['num_samples']} samples match "
+              f"{out}/manifest.json")
+    return 1 if problems else 0
+

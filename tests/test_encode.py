@@ -1,0 +1,342 @@
+"""The encoding job end to end: shards + manifest, exactness, splits, resume, torchrun, kill -9."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latent_patch import codec as codec_mod
+from latent_patch import shards
+from latent_patch.codec import VAECodec
+from latent_patch.encode import EncodeConfig, run_encode
+from latent_patch.images import list_source, load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 32
+
+
+def read_out(out: Path) -> dict[str, tuple[np.ndarray, int, dict]]:
+    """key -> (latent, label, json) from every tar, with tarfile + numpy only."""
+    got: dict[str, dict] = {}
+    keys: list[str] = []
+    for t in sorted(out.glob("*.tar")):
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                data = tf.extractfile(m).read()
+                if ext == "latent.npy":
+                    keys.append(key)
+                    got.setdefault(key, {})["lat"] = np.load(io.BytesIO(data), allow_pickle=False)
+                elif ext == "cls":
+                    got.setdefault(key, {})["cls"] = int(data)
+                else:
+                    got.setdefault(key, {})["json"] = json.loads(data)
+    assert len(keys) == len(set(keys)), "duplicate keys"
+    return {k: (v["lat"], v["cls"], v["json"]) for k, v in got.items()}
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
+
+
+def cfg_for(src: Path, out: Path, vae: Path, **kw) -> EncodeConfig:
+    base = dict(source=str(src), out=str(out), vae=str(vae), resolution=RES, flips="both",
+                shard_size=16, batch_size=8, progress=False, device="cpu", threads=1)
+    base.update(kw)
+    return EncodeConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, class_tree) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("src")
+    return root, class_tree(root, per_class=33, classes=3)
+
+
+@pytest.fixture(scope="module")
+def encoded(tree, tiny_vae_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("enc") / "out"
+    run_encode(cfg_for(tree[0], out, tiny_vae_dir))
+    return out
+
+
+def test_manifest_counts_and_skips(encoded: Path, tree) -> None:
+    man = json.loads((encoded / "manifest.json").read_text())
+    assert man["format"] == "latent-patch-shards/1"
+    assert man["num_images"] == 99 and man["num_samples"] == 198
+    assert man["class_counts"] == [33, 33, 33, 0]
+    assert man["class_names"] == ["c0", "c1", "c2", "c3_empty"]
+    assert man["latent_shape"] == [4, RES // 4, RES // 4] and man["flips"] == "both"
+    assert man["vae"]["downsample"] == 4 and man["vae"]["shift_factor"] == 0.0
+    assert man["source"]["num_inputs"] == 102 and man["source"]["kind"] == "class_tree"
+    reasons = {s["source"]: s["reason"] for s in man["skipped"]}
+    assert set(reasons) == {"c0/zero.JPEG", "c0/text.JPEG", "c0/truncated.JPEG", "c3_empty/"}
+    assert "empty" in reasons["c0/zero.JPEG"] and "truncated" in reasons["c0/truncated.JPEG"]
+    assert len(man["shards"]) == 13  # ceil(102 inputs / 8 per shard)
+    assert all(s["num_samples"] <= 16 for s in man["shards"])
+    assert shards.verify_shards(encoded) == []
+    assert not list(encoded.glob(".*.tmp"))
+
+
+def test_stored_posterior_equals_direct_encode(encoded: Path, tree, tiny_vae_dir) -> None:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    got = read_out(encoded)
+    lst = list_source(tree[0])
+    checked = 0
+    for i in (0, 1, 2, 3, 4, 40, 101):  # every mode (RGB, L, RGBA, P, CMYK) and other classes
+        key = shards.sample_key(i, lst.sources[i])
+        if key not in got:
+            continue
+        for flip in (False, True):
+            lat, cls, meta = got[key + ("_flip" if flip else "")]
+            pix = torch.from_numpy(load_image(lst.read_bytes(i), RES, flip=flip).copy())
+            x = pix.permute(2, 0, 1)[None].float() / 127.5 - 1
+            with torch.no_grad():
+                post = vae.encode(x).latent_dist
+            assert lat.dtype == np.float16 and lat.shape == (2, 4, RES // 4, RES // 4)
+            np.testing.assert_allclose(lat[0], post.mean[0].numpy(), atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(lat[1], post.std[0].numpy(), atol=2e-3, rtol=2e-3)
+            assert cls == lst.labels[i] and meta == {"source": lst.sources[i], "flip": flip}
+        checked += 1
+    assert checked >= 6
+    # the flipped sample is NOT the flipped latent of the original
+    lat, _, _ = got[shards.sample_key(0, lst.sources[0])]
+    flat, _, _ = got[shards.sample_key(0, lst.sources[0], flip=True)]
+    assert not np.allclose(flat[0], lat[0][..., ::-1], atol=1e-3)
+
+
+def test_latent_stats_match_the_stored_latents(encoded: Path) -> None:
+    man = json.loads((encoded / "manifest.json").read_text())
+    lats = np.stack([v[0] for v in read_out(encoded).values()]).astype(np.float64)
+    s = man["vae"]["scaling_factor"]
+    m, sd = lats[:, 0] * s, lats[:, 1] * s
+    mean = m.mean(axis=(0, 2, 3))
+    std = np.sqrt((m ** 2 + sd ** 2).mean(axis=(0, 2, 3)) - mean ** 2)
+    np.testing.assert_allclose(man["latent_stats"]["mean"], mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(man["latent_stats"]["std"], std, rtol=1e-6)
+
+
+def test_jobs_split_gives_identical_shards(encoded: Path, tree, tiny_vae_dir, tmp_path,
+                                           capsys) -> None:
+    out = tmp_path / "jobs"
+    for i in range(3):
+        assert not (out / "manifest.json").exists()
+        run_encode(cfg_for(tree[0], out, tiny_vae_dir, num_jobs=3, job_index=i, batch_size=8))
+        if i < 2:
+            assert "shards remain" in capsys.readouterr().out
+    assert shard_bytes(out) == shard_bytes(encoded)
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (out, encoded))
+    assert a == b
+
+
+def test_resume_after_a_crash_redoes_only_missing_shards(encoded: Path, tree, tiny_vae_dir,
+                                                          tmp_path) -> None:
+    out = tmp_path / "resume"
+    shutil.copytree(encoded, out)
+    (out / "manifest.json").unlink()
+    (out / "shard-000003.tar").unlink()  # killed between sidecar write and tar rename
+    for j in (5, 7):  # killed mid-write: temp files only
+        (out / shards.shard_name(j)).unlink()
+        (out / shards.sidecar_name(j)).unlink()
+        (out / f".{shards.shard_name(j)}.99999.tmp").write_bytes(b"half")
+    kept = (out / "shard-000000.tar").stat().st_mtime_ns
+    run_encode(cfg_for(tree[0], out, tiny_vae_dir))
+    assert shard_bytes(out) == shard_bytes(encoded)
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == kept  # complete shards untouched
+    assert not list(out.glob(".*.tmp")) and (out / "manifest.json").is_file()
+
+
+def test_other_parameters_are_refused(encoded: Path, tree, tiny_vae_dir, tmp_path) -> None:
+    out = tmp_path / "other"
+    shutil.copytree(encoded, out)
+    with pytest.raises(ValueError, match="resolution: 32 in the folder, 64 now"):
+        run_encode(cfg_for(tree[0], out, tiny_vae_dir, resolution=64))
+    with pytest.raises(ValueError, match="flips"):
+        run_encode(cfg_for(tree[0], out, tiny_vae_dir, flips="none"))
+    (out / "job.json").unlink()
+    with pytest.raises(ValueError, match="no job.json"):
+        run_encode(cfg_for(tree[0], out, tiny_vae_dir))
+
+
+def test_verify_detects_a_changed_shard(encoded: Path, tmp_path) -> None:
+    out = tmp_path / "tampered"
+    shutil.copytree(encoded, out)
+    data = bytearray((out / "shard-000002.tar").read_bytes())
+    data[600] ^= 1
+    (out / "shard-000002.tar").write_bytes(bytes(data))
+    problems = shards.verify_shards(out)
+    assert len(problems) == 1 and "shard-000002.tar: sha256" in problems[0]
+
+
+def test_tar_and_flat_sources(tmp_path: Path, tiny_vae_dir) -> None:
+    rng = np.random.default_rng(3)
+    imgs = [(rng.random((20, 24, 3)) * 255).astype(np.uint8) for _ in range(5)]
+    tar = tmp_path / "data-000000.tar"
+    with tarfile.open(tar, "w") as tf:
+        for n, a in enumerate(imgs):
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, "PNG")
+            for ext, data in (("png", buf.getvalue()), ("cls", str(n % 2).encode())):
+                ti = tarfile.TarInfo(f"s{n}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    run_encode(cfg_for(str(tmp_path / "data-{000000..000000}.tar"), tmp_path / "o1", tiny_vae_dir,
+                       flips="none"))
+    man = json.loads((tmp_path / "o1" / "manifest.json").read_text())
+    assert man["num_samples"] == 5 and man["class_names"] == ["0", "1"]
+    assert man["class_counts"] == [3, 2] and man["source"]["kind"] == "tars"
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n, a in enumerate(imgs):
+        Image.fromarray(a).save(flat / f"v{n}.png")
+    (tmp_path / "labels.txt").write_text("".join(f"v{n}.png {n}\n" for n in range(5)))
+    run_encode(cfg_for(flat, tmp_path / "o2", tiny_vae_dir, flips="none",
+                       labels=str(tmp_path / "labels.txt")))
+    a, b = read_out(tmp_path / "o1"), read_out(tmp_path / "o2")
+    assert len(b) == 5 and {v[1] for v in b.values()} == set(range(5))
+    np.testing.assert_array_equal(a["00000002_s2"][0], b["00000002_v2"][0])
+
+
+def test_a_source_without_valid_images_is_an_error(tmp_path: Path, tiny_vae_dir) -> None:
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.JPEG").write_text("nope")
+    with pytest.raises(ValueError, match="no valid image"):
+        run_encode(cfg_for(tmp_path / "src", tmp_path / "o", tiny_vae_dir))
+
+
+# ----------------------------------------------------------------------------- codec
+
+
+def test_codec_conventions(tiny_vae_dir, monkeypatch, tmp_path) -> None:
+    c = VAECodec.load(str(tiny_vae_dir), device="cpu", dtype="fp16")
+    assert c.dtype == torch.float32 and c.latent_channels == 4 and c.downsample == 4
+    z = torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(c.unscale(c.scale(z)), z)
+    img = c.decode_uint8(z)
+    assert img.shape == (2, 16, 16, 3) and img.dtype == torch.uint8
+    monkeypatch.setattr(codec_mod, "DEMO_VAE_DIR", tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="tools/train_demo_vae.py"):
+        VAECodec.load("demo", device="cpu")
+
+    def offline(*a, **kw):
+        raise OSError("no network")
+
+    import diffusers
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", offline)
+    with pytest.raises(RuntimeError, match="'org/some-vae'.*local folder"):
+        VAECodec.load("org/some-vae", device="cpu")
+
+
+# ----------------------------------------------------------------------------- CLI + processes
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "encode_latents.py"), *args]
+
+
+def _cli_module():
+    spec = importlib.util.spec_from_file_location("encode_latents", ROOT / "encode_latents.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_rejects_bad_flags(tmp_path: Path, capsys) -> None:
+    cli = _cli_module()
+    for bad in (["--flips", "sideways"], ["--resolution", "0"], ["--shard-size", "x"],
+                ["--num-jobs", "2", "--job-index", "2"], ["--workers", "-1"]):
+        with pytest.raises(SystemExit) as err:
+            cli.main(["--source", str(tmp_path), *bad])
+        assert err.value.code == 2 and "error:" in capsys.readouterr().err, bad
+    with pytest.raises(SystemExit):
+        cli.main([])
+    assert "--source is required" in capsys.readouterr().err
+
+
+def test_cli_reports_errors_and_verifies(encoded: Path, tmp_path: Path, capsys) -> None:
+    cli = _cli_module()
+    assert cli.main(["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    assert "missing: no such file or folder" in capsys.readouterr().err
+    assert cli.main(["--verify", "--out", str(encoded)]) == 0
+    assert "13 shards" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_byte_identical(encoded: Path, tree, tiny_vae_dir, tmp_path) -> None:
+    out = tmp_path / "two"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", str(ROOT / "encode_latents.py"),
+           "--source", str(tree[0]), "--out", str(out), "--vae", str(tiny_vae_dir),
+           "--resolution", str(RES), "--flips", "both", "--shard-size", "16", "--batch-size", "8",
+           "--no-progress", "--device", "cpu", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert shard_bytes(out) == shard_bytes(encoded)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(
+        (encoded / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_finishes_with_each_image_once(tmp_path: Path, class_tree,
+                                                         tiny_vae_dir) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    class_tree(src, per_class=80, classes=3, seed=1)
+    args = ["--source", str(src), "--out", str(out), "--vae", str(tiny_vae_dir), "--resolution",
+            "64", "--flips", "none", "--shard-size", "6", "--batch-size", "2", "--no-progress",
+            "--threads", "1"]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("shard-*.tar")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    run_encode(cfg_for(src, out, tiny_vae_dir, resolution=64, flips="none", shard_size=6,
+                       batch_size=2))
+    lst = list_source(src)
+    bad = {"c0/zero.JPEG", "c0/text.JPEG", "c0/truncated.JPEG"}
+    want = {shards.sample_key(i, s) for i, s in enumerate(lst.sources) if s not in bad}
+    assert set(read_out(out)) == want  # read_out also asserts there is no duplicate
+    assert shards.verify_shards(out) == [] and not list(out.glob(".*.tmp"))
+
+
+def test_tar_stream_matches_tarfile_and_reads_with_webdataset(encoded: Path, tmp_path) -> None:
+    lat = np.arange(2 * 4 * 2 * 2, dtype=np.float16).reshape(2, 4, 2, 2)
+    samples = [shards.encode_sample(f"{i:08d}_{'x' * (120 if i == 1 else 3)}", lat, i, "a/b.png",
+                                    False) for i in range(3)]
+    ours = io.BytesIO()
+    ts = shards.TarStream(ours)
+    for s in samples:
+        ts.write(s)
+    ts.close()
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w|") as tf:
+        for s in samples:
+            for ext in sorted(k for k in s if k != "__key__"):
+                ti = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(s[ext]), 0, 0o444, "", ""
+                tf.addfile(ti, io.BytesIO(s[ext]))
+    assert ours.getvalue() == ref.getvalue()
+    np.testing.assert_array_equal(np.load(io.BytesIO(samples[0]["latent.npy"])), lat)
+
+    import webdataset as wds
+    ds = wds.WebDataset(str(encoded / "shard-000000.tar"), shardshuffle=False, empty_check=False)
+    first = next(iter(ds))
+    assert {"latent.npy", "cls", "json"} <= set(first) and first["__key__"].startswith("00000000_")
