@@ -100,7 +100,7 @@ def _visible(names: list[str]) -> list[str]:
 
 
 def _looks_like_tars(spec: str) -> bool:
-    return "{" in spec or any(c in spec for c in "*?[") or spec.endswith(".tar")
+    return "{" in spec or any(c in spec for c in "*?[") or spec.endswith((".tar", ".tar.gz", ".tgz"))
 
 
 def list_source(spec: str | Path, labels: str | Path | None = None) -> Listing:
@@ -121,12 +121,32 @@ def list_source(spec: str | Path, labels: str | Path | None = None) -> Listing:
         return list_flat(root, labels)
     if subdirs:
         return list_class_tree(root)
-    if entries and all(e.endswith(".tar") for e in entries):
-        return list_tars(str(root / "*.tar"))
+    if entries and all(e.endswith((".tar", ".tar.gz", ".tgz")) for e in entries):
+        return list_tars(str(root / "*.t*"))
     raise ValueError(
         f"--source {spec}: a folder of files without class subfolders needs --labels FILE "
         "(e.g. LOC_val_solution.csv or 'filename label' lines)"
     )
+
+
+def _regular_files(folder: Path, prefix: str, notes: list[dict[str, str]]) -> list[str]:
+    """Visible regular files of ``folder``; every other visible entry is noted, never dropped silently.
+
+    A FIFO is never opened (it could block the job), a dangling symlink cannot be read, and a
+    sub-folder is not searched: each goes into the manifest's ``skipped`` with its reason.
+    """
+    files = []
+    for f in _visible(os.listdir(folder)):
+        p = folder / f
+        if p.is_file():
+            files.append(f)
+        elif p.is_symlink() and not p.exists():
+            notes.append({"source": f"{prefix}{f}", "reason": "dangling symlink (target missing)"})
+        elif p.is_dir():
+            notes.append({"source": f"{prefix}{f}/", "reason": "a folder inside an image folder (not searched)"})
+        else:
+            notes.append({"source": f"{prefix}{f}", "reason": "not a regular file (FIFO, socket or device)"})
+    return files
 
 
 def list_class_tree(root: str | Path) -> Listing:
@@ -142,7 +162,7 @@ def list_class_tree(root: str | Path) -> Listing:
     labels: list[int] = []
     notes: list[dict[str, str]] = []
     for label, name in enumerate(classes):
-        files = [f for f in _visible(os.listdir(root / name)) if (root / name / f).is_file()]
+        files = _regular_files(root / name, f"{name}/", notes)
         if not files:
             notes.append({"source": f"{name}/",
                           "reason": "empty class folder (class kept, no images)"})
@@ -198,7 +218,8 @@ def list_flat(root: str | Path, labels_file: str | Path) -> Listing:
     """A flat folder of images labelled by a file keyed by file name or by stem (ImageId)."""
     root = Path(root)
     by_key, names = _label_indices(read_label_file(labels_file))
-    files = [f for f in _visible(os.listdir(root)) if (root / f).is_file()]
+    notes: list[dict[str, str]] = []
+    files = _regular_files(root, "", notes)
     labels: list[int] = []
     problems: dict[int, str] = {}
     used: set[str] = set()
@@ -212,8 +233,8 @@ def list_flat(root: str | Path, labels_file: str | Path) -> Listing:
             problems[i] = f"no label in {Path(labels_file).name}"
     if len(problems) == len(files):
         raise ValueError(f"{root}: no file matches an entry of --labels {labels_file}")
-    notes = [{"source": k, "reason": f"in {Path(labels_file).name} but no such file"}
-             for k in sorted(set(by_key) - used)]
+    notes += [{"source": k, "reason": f"in {Path(labels_file).name} but no such file"}
+              for k in sorted(set(by_key) - used)]
     return Listing("flat", str(root.resolve()), str(root.resolve()), files, labels, names,
                    problems=problems, warnings=notes)
 
@@ -280,6 +301,38 @@ def _tar_class_names(first_tar: str, top: int) -> list[str]:
     return [str(i) for i in range(top + 1)]
 
 
+_UNPACKED: dict[str, str] = {}
+
+
+def _seekable_tar(path: str) -> str:
+    """An uncompressed copy of a compressed tar (.tar.gz, .tgz, ...), made once per process.
+
+    Inputs are read later by byte offset, which only an uncompressed tar allows; the copy lives
+    in the system temp folder (as large as the unpacked tar) and is removed at exit. Plain tars
+    are used in place.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not (magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00"):
+        return path
+    if path not in _UNPACKED:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="latent_patch_tar_")
+        atexit.register(shutil.rmtree, folder, True)
+        out = os.path.join(folder, "unpacked.tar")
+        try:
+            with tarfile.open(path) as src, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dst:
+                for m in src:
+                    dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise ValueError(f"{path}: not a readable compressed tar file ({err})") from None
+        _UNPACKED[path] = out
+    return _UNPACKED[path]
+
+
 def list_tars(spec: str) -> Listing:
     """One input per webdataset sample; its image member is read by offset (no re-scan)."""
     paths = expand_tar_spec(spec)
@@ -287,11 +340,12 @@ def list_tars(spec: str) -> Listing:
     labels: list[int] = []
     locs: list[tuple[str, int, int] | None] = []
     problems: dict[int, str] = {}
-    for path in paths:
+    for original in paths:
+        path = _seekable_tar(original)
         for key, members in _tar_samples(path):
             i = len(sources)
             img_ext = _pick(members, IMAGE_EXTS)
-            sources.append(f"{Path(path).name}/{key}.{img_ext or 'noimage'}")
+            sources.append(f"{Path(original).name}/{key}.{img_ext or 'noimage'}")
             m = members.get(img_ext) if img_ext else None
             locs.append((path, m.offset_data, m.size) if m else None)
             label = _tar_label(path, members)

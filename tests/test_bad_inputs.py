@@ -24,7 +24,7 @@ STAGE_BUG_LISTING = pytest.mark.xfail(strict=True, reason=(
     "STAGE BUG (images.list_class_tree / list_flat): entries of a class folder that are not "
     "regular files (dangling symlink, FIFO, directory named x.JPEG) are dropped silently instead "
     "of being listed in the manifest's 'skipped' with a reason"))
-KNOWN_IMAGE_BUGS = {"dangling_symlink", "fifo_named_jpeg", "directory_named_jpeg"}
+KNOWN_IMAGE_BUGS: set[str] = set()
 KNOWN_RUN_BUGS: dict = {}
 
 

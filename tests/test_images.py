@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -192,3 +193,35 @@ def test_tar_source_with_brace_pattern(tmp_path: Path) -> None:
 
 def test_safe_stem() -> None:
     assert images.safe_stem("n01/ab c.d-e_f.JPEG") == "ab_c_d-e_f"
+
+
+def test_compressed_tar_source_and_odd_entries_are_listed(tmp_path):
+    """A .tar.gz source reads like a plain tar; FIFOs, dangling links and sub-folders are noted."""
+    import io
+    import tarfile
+
+    from latent_patch.images import list_source, load_image
+
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 200).save(buf, "PNG")
+    with tarfile.open(tmp_path / "part-0.tar.gz", "w:gz") as tf:
+        for i in range(3):
+            for ext, data in (("png", buf.getvalue()), ("cls", str(i).encode())):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    listing = list_source(str(tmp_path / "part-0.tar.gz"))
+    assert listing.labels == [0, 1, 2] and listing.sources[0] == "part-0.tar.gz/s0.png"
+    assert load_image(listing.read_bytes(2), 64).shape == (64, 64, 3)
+
+    tree = tmp_path / "tree" / "c0"
+    tree.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tree / "ok.png")
+    (tree / "gone.JPEG").symlink_to(tmp_path / "nowhere")
+    (tree / "dir.JPEG").mkdir()
+    os.mkfifo(tree / "pipe.JPEG")
+    listing = list_source(tmp_path / "tree")
+    assert listing.sources == ["c0/ok.png"]
+    reasons = {w["source"]: w["reason"] for w in listing.warnings}
+    assert "dangling" in reasons["c0/gone.JPEG"] and "folder" in reasons["c0/dir.JPEG/"]
+    assert "FIFO" in reasons["c0/pipe.JPEG"]
