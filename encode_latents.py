@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verify:
-        return verify(args.out)
+        try:
+            return verify(args.out)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            print(f"encode_latents.py: error: {args.out}: cannot verify ({err})", file=sys.stderr)
+            return 1
     if not args.source:
         parser.error("--source is required (unless --verify)")
     if args.job_index >= args.num_jobs:
