@@ -17,6 +17,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _MODES = ("RGB", "L", "RGBA", "P", "CMYK")
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """Tiny tensors: one intra-op thread is faster here and avoids OpenMP stalls on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random diffusers AutoencoderKL (4 latent channels, downsampling 4) saved to a folder."""

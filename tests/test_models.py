@@ -11,13 +11,7 @@ from latent_patch.patches import coord_grid, crop, random_crops
 TINY = {"dit": "DiT-T/2", "unet": "adm-tiny"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster here and avoids OpenMP stalls on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module", params=["dit", "unet"])

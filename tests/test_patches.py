@@ -10,13 +10,7 @@ from latent_patch import config
 from latent_patch.patches import PatchConfig, PatchSchedule, coord_grid, crop, random_crops, random_offsets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster here and avoids OpenMP stalls on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def test_coord_grid_values_and_layout():
