@@ -11,13 +11,7 @@ arrays): ``--num-jobs N --job-index I``. Re-running the same command resumes a k
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-# Idle OpenMP threads sleep instead of spinning: on a shared or oversubscribed CPU (decode
-# workers beside the VAE, other users' jobs) spinning threads made CPU encoding up to 100x
-# slower here. Set before torch loads its OpenMP runtime; an explicit user setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from latent_patch.codec import DEFAULT_VAE
 from latent_patch.encode import DEFAULT_SHARD_SIZE, EncodeConfig, run_encode, verify

@@ -9,6 +9,7 @@ Everything else (the loop, checkpoints, logging) lives in latent_patch/train.py.
 
 import sys
 
+
 from latent_patch.train import main
 
 if __name__ == "__main__":

@@ -7,4 +7,12 @@ Data flow, one module per stage:
     -> codec.py (decode) -> fid.py
 """
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning. On a shared or oversubscribed CPU (decode
+# workers beside the VAE, other jobs) spinning threads made encoding, training and sampling
+# 10-100x slower here. It must be set before torch loads its OpenMP runtime, so it lives here,
+# where every entry point passes before importing torch; an explicit user setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"

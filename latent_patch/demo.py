@@ -1,0 +1,203 @@
+"""The embedded default, end to end and offline: ``make demo`` / ``python -m latent_patch.demo``.
+
+It runs the same stages a GPU user runs on ImageNet, on the Fashion-MNIST images shipped in
+``latent_patch/assets/`` with the shipped demo VAE (in place of the SD VAE) and demo classifier
+(in place of Inception):
+
+  1. encode the training images into latent shards      (encode.py, as encode_latents.py does)
+  2. reference statistics of the held-out test images    (fid.py, as ``sample.py fid-ref`` does)
+  3. train a small class-conditional patch DiT           (train.py, as train_latent.py does)
+  4. sample a class-balanced set, score FD and accuracy  (sampling.py, as sample.py does)
+  5. a report: metrics.json, a grid per class, the training curve
+
+Every stage resumes: re-running the command after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import config as config_mod
+from . import fsutil
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DATA = ASSETS / "fashion_mnist"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+RESOLUTION = 64
+
+log = logging.getLogger("latent_patch.demo")
+
+
+def tar_spec(split: str) -> str:
+    """Glob over the shipped image shards of one split (train or test)."""
+    if not sorted(DATA.glob(f"{split}-*.tar*")):
+        raise FileNotFoundError(f"{DATA}: no {split}-*.tar shards; rebuild them with tools/build_demo_data.py")
+    return str(DATA / f"{split}-*.tar*")
+
+
+def encode_stage(out: Path, batch_size: int, vae: str = "demo") -> Path:
+    """Stage 1: the shipped training images -> 4 x 16 x 16 latent shards (resumes)."""
+    from .encode import EncodeConfig, run_encode
+
+    shards = out / "shards"
+    if (shards / "manifest.json").is_file():
+        log.info("[1/5] shards: %s (already encoded)", shards)
+        return shards
+    log.info("[1/5] encoding %s with the demo VAE -> %s", tar_spec("train"), shards)
+    run_encode(EncodeConfig(source=tar_spec("train"), out=str(shards), vae=vae, resolution=RESOLUTION,
+                            flips="none", shard_size=2500, batch_size=batch_size))
+    return shards
+
+
+def reference_stage(out: Path) -> Path:
+    """Stage 2: demo-classifier feature statistics of the held-out test images."""
+    from .fid import build_extractor, compute_stats
+
+    ref = out / "ref_test_demo.npz"
+    if ref.is_file():
+        log.info("[2/5] reference statistics: %s (already computed)", ref)
+        return ref
+    log.info("[2/5] reference statistics of the held-out test images -> %s", ref)
+    stats = compute_stats(tar_spec("test"), build_extractor("demo"), RESOLUTION)
+    stats.save(ref)
+    return ref
+
+
+def train_stage(out: Path, config: Path, overrides: Sequence[str], minutes: float):
+    """Stage 3: train (or finish training) the patch DiT; returns the resolved TrainConfig."""
+    from . import checkpoint
+    from .train import TrainConfig, train
+
+    run_dir = out / "run"
+    cfg = config_mod.load(TrainConfig, config, [
+        f"data.shards={out / 'shards'}", f"run.out_dir={run_dir}",
+        f"run.max_train_seconds={minutes * 60:g}", *overrides])
+    done = run_dir / "demo_trained.json"
+    if done.is_file():  # the budget is per invocation: a re-run must not train another budget
+        log.info("[3/5] training: %s (already trained)", run_dir)
+        return cfg
+    log.info("[3/5] training %s for up to %.1f min (or %s patches) -> %s", cfg.model.preset, minutes,
+             f"{cfg.run.total_images:,}", run_dir)
+    progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(run_dir) else None)
+    fsutil.atomic_write_json(done, {"images": progress.images, "full_equiv": progress.full_equiv})
+    return cfg
+
+
+def sample_stage(out: Path, num_samples: int, steps: int, cfg_scale: float, ref: Path, vae: str = "demo") -> Path:
+    """Stage 4: class-balanced samples from the EMA weights, scored with the demo classifier."""
+    from .sampling import main as sample_main
+
+    samples = out / "samples"
+    log.info("[4/5] sampling %d images (%d Heun steps, guidance %.2g) -> %s", num_samples, steps, cfg_scale, samples)
+    sample_main(["--checkpoint", str(out / "run"), "--out", str(samples), "--num-samples", str(num_samples),
+                 "--steps", str(steps), "--cfg-scale", str(cfg_scale), "--batch-size", "100", "--vae", vae,
+                 "--save", "npz", "--grid", "100", "--fid-ref", str(ref), "--features", "demo"])
+    return samples
+
+
+def class_grid(samples: Path, class_names: list[str], per_class: int, path: Path) -> Path:
+    """One row per class (first ``per_class`` samples of it), written as a PNG."""
+    from PIL import Image
+
+    with np.load(samples / "samples.npz", allow_pickle=False) as f:
+        images, labels = f["arr_0"], f["labels"]
+    h, w = images.shape[1:3]
+    grid = np.full((len(class_names) * h, per_class * w, 3), 255, np.uint8)
+    for c in range(len(class_names)):
+        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            grid[c * h:(c + 1) * h, j * w:(j + 1) * w] = images[i]
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def training_curve(run_dir: Path, path: Path) -> Path | None:
+    """Loss against patches seen, from the run's metrics.jsonl, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["images"] for r in records], [r["loss"] for r in records], marker=".")
+    ax.set_xlabel("patches seen")
+    ax.set_ylabel("EDM loss")
+    ax.set_title("demo training curve")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Path:
+    """Stage 5: metrics.json (FD, class accuracy, timings) plus the grid and curve PNGs."""
+    from .loader import open_manifest
+
+    scored = fsutil.read_json(samples / "metrics.json")
+    names = open_manifest(out / "shards")["class_names"]
+    grid = class_grid(samples, names, 10, out / "grid_per_class.png")
+    curve = training_curve(out / "run", out / "training_curve.png")
+    last = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    metrics = {
+        "fd": scored["fd"], "class_accuracy": scored["class_accuracy"], "num_samples": scored["num_samples"],
+        "features": scored["features"], "reference": "held-out Fashion-MNIST test images (shipped)",
+        "model": cfg.model.preset, "patches_seen": last["images"], "full_image_equivalents": last["full_equiv"],
+        "final_loss": last["loss"], "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "grid_per_class": str(grid), "training_curve": str(curve) if curve else None,
+        "samples_npz": str(samples / "samples.npz"),
+    }
+    path = out / "metrics.json"
+    fsutil.atomic_write_json(path, metrics)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m latent_patch.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="demo_out", help="output folder (resumes when it exists)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (minutes of training steps)")
+    p.add_argument("--num-samples", type=int, default=500, help="samples for FD and class accuracy")
+    p.add_argument("--steps", type=int, default=18, help="Heun steps for sampling")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance weight")
+    p.add_argument("--encode-batch-size", type=int, default=256)
+    p.add_argument("--vae", default="demo", help="VAE spec: the shipped demo VAE, or a folder / hub id")
+    p.add_argument("overrides", nargs="*", help="training config overrides, key=value")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    encode_stage(out, args.encode_batch_size, args.vae)
+    seconds["encode"], t = time.perf_counter() - t, time.perf_counter()
+    ref = reference_stage(out)
+    seconds["reference"], t = time.perf_counter() - t, time.perf_counter()
+    cfg = train_stage(out, Path(args.config), args.overrides, args.minutes)
+    seconds["train"], t = time.perf_counter() - t, time.perf_counter()
+    samples = sample_stage(out, args.num_samples, args.steps, args.cfg_scale, ref, args.vae)
+    seconds["sample"] = time.perf_counter() - t
+    path = report_stage(out, samples, cfg, seconds)
+    m = fsutil.read_json(path)
+    print(f"\ndemo done: FD {m['fd']:.2f}, class accuracy {100 * m['class_accuracy']:.1f}% "
+          f"on {m['num_samples']} samples after {m['patches_seen']:,} patches", flush=True)
+    print(f"metrics: {path}\ngrid per class: {m['grid_per_class']}\ntraining curve: {m['training_curve']}", flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()
