@@ -1,0 +1,137 @@
+"""The shipped demo assets: Fashion-MNIST shards, demo VAE, demo classifier (offline, ~20 s)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "latent_patch" / "assets"
+DATA = ASSETS / "fashion_mnist"
+VAE_DIR = ASSETS / "demo_vae"
+CLASSIFIER = ASSETS / "demo_classifier.safetensors"
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+MB = 1_000_000
+
+
+def _tools():
+    spec = importlib.util.spec_from_file_location("build_demo_data", ROOT / "tools" / "build_demo_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    """All held-out images as uint8 (N, 3, 64, 64) + labels, decoded once for the module."""
+    torch.set_num_threads(2)
+    return _tools().load_split(DATA, "test")
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_data_shards_counts_members_and_size():
+    assert (DATA / "classes.txt").read_text().splitlines() == CLASS_NAMES
+    lic = (DATA / "LICENSE.txt").read_text()
+    assert "Zalando SE" in lic and "MIT" in lic
+    info = json.loads((DATA / "dataset.json").read_text())
+    for split, min_per_class in (("train", 1000), ("test", 100)):
+        shards = sorted(DATA.glob(f"{split}-*.tar.gz"))
+        assert [s.name for s in shards] == [s["name"] for s in info["splits"][split]["shards"]]
+        counts, keys = Counter(), set()
+        for path, meta in zip(shards, info["splits"][split]["shards"]):
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == meta["sha256"]
+            with tarfile.open(path, "r:gz") as tar:
+                members = tar.getmembers()
+                assert all(m.isfile() and m.mtime == 0 for m in members)
+                exts = Counter(m.name.split(".", 1)[1] for m in members)
+                assert set(exts) == {"png", "cls"} and exts["png"] == exts["cls"] == meta["num_samples"]
+                for m in members:
+                    if m.name.endswith(".cls"):
+                        counts[int(tar.extractfile(m).read().decode("ascii"))] += 1
+                        keys.add(m.name.split(".")[0])
+                png = next(m for m in members if m.name.endswith(".png"))
+                im = Image.open(io.BytesIO(tar.extractfile(png).read()))
+                assert im.mode == "L" and im.size == (28, 28)
+        assert len(keys) == sum(counts.values())  # keys unique within the split
+        assert sorted(counts) == list(range(10))
+        assert min(counts.values()) >= min_per_class and len(set(counts.values())) == 1  # balanced
+    assert _dir_bytes(DATA) <= 10 * MB
+
+
+def test_preprocessing_matches_encoder():
+    """The tools' 28 -> 64 px RGB preprocessing is the encoder's ADM crop of the same PNG."""
+    images = pytest.importorskip("latent_patch.images")
+    tools = _tools()
+    with tarfile.open(sorted(DATA.glob("test-*.tar.gz"))[0], "r:gz") as tar:
+        pngs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")][:20]
+    for data in pngs:
+        ours = tools.to_model_pixels(Image.open(io.BytesIO(data)))
+        theirs = images.load_image(data, 64)  # uint8 (64, 64, 3)
+        np.testing.assert_array_equal(ours, theirs.transpose(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------- VAE
+
+def test_demo_vae_shape_and_reconstruction(test_split):
+    from diffusers import AutoencoderKL
+
+    weights = VAE_DIR / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file() and weights.stat().st_size <= 5 * MB
+    vae = AutoencoderKL.from_pretrained(VAE_DIR).eval()
+    cfg = vae.config
+    assert cfg.latent_channels == 4 and 2 ** (len(cfg.block_out_channels) - 1) == 4
+    assert cfg.shift_factor is None and cfg.scaling_factor > 0
+
+    pixels = test_split[0][:500]
+    x = pixels.float() / 127.5 - 1
+    with torch.no_grad():
+        means, outs = [], []
+        for i in range(0, len(x), 100):
+            post = vae.encode(x[i:i + 100]).latent_dist
+            means.append(post.mean)
+            outs.append(vae.decode(post.mode()).sample)
+    mean, out = torch.cat(means), torch.cat(outs)
+    assert mean.shape == (500, 4, 16, 16)
+    scaled_std = (mean * cfg.scaling_factor).std().item()
+    assert 0.5 <= scaled_std <= 1.5, scaled_std
+
+    decoded = ((out.clamp(-1, 1) + 1) * 127.5).round()
+    mse = ((decoded - pixels.float()) ** 2).mean().item()
+    psnr = 10 * np.log10(255.0 ** 2 / mse)
+    assert psnr >= 30.0, f"held-out PSNR {psnr:.2f} dB"
+
+
+# ----------------------------------------------------------------------------- classifier
+
+def test_demo_classifier_accuracy_and_features(test_split):
+    from latent_patch.classifier import load_demo_classifier
+
+    assert CLASSIFIER.stat().st_size <= 2 * MB
+    model = load_demo_classifier("cpu")
+    assert not model.training
+    pixels, labels = test_split
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(labels), 500):
+            correct += (model(pixels[i:i + 500].float() / 127.5 - 1).argmax(1) == labels[i:i + 500]).sum().item()
+        feats = model.features(pixels[:8].float() / 127.5 - 1)
+    accuracy = correct / len(labels)
+    assert len(labels) >= 1000 and accuracy >= 0.90, f"held-out accuracy {accuracy:.4f}"
+    assert feats.shape == (8, model.feature_dim) and 64 <= model.feature_dim <= 128
+    assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
