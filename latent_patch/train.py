@@ -96,6 +96,12 @@ class RunConfig:
     preview_per_class: int = 4  # images per row; one class per row
     preview_steps: int = 12  # Heun steps of the preview sampler (quality is secondary)
     preview_vae: str | None = None  # VAE for previews; None -> the manifest's vae.id
+    fid_every_images: int = 0  # FID/FD of the EMA weights at this interval (0 disables)
+    fid_ref: str | None = None  # reference: stats npz, ADM reference npz, image folder or image tars
+    fid_num_samples: int = 2000
+    fid_features: Literal["inception", "demo"] = "inception"
+    fid_steps: int = 18
+    fid_cfg_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:
@@ -661,6 +667,45 @@ class Previewer:
         return path
 
 
+class Evaluator:
+    """FID (FD with the demo features) of the EMA weights every ``run.fid_every_images`` patches.
+
+    Uses the sampling job's own code (``sampling.evaluate_model``: same per-index noise and
+    labels as ``sample.py``), split over all ranks, inside a forked RNG so training continues
+    exactly as without it. Results go to RUN/fid.jsonl, the log and tensorboard.
+    """
+
+    def __init__(self, t: Trainer) -> None:
+        run = t.cfg.run
+        self.enabled = run.fid_every_images > 0
+        if self.enabled and not run.fid_ref:
+            raise TrainingError("run.fid_every_images is set but run.fid_ref is not: name a stats npz or an image folder")
+        self.codec = None
+
+    def __call__(self, t: Trainer) -> dict:
+        from latent_patch.codec import VAECodec
+        from latent_patch.sampling import evaluate_model
+
+        run, dev = t.cfg.run, t.accelerator.device
+        if self.codec is None:
+            self.codec = VAECodec.load(run.preview_vae or (t.manifest or {})["vae"]["id"], device=dev)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            metrics = evaluate_model(
+                t.ema, t.cfg, run.fid_num_samples, run.fid_ref, features=run.fid_features, codec=self.codec,
+                manifest=t.manifest, sampler=SamplerConfig(steps=run.fid_steps, cfg_scale=run.fid_cfg_scale),
+                distributed=t.world_size > 1)
+        record = {"step": t.progress.step, "images": t.progress.images, **metrics}
+        if t.accelerator.is_main_process:
+            name = "fid" if "fid" in metrics else "fd"
+            log.info("%s %.3f on %d samples at %s patches", name.upper(), metrics[name], run.fid_num_samples,
+                     f"{t.progress.images:,}")
+            with open(Path(run.out_dir) / "fid.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if run.tensorboard:
+                t.accelerator.log({f"eval/{name}": metrics[name]}, step=t.progress.step)
+        return record
+
+
 def save_grid(images: torch.Tensor, per_row: int, path: Path) -> None:
     """uint8 NHWC images -> one PNG, ``per_row`` images per row, written atomically."""
     import io
@@ -790,6 +835,7 @@ def out_of_time(t: Trainer, start: float) -> bool:
 def train(cfg: TrainConfig, resume_spec: str | None = None) -> Progress:
     """Run (or continue) training until ``run.total_images`` patches; returns the final progress."""
     t, ckpt, previews = prepare_run(cfg, resume_spec)
+    evaluator = Evaluator(t)
     describe_run(t, ckpt)
     run, start = cfg.run, time.perf_counter()
     w = Window(first_step=t.progress.step + 1)
@@ -812,6 +858,8 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> Progress:
                 log.info("checkpoint: %s", save_checkpoint(t))
             if crossed(before, after, run.preview_every_images) and not previews.disabled:
                 previews(t)
+            if evaluator.enabled and (crossed(before, after, run.fid_every_images) or last):
+                evaluator(t)
             w.paused += time.perf_counter() - paused
             if stop:
                 log.info("run.max_train_seconds=%g used up: stopping here; --resume auto continues", run.max_train_seconds)

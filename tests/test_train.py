@@ -404,3 +404,29 @@ def test_partial_metrics_line_of_a_killed_run_is_dropped(tmp_path):
     assert path.read_text() == '{"step": 1}\n'
     drop_partial_line(path)  # a complete file is left alone
     assert path.read_text() == '{"step": 1}\n'
+
+
+def test_training_time_fd_does_not_disturb_training(shards, tiny_vae, tmp_path):
+    """FD of the EMA at an interval is logged to fid.jsonl, and the losses equal a run without it."""
+    import numpy as np
+    from PIL import Image
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(ref / f"{i}.png")
+    common = ("run.total_images=400", "run.log_every_images=1", "run.ckpt_every_images=0")
+    train(tiny_cfg(shards, tmp_path / "plain", *common))
+    train(tiny_cfg(shards, tmp_path / "eval", *common, "run.fid_every_images=200", f"run.fid_ref={ref}",
+                   "run.fid_num_samples=12", "run.fid_features=demo", "run.fid_steps=2",
+                   f"run.preview_vae={tiny_vae}"))
+    records = [json.loads(line) for line in (tmp_path / "eval" / "fid.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["fd"]) and r["num_samples"] == 12 for r in records)
+    plain, evaluated = metrics(tmp_path / "plain"), metrics(tmp_path / "eval")
+    assert [plain[s]["loss"] for s in sorted(plain)] == [evaluated[s]["loss"] for s in sorted(evaluated)]
+
+
+def test_training_time_fid_needs_a_reference(shards, tmp_path):
+    with pytest.raises(TrainingError, match="fid_ref"):
+        train(tiny_cfg(shards, tmp_path / "run", "run.total_images=100", "run.fid_every_images=50"))
