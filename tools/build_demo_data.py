@@ -126,6 +126,21 @@ def iter_split(root: str | os.PathLike, split: str):
                 raise ValueError(f"{path}: incomplete samples {sorted(pending)[:3]}")
 
 
+def seeded_splits(root: str | os.PathLike, seed: int, threads: int):
+    """Common start of the demo trainings: thread count, seeds, both splits loaded and reported.
+
+    Returns (generator, (train_x, train_y), (test_x, test_y)).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    train, test = load_split(root, "train"), load_split(root, "test")
+    print(f"train {tuple(train[0].shape)}, test {tuple(test[0].shape)}", flush=True)
+    return gen, train, test
+
+
 def load_split(root: str | os.PathLike = DEFAULT_ASSETS, split: str = "train",
                resolution: int = RESOLUTION, limit: int | None = None):
     """The shipped images of a split as model pixels: (uint8 (N, 3, R, R), int64 (N,)) torch tensors."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from build_demo_data import DEFAULT_ASSETS, load_split, to_float  # noqa: E402
+from build_demo_data import DEFAULT_ASSETS, seeded_splits, to_float  # noqa: E402
 
 from latent_patch.classifier import DEMO_CLASSIFIER_PATH, DemoClassifier, save_classifier  # noqa: E402
 
@@ -61,12 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    train_x, train_y = load_split(args.data, "train")
-    test_x, test_y = load_split(args.data, "test")
-    print(f"train {tuple(train_x.shape)}, test {tuple(test_x.shape)}", flush=True)
+    gen, (train_x, train_y), (test_x, test_y) = seeded_splits(args.data, args.seed, args.threads)
 
     model = DemoClassifier()
     print(f"{sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters", flush=True)

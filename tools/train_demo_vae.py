@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_demo_data import DEFAULT_ASSETS, load_split, to_float  # noqa: E402
+from build_demo_data import DEFAULT_ASSETS, seeded_splits, to_float  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "latent_patch" / "assets" / "demo_vae"
 
@@ -99,13 +99,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    train_x, _ = load_split(args.data, "train")
-    test_x, _ = load_split(args.data, "test")
+    gen, (train_x, _), (test_x, _) = seeded_splits(args.data, args.seed, args.threads)
     eval_x = test_x[:args.eval_images]
-    print(f"train {tuple(train_x.shape)}, test {tuple(test_x.shape)}", flush=True)
 
     vae = build_vae(args.widths, args.norm_groups, args.layers_per_block)
     n_params = sum(p.numel() for p in vae.parameters())
