@@ -84,6 +84,10 @@ class DataConfig:
     seed: int = 0
     verify: bool = False
     urls: list[str] = field(default_factory=list)
+    # "scale": the VAE's scaling/shift factors only (LDM/DiT convention); "channel": also standardise
+    # each channel with the manifest's latent_stats to std edm.sigma_data (EDM2 convention). Sampling
+    # reads the mode from the checkpoint's config and undoes it before decoding.
+    latent_norm: str = "scale"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -776,6 +780,53 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     refs = refs_from_urls(cfg.urls) if cfg.urls else refs_from_manifest(manifest, root)
     return StreamLoader(info, refs, cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle_buffer,
                         cfg.num_workers, infinite, pin)
+
+
+LATENT_NORMS = ("scale", "channel")
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """Per-channel affine map ``(z - mean) * gain`` on top of the VAE's own scaling.
+
+    Why: EDM's preconditioning assumes every channel has std ``sigma_data``. A VAE whose channels
+    differ a lot (the demo VAE: stds 0.38..1.65 after its single scaling factor) then gets too
+    little noise on the wide channels and too much on the narrow ones; EDM2 standardises per
+    channel for the same reason.
+    """
+
+    mean: tuple[float, ...]
+    gain: tuple[float, ...]
+
+    def _view(self, values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (NCHW) -> what the model sees."""
+        return (z - self._view(self.mean, z)) * self._view(self.gain, z)
+
+    def undo(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`apply`: model output -> scaled latent for the decoder."""
+        return z / self._view(self.gain, z) + self._view(self.mean, z)
+
+
+def latent_norm(mode: str, manifest: dict | None, target_std: float, where: str = "manifest") -> LatentNorm | None:
+    """The normalisation ``data.latent_norm`` names (None for "scale": nothing on top of the VAE's).
+
+    ``where`` names the manifest in errors (a shard folder or a checkpoint).
+    """
+    if mode not in LATENT_NORMS:
+        raise ValueError(f"data.latent_norm={mode!r}: expected one of {', '.join(LATENT_NORMS)}")
+    if mode == "scale":
+        return None
+    stats = (manifest or {}).get("latent_stats") or {}
+    mean, std = stats.get("mean") or [], stats.get("std") or []
+    if not mean or len(mean) != len(std):
+        raise ValueError(f"data.latent_norm=channel needs latent_stats (mean, std per channel) in {where}; "
+                         f"it has {stats!r}: re-encode with a current encode_latents.py")
+    if not all(math.isfinite(m) and math.isfinite(s) and s > 0 for m, s in zip(mean, std)):
+        raise ValueError(f"data.latent_norm=channel: latent_stats in {where} has a non-finite or zero std: {std}")
+    return LatentNorm(tuple(float(m) for m in mean), tuple(float(target_std) / float(s) for s in std))
 
 
 def draw_latent(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0,

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import dist, fsutil
 from .edm import AUTHORS_IMAGENET256, Precond, SamplerConfig, sample
+from .loader import LatentNorm, latent_norm
 
 FORMAT = "latent-patch-samples/1"
 PART_RE = re.compile(r"^idx-(\d{8,})-(\d{8,})\.npz$")
@@ -164,12 +165,13 @@ class ImageSampler:
 
 
 def make_decoder(codec: Any, scaling_factor: float | None = None, shift_factor: float | None = None,
-                 batch_size: int | None = None) -> Decoder:
+                 batch_size: int | None = None, norm: LatentNorm | None = None) -> Decoder:
     """Decoder through a ``codec.VAECodec``, undoing the normalisation the model was TRAINED with.
 
-    The manifest's factors (what the loader used) may differ from the VAE config's (e.g. a
-    dataset-specific scale); latents are mapped manifest-scaled -> raw -> codec-scaled, then
-    decoded in chunks of ``batch_size`` (the VAE decoder at 256 px is the memory peak).
+    ``norm`` (``data.latent_norm=channel``) is undone first. The manifest's factors (what the
+    loader used) may differ from the VAE config's (e.g. a dataset-specific scale); latents are
+    mapped manifest-scaled -> raw -> codec-scaled, then decoded in chunks of ``batch_size`` (the
+    VAE decoder at 256 px is the memory peak).
     """
     s_m = codec.scaling_factor if scaling_factor is None else scaling_factor
     t_m = codec.shift_factor if shift_factor is None else shift_factor
@@ -177,6 +179,7 @@ def make_decoder(codec: Any, scaling_factor: float | None = None, shift_factor: 
 
     @torch.inference_mode()  # the codec works on inference tensors (its in-place clamp needs this mode)
     def decode(z: torch.Tensor) -> torch.Tensor:
+        z = z if norm is None else norm.undo(z)
         z = z if same else codec.scale(z / s_m + t_m)
         step = batch_size or len(z)
         return torch.cat([codec.decode_uint8(z[i:i + step]) for i in range(0, len(z), step)])
@@ -473,7 +476,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Any, num_samples: int, ref: Any,
         from .codec import VAECodec
         codec = VAECodec.load(_vae_spec(manifest, None), device)
     vae = (manifest or {}).get("vae", {})
-    decode = make_decoder(codec, vae.get("scaling_factor"), vae.get("shift_factor"))
+    decode = make_decoder(codec, vae.get("scaling_factor"), vae.get("shift_factor"), norm=model_norm(cfg, manifest))
     was_training = model.training
     model.eval()
     try:
@@ -534,6 +537,12 @@ def _manifest_of(cfg: Any) -> dict | None:
     p = Path(shards)
     p = p if p.suffix == ".json" else p / "manifest.json"
     return fsutil.read_json(p) if p.is_file() else None
+
+
+def model_norm(cfg: Any, manifest: dict | None, where: Any = "the run's manifest") -> LatentNorm | None:
+    """The per-channel latent normalisation the model was trained with (see ``loader.latent_norm``)."""
+    data = getattr(cfg, "data", None)
+    return latent_norm(getattr(data, "latent_norm", "scale"), manifest, cfg.edm.sigma_data, where=str(where))
 
 
 def _vae_spec(manifest: dict | None, override: str | None) -> str:
@@ -634,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     sampler_cfg = sampler_from_args(args)
     sampler = ImageSampler(net, sigma_data=cfg.edm.sigma_data, latent_channels=cfg.model.latent_channels,
                            latent_size=cfg.model.latent_size, num_classes=cfg.model.num_classes,
-                           sampler=sampler_cfg, decode=make_decoder(codec, scale, shift, args.decode_batch_size),
+                           sampler=sampler_cfg, decode=make_decoder(codec, scale, shift, args.decode_batch_size, model_norm(cfg, manifest, ckpt)),
                            seed=args.seed, classes=args.classes, device=device, amp=args.amp)
     weights_file = ckpt / (checkpoint.EMA_FILE if args.weights == "ema" else checkpoint.MODEL_FILE)
     identity = {

@@ -39,7 +39,8 @@ from latent_patch import checkpoint as ckpt_mod
 from latent_patch import config as config_mod
 from latent_patch import fsutil
 from latent_patch.edm import EDMConfig, Precond, SamplerConfig, edm_loss, sample
-from latent_patch.loader import DataConfig, ShardError, build_loader, draw_latent, open_manifest
+from latent_patch.loader import (DataConfig, LatentNorm, ShardError, build_loader, draw_latent, latent_norm,
+                                 open_manifest)
 from latent_patch.models import ModelConfig, build_model
 from latent_patch.patches import PatchConfig, PatchSchedule, random_crops
 
@@ -205,6 +206,7 @@ class Trainer:
     scaling_factor: float
     shift_factor: float
     manifest: dict | None = None
+    norm: LatentNorm | None = None  # data.latent_norm=channel; None: the VAE's scaling only
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -247,6 +249,10 @@ def build_trainer(
     C, R = latent_shape
     if len(cfg.optim.betas) != 2:
         raise TrainingError(f"optim.betas must hold two numbers (beta1, beta2), got {cfg.optim.betas}")
+    try:
+        norm = latent_norm(cfg.data.latent_norm, manifest, cfg.edm.sigma_data, where=str(cfg.data.shards))
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
     torch.manual_seed(derive_seed(cfg.run.seed, 0, "init"))  # same init on every rank
     try:
         net = build_model(cfg.model)
@@ -275,7 +281,7 @@ def build_trainer(
         optimizer=optimizer, batches=batches, loader=loader, schedule=schedule, schedule_gens=schedule_gens,
         gen=gen, accum=accumulation_steps(cfg, world), R=R, C=C,
         scaling_factor=float(vae["scaling_factor"]), shift_factor=float(vae.get("shift_factor") or 0.0),
-        manifest=manifest,
+        manifest=manifest, norm=norm,
     )
 
 
@@ -369,6 +375,7 @@ def micro_batch_loss(t: Trainer, size: int, mult: int) -> torch.Tensor:
     posterior = torch.cat([mean, std], dim=1).float()
     crops, coords = random_crops(posterior, size, generator=t.gen)
     z = draw_latent(crops[:, : t.C], crops[:, t.C :], t.scaling_factor, t.shift_factor, generator=t.gen)
+    z = t.norm.apply(z) if t.norm is not None else z
     return edm_loss(
         t.precond, z, coords, labels, generator=t.gen, num_classes=t.cfg.model.num_classes,
         label_dropout=t.cfg.edm.label_dropout, P_mean=t.cfg.edm.P_mean, P_std=t.cfg.edm.P_std,
@@ -646,6 +653,8 @@ class Previewer:
 
     def __call__(self, t: Trainer) -> Path | None:
         """Write RUN/previews/step-XXXXXXXXX.png; does not touch any training RNG."""
+        from latent_patch.sampling import make_decoder
+
         if self.disabled:
             return None
         cfg, dev = t.cfg.run, t.accelerator.device
@@ -660,7 +669,7 @@ class Previewer:
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             z = sample(Precond(t.ema, t.cfg.edm.sigma_data), noise, labels, SamplerConfig(steps=cfg.preview_steps),
                        null_class=t.cfg.model.num_classes, generator=gen)
-            images = self.codec.decode_uint8(z)
+            images = make_decoder(self.codec, t.scaling_factor, t.shift_factor, norm=t.norm)(z)
         path = Path(cfg.out_dir) / "previews" / f"{ckpt_mod.ckpt_name(t.progress.step)}.png"
         save_grid(images, per_row, path)
         log.info("preview: %s (classes %s)", path, classes.tolist())

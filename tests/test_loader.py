@@ -26,6 +26,7 @@ from latent_patch.loader import (
     ShardError,
     build_loader,
     draw_latent,
+    latent_norm,
     open_manifest,
     plan_pieces,
     shard_paths,
@@ -200,6 +201,31 @@ def test_draw_latent_formula_and_device():
     assert torch.equal(z1, z2)
     eps = (z1 / 0.5 + 0.1 - mean.float()) / 2.0
     assert abs(eps.mean().item()) < 0.2 and abs(eps.std().item() - 1) < 0.2
+
+
+def test_channel_norm_standardises_to_sigma_data_and_undoes_exactly():
+    mean, std = [-1.0, 0.0, 0.5, 2.0], [0.4, 1.0, 1.6, 0.25]
+    norm = latent_norm("channel", {"latent_stats": {"mean": mean, "std": std}}, 0.5)
+    z = torch.randn(4096, 4, 2, 2) * torch.tensor(std).view(1, 4, 1, 1) + torch.tensor(mean).view(1, 4, 1, 1)
+    y = norm.apply(z)
+    per_channel = y.transpose(0, 1).reshape(4, -1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(4), atol=0.05)
+    assert torch.allclose(per_channel.std(1), torch.full((4,), 0.5), atol=0.03)
+    torch.testing.assert_close(norm.undo(y), z)
+    assert latent_norm("scale", None, 0.5) is None  # the VAE's factors only: nothing on top
+
+
+@pytest.mark.parametrize("manifest, match", [
+    ({}, "needs latent_stats"),
+    ({"latent_stats": {"mean": [0.0, 1.0], "std": [1.0]}}, "needs latent_stats"),
+    ({"latent_stats": {"mean": [0.0], "std": [0.0]}}, "zero std"),
+])
+def test_channel_norm_errors_name_the_manifest(manifest, match):
+    with pytest.raises(ValueError, match=match) as err:
+        latent_norm("channel", manifest, 0.5, where="shards/manifest.json")
+    assert "shards/manifest.json" in str(err.value)
+    with pytest.raises(ValueError, match="data.latent_norm='per-pixel'"):
+        latent_norm("per-pixel", manifest, 0.5)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -252,6 +252,24 @@ def test_make_decoder_undoes_the_training_normalisation():
     assert torch.allclose(other, ((raw - 0.1) * 0.5)[:, :3].permute(0, 2, 3, 1))
 
 
+def test_make_decoder_undoes_the_channel_norm_first():
+    from latent_patch.loader import latent_norm
+
+    class IdentityCodec:
+        scaling_factor, shift_factor = 0.5, 0.0
+
+        def decode_uint8(self, z):
+            return z
+
+    norm = latent_norm("channel", {"latent_stats": {"mean": [1.0, -1.0], "std": [2.0, 0.5]}}, 0.5)
+    z = torch.randn(3, 2, 4, 4)
+    torch.testing.assert_close(sampling.make_decoder(IdentityCodec(), norm=norm)(norm.apply(z)), z)
+    cfg = SimpleNamespace(data=SimpleNamespace(latent_norm="channel"), edm=SimpleNamespace(sigma_data=0.5))
+    with pytest.raises(ValueError, match="latent_stats.*ckpt-dir"):  # checkpoint manifest without stats
+        sampling.model_norm(cfg, {"vae": {}}, "ckpt-dir")
+    assert sampling.model_norm(SimpleNamespace(edm=SimpleNamespace(sigma_data=0.5)), None) is None  # old configs
+
+
 class ToyCodec:
     scaling_factor, shift_factor = 0.18215, 0.0
 

@@ -430,3 +430,44 @@ def test_training_time_fd_does_not_disturb_training(shards, tiny_vae, tmp_path):
 def test_training_time_fid_needs_a_reference(shards, tmp_path):
     with pytest.raises(TrainingError, match="fid_ref"):
         train(tiny_cfg(shards, tmp_path / "run", "run.total_images=100", "run.fid_every_images=50"))
+
+
+def test_channel_latent_norm_feeds_the_model_standardised_latents(tmp_path, monkeypatch):
+    """data.latent_norm=channel: the EDM loss sees each channel at mean 0, std sigma_data, using the
+    manifest's latent_stats; a manifest without them is refused before any step, naming it."""
+    import latent_patch.train as train_mod
+
+    data = write_shards(tmp_path / "shards", n=200)
+    man = json.loads((data / "manifest.json").read_text())
+    lat = []  # the scaled latents the loader serves: templates + noise, times scaling 0.5
+    for name in sorted(p.name for p in data.glob("*.tar")):
+        import tarfile
+        with tarfile.open(data / name) as tf:
+            lat += [np.load(io.BytesIO(tf.extractfile(m).read())) for m in tf.getmembers() if m.name.endswith(".npy")]
+    z = np.stack(lat).astype(np.float64)
+    m, s = z[:, 0] * 0.5, z[:, 1] * 0.5
+    mean = m.mean(axis=(0, 2, 3))
+    std = np.sqrt((m * m + s * s).mean(axis=(0, 2, 3)) - mean**2)
+    man["latent_stats"] = {"mean": mean.tolist(), "std": std.tolist()}
+    (data / "manifest.json").write_text(json.dumps(man))
+
+    seen = []
+    real_loss = train_mod.edm_loss
+
+    def spy(precond, z, *a, **k):
+        seen.append(z.detach().clone())
+        return real_loss(precond, z, *a, **k)
+
+    monkeypatch.setattr(train_mod, "edm_loss", spy)
+    train(tiny_cfg(data, tmp_path / "run", "data.latent_norm=channel", "patch.sizes=[1.0]", "patch.probs=[1.0]",
+                   "run.total_images=600", "run.ckpt_every_images=0"))
+    zs = torch.cat(seen).transpose(0, 1).reshape(4, -1)
+    assert torch.allclose(zs.mean(1), torch.zeros(4), atol=0.1)
+    assert torch.allclose(zs.std(1), torch.full((4,), 0.5), atol=0.05)
+
+    del man["latent_stats"]
+    (data / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(TrainingError, match="latent_stats") as err:
+        train(tiny_cfg(data, tmp_path / "run2", "data.latent_norm=channel"))
+    assert str(data) in str(err.value) and not (tmp_path / "run2" / "checkpoints").exists()
+
