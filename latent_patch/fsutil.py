@@ -89,3 +89,33 @@ def remove_stale_tmp(directory: str | Path) -> int:
         except FileNotFoundError:
             pass
     return n
+
+
+def remove_dead_writers_tmp(path: str | Path) -> int:
+    """Delete ``path``'s temporaries (``.NAME.PID.tmp``) left by processes that no longer exist.
+
+    Why: a writer killed between writing its temporary and renaming it leaves the temporary
+    behind, and the file's next writer has a different PID. Live writers' temporaries (several
+    jobs finishing at once) are kept; PIDs are per host, so callers must tolerate a writer on
+    another host losing its temporary (see ``shards.write_manifest``).
+    """
+    p = Path(path)
+    n = 0
+    for tmp in p.parent.glob(f".{p.name}.*.tmp"):
+        pid = tmp.name[len(p.name) + 2: -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+

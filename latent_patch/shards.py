@@ -288,9 +288,17 @@ def assemble_manifest(out_dir: str | Path, num_shards: int, header: dict[str, An
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
-    """Atomic: concurrent writers of the same content (several jobs finishing) are harmless."""
+    """Atomic: concurrent writers of the same content (several jobs finishing) are harmless.
+
+    Also removes the temporary of a writer killed before its rename (it would stay forever).
+    """
     path = Path(out_dir) / MANIFEST
-    fsutil.atomic_write_json(path, manifest)
+    try:
+        fsutil.atomic_write_json(path, manifest)
+    except FileNotFoundError:
+        if not path.is_file():  # not "another finishing job removed our temporary and wrote the same file"
+            raise
+    fsutil.remove_dead_writers_tmp(path)
     return path
 
 

@@ -154,11 +154,16 @@ def test_resume_after_a_crash_redoes_only_missing_shards(encoded: Path, tree, ti
         (out / shards.shard_name(j)).unlink()
         (out / shards.sidecar_name(j)).unlink()
         (out / f".{shards.shard_name(j)}.99999.tmp").write_bytes(b"half")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # killed while writing manifest.json: its temporary names a PID that is gone
+    (out / f".manifest.json.{dead.pid}.tmp").write_text('{"half')
+    live = out / f".manifest.json.{os.getppid()}.tmp"  # another job writing it right now: kept
+    live.write_text("{")
     kept = (out / "shard-000000.tar").stat().st_mtime_ns
     run_encode(cfg_for(tree[0], out, tiny_vae_dir))
     assert shard_bytes(out) == shard_bytes(encoded)
     assert (out / "shard-000000.tar").stat().st_mtime_ns == kept  # complete shards untouched
-    assert not list(out.glob(".*.tmp")) and (out / "manifest.json").is_file()
+    assert list(out.glob(".*.tmp")) == [live] and (out / "manifest.json").is_file()
 
 
 def test_other_parameters_are_refused(encoded: Path, tree, tiny_vae_dir, tmp_path) -> None:
