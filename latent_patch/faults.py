@@ -908,10 +908,8 @@ def train_cli(argv: list[str]) -> CliResult:
 
 
 def sample_cli(argv: list[str]) -> CliResult:
-    """sample.py (its sampling command) in this process."""
-    from latent_patch.sampling import main
-
-    return call_cli(main, argv)
+    """sample.py (its sampling command) in this process, through the script a user runs."""
+    return call_cli(root_script("sample.py").main, argv)
 
 
 def sample_argv(ckpt: Path, out: Path, n: int = 8, *extra: str) -> list[str]:

@@ -39,8 +39,7 @@ from latent_patch import checkpoint as ckpt_mod
 from latent_patch import config as config_mod
 from latent_patch import fsutil
 from latent_patch.edm import EDMConfig, Precond, SamplerConfig, edm_loss, sample
-from latent_patch.loader import (DataConfig, LatentNorm, ShardError, build_loader, draw_latent, latent_norm,
-                                 open_manifest)
+from latent_patch.loader import DataConfig, LatentNorm, build_loader, draw_latent, latent_norm, open_manifest
 from latent_patch.models import ModelConfig, build_model
 from latent_patch.patches import PatchConfig, PatchSchedule, random_crops
 
@@ -899,7 +898,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None, True)  # console now; prepare_run adds RUN/log.txt
     try:
         train(cfg, args.resume)
-    except (TrainingError, ckpt_mod.CheckpointError, config_mod.ConfigError, ShardError, FileNotFoundError) as err:
+    except (TrainingError, ckpt_mod.CheckpointError, ValueError, FileNotFoundError) as err:
+        # ValueError covers ShardError, ConfigError and malformed files (read_json names them)
         log.error("%s", err)  # a refusal with its reason, not a traceback
         return 1
     finally:

@@ -88,6 +88,7 @@ def test_bad_shard_is_caught_naming_it(work: Path, good_shards: Path, case: F.Sh
     classes = len(json.loads((good_shards / "manifest.json").read_text())["class_names"])
     outcome = F.judge_shard_case(case, out, culprit, marker, classes)
     assert outcome.handled, outcome.detail
+    assert not outcome.traceback, f"answered with a traceback: {outcome.detail}"
     assert not marker.exists()
 
 
@@ -102,6 +103,7 @@ RUN_PARAMS = [pytest.param(c, id=c.__name__.removeprefix("case_"),
 def test_checkpoint_or_config_fault_is_refused_before_work(run_fixture, case):
     outcome = case(run_fixture)
     assert outcome.handled, outcome.detail
+    assert not outcome.traceback, f"answered with a traceback: {outcome.detail}"
 
 
 # ----------------------------------------------------------------------------- safety
