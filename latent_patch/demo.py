@@ -6,11 +6,14 @@ It runs the same stages a GPU user runs on ImageNet, on the Fashion-MNIST images
 
   1. encode the training images into latent shards      (encode.py, as encode_latents.py does)
   2. reference statistics of the held-out test images    (fid.py, as ``sample.py fid-ref`` does)
-  3. train a small class-conditional patch DiT           (train.py, as train_latent.py does)
+  3. train a small class-conditional patch U-Net         (train.py, as train_latent.py does)
   4. sample a class-balanced set, score FD and accuracy  (sampling.py, as sample.py does)
   5. a report: metrics.json, a grid per class, the training curve
 
 Every stage resumes: re-running the command after an interruption continues where it stopped.
+A re-run with other settings (config, overrides, minutes, VAE, sampler) never mixes old outputs
+with new settings: the outputs of the first changed stage and of every later one are moved to
+``OUT/superseded-STAMP/`` (nothing is deleted) and redone.
 """
 
 from __future__ import annotations
@@ -72,15 +75,62 @@ def reference_stage(out: Path) -> Path:
     return ref
 
 
-def train_stage(out: Path, config: Path, overrides: Sequence[str], minutes: float):
-    """Stage 3: train (or finish training) the patch DiT; returns the resolved TrainConfig."""
+# Outputs of each stage that depends on settings, in pipeline order (the reference statistics depend
+# on the shipped test images and classifier only).
+STAGE_OUTPUTS = {
+    "encode": ("shards",),
+    "train": ("run",),
+    "sample": ("samples", "metrics.json", "grid_per_class.png", "training_curve.png"),
+}
+SETTINGS_FILE = "demo_settings.json"
+
+
+def retire_changed(out: Path, settings: dict[str, dict]) -> Path | None:
+    """Move aside the outputs a re-run with other ``settings`` must redo; returns where they went.
+
+    Why: every stage resumes, so without this a changed config would quietly resume the old model
+    (or sampling would refuse its changed settings). The first stage whose settings differ from
+    ``OUT/demo_settings.json`` and every later one are moved to ``OUT/superseded-STAMP/``; outputs
+    of a demo that recorded no settings are all moved, since nothing says how they were made.
+    """
+    path = out / SETTINGS_FILE
+    old = fsutil.read_json(path) if path.is_file() else {}
+    stages = list(STAGE_OUTPUTS)
+    changed = next((s for s in stages if old.get(s) != settings[s]), None)
+    moved = [] if changed is None else [
+        out / name for s in stages[stages.index(changed):] for name in STAGE_OUTPUTS[s] if (out / name).exists()]
+    dest = None
+    if moved:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, k = out / f"superseded-{stamp}", 1
+        while dest.exists():  # two re-runs within a second
+            k += 1
+            dest = out / f"superseded-{stamp}-{k}"
+        dest.mkdir()
+        for p in moved:
+            p.rename(dest / p.name)
+        why = f"the {changed} settings changed" if old else "it holds outputs made with unrecorded settings"
+        log.info("%s: %s, so %s moved to %s and redone", out, why, ", ".join(p.name for p in moved), dest)
+    fsutil.atomic_write_json(path, settings)
+    return dest
+
+
+def train_config(out: Path, config: Path, overrides: Sequence[str], minutes: float):
+    """The resolved TrainConfig of the demo run (shards and run folder inside ``out``)."""
+    from .train import TrainConfig
+
+    return config_mod.load(TrainConfig, config, [
+        f"data.shards={out / 'shards'}", f"run.out_dir={out / 'run'}",
+        f"run.max_train_seconds={minutes * 60:g}", *overrides])
+
+
+def train_stage(out: Path, cfg):
+    """Stage 3: train (or finish training) the patch model of ``cfg``."""
     from . import checkpoint
-    from .train import TrainConfig, train
+    from .train import train
 
     run_dir = out / "run"
-    cfg = config_mod.load(TrainConfig, config, [
-        f"data.shards={out / 'shards'}", f"run.out_dir={run_dir}",
-        f"run.max_train_seconds={minutes * 60:g}", *overrides])
+    minutes = cfg.run.max_train_seconds / 60
     done = run_dir / "demo_trained.json"
     if done.is_file():  # the budget is per invocation: a re-run must not train another budget
         log.info("[3/5] training: %s (already trained)", run_dir)
@@ -89,7 +139,6 @@ def train_stage(out: Path, config: Path, overrides: Sequence[str], minutes: floa
              f"{cfg.run.total_images:,}", run_dir)
     progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(run_dir) else None)
     fsutil.atomic_write_json(done, {"images": progress.images, "full_equiv": progress.full_equiv})
-    return cfg
 
 
 def sample_stage(out: Path, num_samples: int, steps: int, cfg_scale: float, ref: Path, vae: str = "demo") -> Path:
@@ -182,13 +231,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    cfg = train_config(out, Path(args.config), args.overrides, args.minutes)
+    retire_changed(out, {
+        "encode": {"vae": args.vae},
+        "train": config_mod.to_dict(cfg),
+        "sample": {"num_samples": args.num_samples, "steps": args.steps, "cfg_scale": args.cfg_scale},
+    })
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     encode_stage(out, args.encode_batch_size, args.vae)
     seconds["encode"], t = time.perf_counter() - t, time.perf_counter()
     ref = reference_stage(out)
     seconds["reference"], t = time.perf_counter() - t, time.perf_counter()
-    cfg = train_stage(out, Path(args.config), args.overrides, args.minutes)
+    train_stage(out, cfg)
     seconds["train"], t = time.perf_counter() - t, time.perf_counter()
     samples = sample_stage(out, args.num_samples, args.steps, args.cfg_scale, ref, args.vae)
     seconds["sample"] = time.perf_counter() - t

@@ -135,3 +135,29 @@ def test_demo_classifier_accuracy_and_features(test_split):
     assert len(labels) >= 1000 and accuracy >= 0.90, f"held-out accuracy {accuracy:.4f}"
     assert feats.shape == (8, model.feature_dim) and 64 <= model.feature_dim <= 128
     assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
+
+
+def test_demo_rerun_with_other_settings_moves_stale_outputs_aside(tmp_path):
+    """A re-run never resumes an old model under a changed config; old outputs are kept, not deleted."""
+    from latent_patch import demo
+
+    out = tmp_path / "demo_out"
+    out.mkdir()
+    settings = {"encode": {"vae": "demo"}, "train": {"lr": 1e-3}, "sample": {"cfg_scale": 3.0}}
+    for name in ("shards", "run", "samples"):
+        (out / name).mkdir()
+        (out / name / "x").write_text(name)
+    (out / "ref_test_demo.npz").write_bytes(b"ref")
+    first = demo.retire_changed(out, settings)  # outputs of unknown provenance: all three stages
+    assert first is not None and sorted(p.name for p in first.iterdir()) == ["run", "samples", "shards"]
+    assert (out / "ref_test_demo.npz").is_file()  # depends on no setting
+
+    for name in ("shards", "run", "samples"):
+        (out / name).mkdir()
+    assert demo.retire_changed(out, settings) is None  # same settings: everything resumes
+    assert all((out / n).is_dir() for n in ("shards", "run", "samples"))
+
+    changed = {**settings, "train": {"lr": 2e-3}}
+    moved_to = demo.retire_changed(out, changed)  # training changed: run and samples redone, shards kept
+    assert sorted(p.name for p in moved_to.iterdir()) == ["run", "samples"] and (out / "shards").is_dir()
+    assert json.loads((out / demo.SETTINGS_FILE).read_text()) == changed
