@@ -768,14 +768,26 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and before // every != after // every
 
 
-def drop_partial_line(path: Path) -> None:
-    """Cut a record half-written by a killed run off metrics.jsonl, so appends stay one JSON per line."""
+def trim_log(path: Path, last_step: int) -> None:
+    """Keep only the complete records of ``path`` (metrics.jsonl, fid.jsonl) up to ``last_step``.
+
+    Why: a run killed after its last checkpoint logged steps it will redo on resume, and its last
+    record may be half-written; without this the file would hold those steps twice (or a broken
+    line). ``last_step`` is the resumed checkpoint's step (0 for a fresh start).
+    """
     if not path.is_file():
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    lines = path.read_bytes().splitlines(keepends=True)
+    keep = [ln for ln in lines if ln.endswith(b"\n") and _record_step(ln) <= last_step]
+    if len(keep) != len(lines):
+        fsutil.atomic_write_bytes(path, b"".join(keep))
+
+
+def _record_step(line: bytes) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (ValueError, AttributeError):  # not JSON, or not an object: drop it
+        return math.inf
 
 
 def open_data(cfg: TrainConfig, rank: int, world_size: int) -> tuple[dict, Any]:
@@ -811,7 +823,8 @@ def prepare_run(cfg: TrainConfig, resume_spec: str | None) -> tuple[Trainer, Pat
     previews = Previewer(t)
     if acc.is_main_process:
         ckpt_mod.remove_stale(run_dir)
-        drop_partial_line(run_dir / "metrics.jsonl")
+        for name in ("metrics.jsonl", "fid.jsonl"):
+            trim_log(run_dir / name, t.progress.step if ckpt is not None else 0)
         config_mod.save(cfg, run_dir / "config.yaml")
         if cfg.run.tensorboard:
             acc.init_trackers("tensorboard")

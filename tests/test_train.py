@@ -169,8 +169,13 @@ def test_time_budget_stops_with_a_checkpoint_and_resumes(shards, tmp_path):
     first = train(cfg)
     assert 0 < first.images < 10_000_000
     assert ckpt.list_complete(tmp_path / "run")[-1][0] == first.step
+    log_file = tmp_path / "run" / "metrics.jsonl"
+    with open(log_file, "a") as f:  # as if killed after logging steps past its last checkpoint
+        f.write(json.dumps({"step": first.step + 1, "loss": -1.0}) + "\n")
     second = train(cfg, "auto")
     assert second.step > first.step
+    steps = [json.loads(line)["step"] for line in log_file.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and all(r["loss"] != -1.0 for r in metrics(tmp_path / "run").values())
 
 
 # --------------------------------------------------------------------------- exact resume
@@ -395,15 +400,18 @@ def test_bench_train_smoke(capsys):
     assert out["steps"] == 2 and sum(out["drawn_mix"].values()) == 2
 
 
-def test_partial_metrics_line_of_a_killed_run_is_dropped(tmp_path):
-    from latent_patch.train import drop_partial_line
+def test_logs_are_trimmed_to_the_resumed_checkpoint(tmp_path):
+    from latent_patch.train import trim_log
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\n{"step": 2, "lo')
-    drop_partial_line(path)
-    assert path.read_text() == '{"step": 1}\n'
-    drop_partial_line(path)  # a complete file is left alone
-    assert path.read_text() == '{"step": 1}\n'
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    trim_log(path, 2)  # steps after the checkpoint and the half-written record go
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    before = path.stat().st_mtime_ns
+    trim_log(path, 2)  # nothing to cut: the file is not rewritten
+    assert path.stat().st_mtime_ns == before
+    trim_log(path, 0)  # fresh start: records of a run that never checkpointed go
+    assert path.read_text() == ""
 
 
 def test_training_time_fd_does_not_disturb_training(shards, tiny_vae, tmp_path):
