@@ -190,6 +190,21 @@ def training_curve(run_dir: Path, path: Path) -> Path | None:
     return path
 
 
+def describe_model(model_cfg) -> str:
+    """The preset and the fields the config overrides, e.g. "adm-tiny (channels=64, num_blocks=2)"."""
+    fixed = ("preset", "arch", "latent_channels", "latent_size", "num_classes", "grad_checkpointing")
+    extra = {k: v for k, v in config_mod.to_dict(model_cfg).items() if v is not None and k not in fixed}
+    return model_cfg.preset + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")
+
+
+def count_weights(run_dir: Path) -> int:
+    """Parameters of the latest checkpoint's EMA weights."""
+    from . import checkpoint
+
+    ckpt = checkpoint.resolve_checkpoint(run_dir)
+    return sum(t.numel() for t in checkpoint.load_weights(ckpt, checkpoint.EMA_FILE).values())
+
+
 def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Path:
     """Stage 5: metrics.json (FD, class accuracy, timings) plus the grid and curve PNGs."""
     from .loader import open_manifest
@@ -202,7 +217,7 @@ def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Pa
     metrics = {
         "fd": scored["fd"], "class_accuracy": scored["class_accuracy"], "num_samples": scored["num_samples"],
         "features": scored["features"], "reference": "held-out Fashion-MNIST test images (shipped)",
-        "model": cfg.model.preset, "patches_seen": last["images"], "full_image_equivalents": last["full_equiv"],
+        "model": describe_model(cfg.model), "model_params": count_weights(out / "run"), "patches_seen": last["images"], "full_image_equivalents": last["full_equiv"],
         "final_loss": last["loss"], "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "grid_per_class": str(grid), "training_curve": str(curve) if curve else None,
         "samples_npz": str(samples / "samples.npz"),

@@ -161,3 +161,27 @@ def test_demo_rerun_with_other_settings_moves_stale_outputs_aside(tmp_path):
     moved_to = demo.retire_changed(out, changed)  # training changed: run and samples redone, shards kept
     assert sorted(p.name for p in moved_to.iterdir()) == ["run", "samples"] and (out / "shards").is_dir()
     assert json.loads((out / demo.SETTINGS_FILE).read_text()) == changed
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_reruns(tmp_path, one_thread_per_module):
+    """README command one, shrunk (tiny U-Net, seconds of training, 20 samples): every stage runs
+    and writes its report; a re-run resumes; other sampler settings redo only the samples."""
+    from latent_patch import demo
+
+    small = ["--minutes", "0.05", "--num-samples", "20", "--steps", "2", "model.channels=32",
+             "model.channel_mult=[1,2]", "model.num_blocks=1", "model.attn_resolutions=[]"]
+    out = tmp_path / "demo_out"
+    path = demo.main(["--out", str(out), *small])
+    m = json.loads(path.read_text())
+    assert m["num_samples"] == 20 and 0 <= m["class_accuracy"] <= 1 and np.isfinite(m["fd"])
+    assert m["model"].startswith("adm-tiny (") and m["model_params"] > 0 and m["patches_seen"] > 0
+    assert Image.open(m["grid_per_class"]).size == (10 * 64, 10 * 64) and Path(m["training_curve"]).is_file()
+    trained = (out / "run" / "demo_trained.json").read_text()
+    demo.main(["--out", str(out), *small])  # same settings: nothing retrained, nothing moved
+    assert (out / "run" / "demo_trained.json").read_text() == trained and not list(out.glob("superseded-*"))
+    demo.main(["--out", str(out), *small, "--cfg-scale", "2"])
+    (moved,) = out.glob("superseded-*")
+    assert sorted(p.name for p in moved.iterdir()) == ["grid_per_class.png", "metrics.json", "samples",
+                                                       "training_curve.png"]
+    assert (out / "run" / "demo_trained.json").read_text() == trained  # the model was kept
