@@ -1321,13 +1321,19 @@ class TrainStage(Stage):
             problems += _checkpoint_problems(checkpoint, p)
         latest = checkpoint.find_latest(self.run)
         step = int(latest.name.split("-")[1]) if latest else 0
-        return problems, (step, len(metrics_records(self.run)))
+        # the next run keeps the records up to the checkpoint's step and drops the rest
+        kept = sum(1 for r in metrics_records(self.run) if r.get("step", math.inf) <= step)
+        return problems, (step, kept)
 
     def after_next(self, snapshot: tuple[int, int], proc: Proc) -> list[str]:
         """The next run must continue at the checkpoint's step + 1 with the reference's losses."""
         step, lines = snapshot
-        new = [r for r in metrics_records(self.run)[lines:] if "step" in r]
+        records = metrics_records(self.run)
+        new = [r for r in records[lines:] if "step" in r]
         problems = []
+        steps = [int(r["step"]) for r in records if "step" in r]
+        if steps != sorted(set(steps)):
+            problems.append(f"metrics.jsonl logs some steps twice or out of order after the kill at step {step}")
         if new and int(new[0]["step"]) != step + 1:
             problems.append(f"after a kill with the latest checkpoint at step {step}, the next "
                             f"run logged step {new[0]['step']} first (expected {step + 1})")
