@@ -25,6 +25,7 @@ The posterior sample ``mean + std * eps`` is drawn on the training device by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -799,7 +800,7 @@ class LatentNorm:
     gain: tuple[float, ...]
 
     def _view(self, values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        return _channel_tensor(values, z.device, z.dtype)
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent (NCHW) -> what the model sees."""
@@ -808,6 +809,12 @@ class LatentNorm:
     def undo(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`apply`: model output -> scaled latent for the decoder."""
         return z / self._view(self.gain, z) + self._view(self.mean, z)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_tensor(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, C, 1, 1) constants, made once per device: no host-to-device copy in every training step."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def latent_norm(mode: str, manifest: dict | None, target_std: float, where: str = "manifest") -> LatentNorm | None:
