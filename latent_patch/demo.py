@@ -217,7 +217,8 @@ def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Pa
     metrics = {
         "fd": scored["fd"], "class_accuracy": scored["class_accuracy"], "num_samples": scored["num_samples"],
         "features": scored["features"], "reference": "held-out Fashion-MNIST test images (shipped)",
-        "model": describe_model(cfg.model), "model_params": count_weights(out / "run"), "patches_seen": last["images"], "full_image_equivalents": last["full_equiv"],
+        "model": describe_model(cfg.model), "model_params": count_weights(out / "run"),
+        "patches_seen": last["images"], "full_image_equivalents": last["full_equiv"],
         "final_loss": last["loss"], "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "grid_per_class": str(grid), "training_curve": str(curve) if curve else None,
         "samples_npz": str(samples / "samples.npz"),

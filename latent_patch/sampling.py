@@ -643,7 +643,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     sampler_cfg = sampler_from_args(args)
     sampler = ImageSampler(net, sigma_data=cfg.edm.sigma_data, latent_channels=cfg.model.latent_channels,
                            latent_size=cfg.model.latent_size, num_classes=cfg.model.num_classes,
-                           sampler=sampler_cfg, decode=make_decoder(codec, scale, shift, args.decode_batch_size, model_norm(cfg, manifest, ckpt)),
+                           sampler=sampler_cfg,
+                           decode=make_decoder(codec, scale, shift, args.decode_batch_size,
+                                               model_norm(cfg, manifest, ckpt)),
                            seed=args.seed, classes=args.classes, device=device, amp=args.amp)
     weights_file = ckpt / (checkpoint.EMA_FILE if args.weights == "ema" else checkpoint.MODEL_FILE)
     identity = {
