@@ -14,7 +14,8 @@ import argparse
 import sys
 
 from latent_patch.codec import DEFAULT_VAE
-from latent_patch.encode import DEFAULT_SHARD_SIZE, EncodeConfig, run_encode, verify
+from latent_patch.config import EncodeConfig
+from latent_patch.encode import run_encode, verify
 from latent_patch.images import DEFAULT_MAX_PIXELS
 
 
@@ -43,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flips", choices=("none", "both"), default="none",
                    help="'both' also stores the encode of each horizontally flipped image "
                    "(default: none)")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=DEFAULT_SHARD_SIZE,
-                   help=f"max samples per shard (default: {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--shard-size", type=_int_at_least(1), default=EncodeConfig.shard_size,
+                   help=f"max samples per shard (default: {EncodeConfig.shard_size})")
     p.add_argument("--num-jobs", type=_int_at_least(1), default=1,
                    help="independent jobs in total, e.g. a SLURM array (default: 1)")
     p.add_argument("--job-index", type=_int_at_least(0), default=0,

@@ -5,7 +5,8 @@
     python sample.py fid-ref --source FOLDER_OR_SHARDS --out ref.npz [--features demo|inception]
     python sample.py fid --samples OUT --fid-ref ref.npz [--features demo|inception]
 
-A thin entry point: the job lives in latent_patch/sampling.py, the metrics in latent_patch/fid.py.
+A thin entry point: the job and the commands live in latent_patch/sampling.py, the metrics in
+latent_patch/fid.py.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _dispatch(argv: list[str]) -> None:
     if argv[:1] == ["fid-ref"]:
-        from latent_patch.fid import main_ref
+        from latent_patch.sampling import main_ref
 
         main_ref(argv[1:])
     elif argv[:1] == ["fid"]:
-        from latent_patch.fid import main_fid
+        from latent_patch.sampling import main_fid
 
         main_fid(argv[1:])
     else:

@@ -38,8 +38,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latent_patch.codec import VAECodec  # noqa: E402
-from latent_patch.encode import (  # noqa: E402
-    DEFAULT_SHARD_SIZE, EncodeConfig, choose_parallelism, run_encode)
+from latent_patch.config import EncodeConfig  # noqa: E402
+from latent_patch.encode import choose_parallelism, run_encode  # noqa: E402
 from latent_patch.images import load_image  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
@@ -153,7 +153,7 @@ def main() -> None:
         vae_name, params = make_vae(tmp_p / "vae", args.sd_vae)
         codec = VAECodec.load(str(tmp_p / "vae"), device="cpu")
         cfg = EncodeConfig(source=str(tmp_p / "src"), out="", vae=str(tmp_p / "vae"),
-                           resolution=res, flips="none", shard_size=DEFAULT_SHARD_SIZE,
+                           resolution=res, flips="none", shard_size=EncodeConfig.shard_size,
                            batch_size=batch,
                            workers=args.workers, threads=args.threads, device="cpu",
                            progress=False)

@@ -10,7 +10,7 @@ seeded RNG (the seed and every delay are printed), re-runs the same command unti
 and compares the output with an uninterrupted run of the same job: the key set of the shards
 (duplicates counted with tarfile), every shard's sha256 against the manifest, the training
 losses after each resume and the final weights, the sampled arrays. Bad inputs are judged one
-by one (see latent_patch/faults.py). The last line printed is one JSON object:
+by one (see faults/). The last line printed is one JSON object:
 {"kills", "resumed_ok", "samples_lost", "samples_duplicated", "bad_inputs", "bad_inputs_handled", ...}.
 """
 
@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the references must match the 1-thread CLIs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latent_patch import faults as F  # noqa: E402
+import faults as F  # noqa: E402
 
 
 @dataclass

@@ -28,7 +28,8 @@ import numpy as np
 import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from latent_patch.loader import DataConfig, build_loader  # noqa: E402
+from latent_patch.config import DataConfig  # noqa: E402
+from latent_patch.loader import build_loader  # noqa: E402
 
 LATENT = (4, 32, 32)
 

@@ -69,7 +69,8 @@ def subset_source(fraction: float, out: Path) -> str:
 
 def encode(out: Path, fraction: float, batch_size: int) -> Path:
     """Latent shards of the (subset of the) shipped training images."""
-    from latent_patch.encode import EncodeConfig, run_encode
+    from latent_patch.config import EncodeConfig
+    from latent_patch.encode import run_encode
 
     shards = out / "shards"
     if not (shards / "manifest.json").is_file():
@@ -82,7 +83,7 @@ def encode(out: Path, fraction: float, batch_size: int) -> Path:
 def evaluate(run_dir: Path, ref, codec, args) -> dict:
     """FD and class accuracy of the latest checkpoint's EMA weights (same indices and noise each time)."""
     from latent_patch.edm import SamplerConfig
-    from latent_patch.sampling import evaluate_model
+    from latent_patch.evaluate import evaluate_model
 
     net, cfg, manifest = checkpoint.load_inference_model(run_dir, use_ema=True, device="cpu")
     sampler = SamplerConfig(steps=args.steps, cfg_scale=args.cfg_scale)
@@ -98,7 +99,7 @@ def train_chunk(name: str, out: Path, shards: Path, args, chunk_s: float, overri
     run_dir = out / name
     cfg = config_mod.load(TrainConfig, args.config, [
         f"data.shards={shards}", f"run.out_dir={run_dir}", f"run.max_train_seconds={chunk_s:g}",
-        "run.total_images=1000000000", "run.ckpt_every_images=1000000000", "run.tensorboard=false",
+        "run.total_patches=1000000000", "run.ckpt_every_patches=1000000000", "run.tensorboard=false",
         f"run.seed={args.seed}", *overrides, *args.overrides])
     resume = "auto" if checkpoint.find_latest(run_dir) else None
     t0 = time.perf_counter()

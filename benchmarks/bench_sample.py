@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latent_patch import sampling  # noqa: E402
-from latent_patch.codec import VAECodec  # noqa: E402
+from latent_patch import edm, sampling  # noqa: E402
+from latent_patch.codec import VAECodec, make_decoder  # noqa: E402
 from latent_patch.edm import SamplerConfig  # noqa: E402
 from latent_patch.models import ModelConfig, build_model  # noqa: E402
 
@@ -185,9 +185,9 @@ def main(argv=None) -> dict:
     else:
         codec = VAECodec(small_vae(4, 2 if quick else 4, 32 if quick else 64), "random-small", device,
                          torch.float16 if device.type == "cuda" else torch.float32)
-    decode = sampling.make_decoder(codec)
+    decode = make_decoder(codec)
     cfg = SamplerConfig(steps=steps, cfg_scale=args.cfg_scale)
-    sampler = sampling.ImageSampler(counting, sigma_data=0.5, latent_channels=4, latent_size=R, num_classes=10,
+    sampler = edm.ImageSampler(counting, sigma_data=0.5, latent_channels=4, latent_size=R, num_classes=10,
                                     sampler=cfg, decode=decode, seed=0, device=device)
     fwd_batch = 2 * B if args.cfg_scale != 1.0 else B
     r = run(sampler, counting, net, decode, B, fwd_batch, mcfg, device, repeats)

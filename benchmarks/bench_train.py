@@ -32,7 +32,8 @@ from latent_patch import config  # noqa: E402
 from latent_patch.loader import DatasetInfo, MemoryLoader  # noqa: E402
 from latent_patch.models import ModelConfig, build_model  # noqa: E402
 from latent_patch.patches import PatchConfig, PatchSchedule  # noqa: E402
-from latent_patch.train import StepPlan, TrainConfig, build_accelerator, build_trainer, train_step  # noqa: E402
+from latent_patch.config import TrainConfig  # noqa: E402
+from latent_patch.train import StepPlan, build_accelerator, build_trainer, train_step  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 tensor-core peak
 ASSUMED_MFU = 0.40
@@ -104,11 +105,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(t, plan: StepPlan) -> float:
-    dev = t.accelerator.device
+def timed_step(trainer, plan: StepPlan) -> float:
+    dev = trainer.accelerator.device
     sync(dev)
     start = time.perf_counter()
-    loss = train_step(t, plan)
+    loss = train_step(trainer, plan)
     sync(dev)
     elapsed = time.perf_counter() - start
     if not torch.isfinite(loss):
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     acc = build_accelerator(cfg, with_trackers=False)
     C, R, B = 4, args.latent, args.batch
     loader = synthetic_loader(args.samples, C, R, cfg.model.num_classes, B)
-    t = build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae)
+    trainer = build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae)
     schedule = PatchSchedule(PatchConfig(sizes=[0.5, 1.0], probs=[0.5, 0.5]), R)
     gen = torch.Generator().manual_seed(args.seed)
     draws = [schedule.sample(gen) for _ in range(args.steps)]
@@ -139,8 +140,8 @@ def run(args: argparse.Namespace) -> dict:
         return StepPlan(size=s, mult=m, patches=B * m, full_equiv=B * m * (s / R) ** 2, sizes=[s])
 
     for _ in range(args.warmup):  # allocator, autotuning, both shapes
-        timed_step(t, full_plan)
-        timed_step(t, patch_plan(R // 2, 2))
+        timed_step(trainer, full_plan)
+        timed_step(trainer, patch_plan(R // 2, 2))
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(acc.device)
     full_time = patch_time = 0.0
@@ -151,8 +152,8 @@ def run(args: argparse.Namespace) -> dict:
         # right after the other: what ran before (its buffer sizes) affects a CPU step's time
         plan = patch_plan(s, m)
         first, second = (full_plan, plan) if i % 2 == 0 else (plan, full_plan)
-        times = {id(first): timed_step(t, first)}
-        times[id(second)] = timed_step(t, second)
+        times = {id(first): timed_step(trainer, first)}
+        times[id(second)] = timed_step(trainer, second)
         full_time += times[id(full_plan)]
         per_side.setdefault(s, []).append(times[id(plan)])
         patch_time += times[id(plan)]
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         den = sum(p * step_s[str(s)] for p, s in zip(schedule.probs, schedule.sizes))
         expected, expected_equiv = (num / den) / full_rate, (num_equiv / den) / full_rate
     result = {
-        "model": cfg.model.preset, "params_m": sum(p.numel() for p in t.net.parameters()) / 1e6,
+        "model": cfg.model.preset, "params_m": sum(p.numel() for p in trainer.net.parameters()) / 1e6,
         "hidden": args.hidden, "depth": args.depth, "latent": [C, R, R], "batch": B, "steps": n,
         "warmup_steps_per_kind": args.warmup, "device": str(acc.device), "precision": args.precision,
         "threads": torch.get_num_threads(), "drawn_mix": mix,

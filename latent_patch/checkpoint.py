@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic save, find the latest complete one, load for resume or inference.
+"""Training checkpoints: atomic save, find the latest complete one, load for resume or inference,
+and the state of a run that makes a resumed run continue exactly (counters, RNGs, data position).
 
 Layout of a run folder ``RUN/``::
 
@@ -22,18 +23,29 @@ checkpoint damaged later (truncated copy, full disk on a sync) with an error nam
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle  # only for its exception class: nothing here unpickles (torch.load weights_only=True)
 import re
 import shutil
+import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
+import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from latent_patch import fsutil
+from . import config as config_mod
+from . import fsutil
+from .config import TrainConfig
+from .models import build_model
+from .seeds import derive_seed
+
+log = logging.getLogger("latent_patch.train")
 
 CKPT_DIR = "checkpoints"
 DONE = "DONE"
@@ -289,25 +301,26 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
     module.load_state_dict(tensors, strict=True)
 
 
+def load_config(ckpt: Path) -> TrainConfig:
+    """The TrainConfig saved with a checkpoint, keys renamed since it was written migrated."""
+    try:
+        return config_mod.load_saved(TrainConfig, ckpt / CONFIG_FILE)
+    except config_mod.ConfigError as err:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: {err}") from err
+
+
 def load_inference_model(
     path_or_run: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Any, dict | None]:
+) -> tuple[torch.nn.Module, TrainConfig, dict | None]:
     """(network in eval mode, TrainConfig, manifest or None) from a run folder or a checkpoint folder.
 
     The network is the bare denoiser ``net(x, c_noise, labels)``; wrap it with
     ``edm.Precond(net, cfg.edm.sigma_data)`` to sample. The model is rebuilt from the config stored
     in the checkpoint, so the caller needs no training config of its own.
     """
-    from latent_patch import config as config_mod  # lazy: train imports this module
-    from latent_patch.models import build_model
-    from latent_patch.train import TrainConfig
-
     ckpt = resolve_checkpoint(path_or_run)
     verify(ckpt)
-    try:
-        cfg = config_mod.load(TrainConfig, ckpt / CONFIG_FILE)
-    except config_mod.ConfigError as err:
-        raise CheckpointError(f"{ckpt / CONFIG_FILE}: {err}") from err
+    cfg = load_config(ckpt)
     net = build_model(cfg.model)
     name = EMA_FILE if use_ema else MODEL_FILE
     load_into(net, load_weights(ckpt, name), ckpt / name)
@@ -324,3 +337,145 @@ def describe(ckpt: Path) -> str:
 def dumps_meta(obj: Any) -> str:
     """Compact JSON for safetensors metadata (strings only there)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- the state of a run
+
+@dataclass
+class Progress:
+    """Where a run is: optimizer steps, patches seen (all ranks), full-image equivalents."""
+
+    step: int = 0
+    patches: int = 0
+    full_equiv: float = 0.0
+
+
+class RunState(Protocol):
+    """What a checkpoint saves and restores of a run (``train.Trainer`` is one)."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Any  # state_dict()/load_state_dict() of its position; None for synthetic data
+    schedule_gens: list[torch.Generator]
+    gen: torch.Generator
+    manifest: dict | None
+    progress: Progress
+    rank: int
+    world_size: int
+
+
+def rng_state(run: RunState) -> dict[str, Any]:
+    """This rank's random streams and loader position (everything a resumed step depends on)."""
+    state: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "step_gen": run.gen.get_state(),
+        "python": random.getstate(),
+        "numpy": numpy_state(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if run.loader is not None and hasattr(run.loader, "state_dict"):
+        state["loader"] = run.loader.state_dict()
+    return state
+
+
+def numpy_state() -> dict[str, Any]:
+    """numpy's global RNG state as tensors and ints (weights_only torch.load cannot read ndarrays)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def set_rng_state(run: RunState, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    run.gen.set_state(state["step_gen"])
+    random.setstate(state["python"])
+    s = state["numpy"]
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+    if "loader" in state and run.loader is not None and hasattr(run.loader, "load_state_dict"):
+        run.loader.load_state_dict(state["loader"])
+
+
+def save_run(run: RunState) -> Path:
+    """Write ``step-...`` atomically: rank 0 writes weights/state, every other rank its RNG file.
+
+    Call it on every rank (it has barriers), after checking the weights are finite."""
+    acc, run_dir, step = run.accelerator, Path(run.cfg.run.out_dir), run.progress.step
+    tmp = run_dir / CKPT_DIR / f".tmp-{ckpt_name(step)}"
+    if acc.is_main_process:
+        begin(run_dir, step)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        save_state(tmp / rank_file(run.rank), rng_state(run))
+    acc.wait_for_everyone()
+    final = tmp.with_name(ckpt_name(step))
+    if acc.is_main_process:
+        meta = {"step": str(step), "patches": str(run.progress.patches),
+                "model": dumps_meta(config_mod.to_dict(run.cfg.model))}
+        save_weights(tmp / MODEL_FILE, run.net.state_dict(), meta)
+        save_weights(tmp / EMA_FILE, run.ema.state_dict(), meta)
+        save_state(tmp / STATE_FILE, {
+            "step": step, "patches": run.progress.patches, "full_equiv": run.progress.full_equiv,
+            "world_size": run.world_size, "optimizer": run.optimizer.state_dict(),
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "schedule_gens": [g.get_state() for g in run.schedule_gens],
+            "rank_state": rng_state(run),
+        })
+        write_text(tmp / CONFIG_FILE, yaml.safe_dump(config_mod.to_dict(run.cfg), sort_keys=False))
+        if run.manifest is not None:
+            write_text(tmp / MANIFEST_FILE, json.dumps(run.manifest, indent=1, sort_keys=True))
+        final = finish(tmp, run.cfg.run.keep_last)
+    acc.wait_for_everyone()
+    return final
+
+
+RUNTIME_MODEL_KEYS = ("grad_checkpointing", "dropout")  # may change on resume: the weights still fit
+
+
+def check_same_model(ckpt: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume weights of another architecture, naming the keys that differ."""
+    saved = config_mod.to_dict(load_config(ckpt).model)
+    now = config_mod.to_dict(cfg.model)
+    keys = (set(saved) | set(now)) - set(RUNTIME_MODEL_KEYS)
+    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+    if diff:
+        pretty = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"{ckpt}: saved with another model config ({pretty})")
+
+
+def resume(run: RunState, ckpt: Path) -> None:
+    """Restore weights, EMA, optimizer, scaler, counters and every RNG / loader position from ``ckpt``."""
+    verify(ckpt)
+    check_same_model(ckpt, run.cfg)
+    state = load_state(ckpt / STATE_FILE)
+    load_into(run.net, load_weights(ckpt, MODEL_FILE), ckpt / MODEL_FILE)
+    load_into(run.ema, load_weights(ckpt, EMA_FILE), ckpt / EMA_FILE)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.accelerator.scaler is not None and state.get("scaler"):
+        run.accelerator.scaler.load_state_dict(state["scaler"])
+    patches = state["patches"] if "patches" in state else state["images"]  # "images": before issue 10
+    run.progress = Progress(step=int(state["step"]), patches=int(patches), full_equiv=float(state["full_equiv"]))
+    if int(state["world_size"]) != run.world_size:
+        log.warning("checkpoint was written by %d processes, this run has %d: progress and weights resume, "
+                    "but data order and random streams restart (seeded from the step), so the continuation "
+                    "is not bit-identical", state["world_size"], run.world_size)
+        reseed(run)
+        return
+    for g, s in zip(run.schedule_gens, state["schedule_gens"]):
+        g.set_state(s)
+    own = state["rank_state"] if run.rank == 0 else load_state(ckpt / rank_file(run.rank))
+    set_rng_state(run, own)
+
+
+def reseed(run: RunState) -> None:
+    """Fresh, step-dependent streams for a resume with another process count (exactness impossible)."""
+    s, step = run.cfg.run.seed, run.progress.step
+    for r, g in enumerate(run.schedule_gens):
+        g.manual_seed(derive_seed(s, r, f"schedule@{step}"))
+    run.gen.manual_seed(derive_seed(s, run.rank, f"step@{step}"))
+    torch.manual_seed(derive_seed(s, run.rank, f"torch@{step}"))

@@ -1,25 +1,33 @@
-"""The VAE: load it by hub id, local folder or "demo"; pixels <-> posterior / scaled latents.
+"""The VAE and everything a latent is: load the VAE by hub id, local folder or "demo"; pixels <->
+posterior; scale/shift; per-channel normalisation; one posterior draw; latents -> uint8 images.
 
 Everything stored on disk is UNSCALED (raw VAE units: the posterior mean and std), and the
 scaling/shift factors travel in the manifest, so one set of shards serves any normalisation.
-Training and sampling work with scaled latents ``z = (x - shift) * scale``.
+Training and sampling work with scaled latents ``z = (x - shift) * scale``, optionally
+standardised per channel (:class:`LatentNorm`, ``data.latent_norm=channel``); the model sees that
+and the decoder undoes both (:func:`make_decoder`), so training, previews, training-time FID and
+``sample.py`` all map a latent the same way.
 Weights stay in fp32; reduced precision on the GPU is autocast, so a batch that overflows in
 fp16 can be redone in fp32 instead of writing NaNs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+
+from .dist import DTYPES, autocast
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEMO_VAE_DIR = Path(__file__).resolve().parent / "assets" / "demo_vae"
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -33,9 +41,9 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
         return torch.float16
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, fp16, bf16")
-    return _DTYPES[dtype]
+    return DTYPES[dtype]
 
 
 def resolve_spec(spec: str) -> tuple[str, Path | None]:
@@ -111,12 +119,9 @@ class VAECodec:
                 "shift_factor": self.shift_factor, "latent_channels": self.latent_channels,
                 "downsample": self.downsample}
 
-    def _autocast(self, dtype: torch.dtype):
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
-
     def _run(self, fn, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Run ``fn`` under the compute dtype; redo in fp32 if reduced precision overflowed."""
-        with torch.inference_mode(), self._autocast(self.dtype):
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             out = fn(x)
         outs = out if isinstance(out, tuple) else (out,)
         if self.dtype != torch.float32 and not all(torch.isfinite(o).all() for o in outs):
@@ -154,3 +159,113 @@ class VAECodec:
         with torch.inference_mode():
             x = x.add(1).mul_(127.5).round_().clamp_(0, 255)
         return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+# --------------------------------------------------------------------------- what the model sees
+
+LATENT_NORMS = ("scale", "channel")
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """Per-channel affine map ``(z - mean) * gain`` on top of the VAE's own scaling.
+
+    Why: EDM's preconditioning assumes every channel has std ``sigma_data``. A VAE whose channels
+    differ a lot (the demo VAE: stds 0.38..1.65 after its single scaling factor) then gets too
+    little noise on the wide channels and too much on the narrow ones; EDM2 standardises per
+    channel for the same reason.
+    """
+
+    mean: tuple[float, ...]
+    gain: tuple[float, ...]
+
+    def _view(self, values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
+        return _channel_tensor(values, z.device, z.dtype)
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (NCHW) -> what the model sees."""
+        return (z - self._view(self.mean, z)) * self._view(self.gain, z)
+
+    def undo(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`apply`: model output -> scaled latent for the decoder."""
+        return z / self._view(self.gain, z) + self._view(self.mean, z)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_tensor(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, C, 1, 1) constants, made once per device: no host-to-device copy in every training step."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+
+def latent_norm(mode: str, manifest: dict | None, target_std: float, where: str = "manifest") -> LatentNorm | None:
+    """The normalisation ``data.latent_norm`` names (None for "scale": nothing on top of the VAE's).
+
+    ``where`` names the manifest in errors (a shard folder or a checkpoint).
+    """
+    if mode not in LATENT_NORMS:
+        raise ValueError(f"data.latent_norm={mode!r}: expected one of {', '.join(LATENT_NORMS)}")
+    if mode == "scale":
+        return None
+    stats = (manifest or {}).get("latent_stats") or {}
+    mean, std = stats.get("mean") or [], stats.get("std") or []
+    if not mean or len(mean) != len(std):
+        raise ValueError(f"data.latent_norm=channel needs latent_stats (mean, std per channel) in {where}; "
+                         f"it has {stats!r}: re-encode with a current encode_latents.py")
+    if not all(math.isfinite(m) and math.isfinite(s) and s > 0 for m, s in zip(mean, std)):
+        raise ValueError(f"data.latent_norm=channel: latent_stats in {where} has a non-finite or zero std: {std}")
+    return LatentNorm(tuple(float(m) for m in mean), tuple(float(target_std) / float(s) for s in std))
+
+
+def model_norm(cfg: Any, manifest: dict | None, where: Any = "the run's manifest") -> LatentNorm | None:
+    """The normalisation a model was trained with, from its TrainConfig (``data.latent_norm``) and
+    its shards' manifest; configs older than the option have no ``data`` section: "scale"."""
+    mode = getattr(getattr(cfg, "data", None), "latent_norm", "scale")
+    return latent_norm(mode, manifest, cfg.edm.sigma_data, where=str(where))
+
+
+def draw_latent(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One posterior sample ``(mean + std * eps - shift) * scale`` in float32, on the inputs' device.
+
+    Move the float16 batch to the training device first: drawing ``eps`` there is nearly free,
+    while on the CPU it would be the slowest step of the whole input pipeline.
+    """
+    if mean.shape != std.shape or mean.device != std.device:
+        raise ValueError(f"mean {tuple(mean.shape)} on {mean.device} and std {tuple(std.shape)} on {std.device} differ")
+    m, s = mean.float(), std.float()
+    eps = torch.randn(m.shape, generator=generator, device=m.device, dtype=torch.float32)
+    return (m + s * eps - shift_factor) * scaling_factor
+
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+"""What the model generates (B, C, h, w) on the sampling device -> uint8 images (B, H, W, 3) on the CPU."""
+
+
+def make_decoder(codec: VAECodec, scaling_factor: float | None = None, shift_factor: float | None = None,
+                 batch_size: int | None = None, norm: LatentNorm | None = None) -> Decoder:
+    """Decoder through ``codec``, undoing the normalisation the model was TRAINED with.
+
+    ``norm`` (``data.latent_norm=channel``) is undone first. The manifest's factors (what the
+    loader used) may differ from the VAE config's (e.g. a dataset-specific scale); latents are
+    mapped manifest-scaled -> raw -> codec-scaled, then decoded in chunks of ``batch_size`` (the
+    VAE decoder at 256 px is the memory peak).
+    """
+    s_m = codec.scaling_factor if scaling_factor is None else scaling_factor
+    t_m = codec.shift_factor if shift_factor is None else shift_factor
+    same = math.isclose(s_m, codec.scaling_factor) and math.isclose(t_m, codec.shift_factor)
+
+    @torch.inference_mode()  # the codec works on inference tensors (its in-place clamp needs this mode)
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        z = z if norm is None else norm.undo(z)
+        z = z if same else codec.scale(z / s_m + t_m)
+        step = batch_size or len(z)
+        return torch.cat([codec.decode_uint8(z[i:i + step]) for i in range(0, len(z), step)])
+
+    return decode
+
+
+def manifest_decoder(codec: VAECodec, manifest: dict | None, norm: LatentNorm | None,
+                     batch_size: int | None = None) -> Decoder:
+    """:func:`make_decoder` with the scaling the shards' manifest recorded (the codec's when absent)."""
+    vae = (manifest or {}).get("vae") or {}
+    return make_decoder(codec, vae.get("scaling_factor"), vae.get("shift_factor"), batch_size, norm)

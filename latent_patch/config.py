@@ -1,18 +1,29 @@
-"""Typed configs: dataclasses filled from YAML files and ``key=value`` command-line overrides.
+"""Every typed config of the project (dataclasses), filled from YAML files and ``key=value``
+command-line overrides.
 
 One loader serves every job (training, sampling, the demo), so a typo in a week-long run's
-config fails in the first second with the offending key named, instead of being ignored.
+config fails in the first second with the offending key named, instead of being ignored. Keys
+that were renamed are refused with their new name; configs saved in older checkpoints are
+migrated when read (:func:`load_saved`). The sections of a training config, in data-flow order:
+``data`` (shards and loader), ``model``, ``patch`` (schedule), ``edm`` (loss), ``optim``, ``ema``,
+``run`` (where, how long, precision, logging, checkpoints) and ``eval`` (previews and FID while
+training). Every count of progress is in PATCHES seen (a patch of any side is one sample).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, ClassVar, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
+
+from .codec import DEFAULT_VAE
+from .images import DEFAULT_MAX_PIXELS
 
 T = TypeVar("T")
 
@@ -163,15 +174,68 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, then the YAML file at ``path``, then ``key=value`` overrides, in that order."""
-    data = to_dict(cls()) if path is None else _deep_merge(to_dict(cls()), read_yaml(path))
+    """Defaults of ``cls``, then the YAML file at ``path``, then ``key=value`` overrides, in that order.
+
+    A key that ``cls.RENAMED`` lists is refused with its new name (silently mapping it would
+    hide that an old config's meaning changed; a saved config is migrated by :func:`load_saved`).
+    """
+    renamed = getattr(cls, "RENAMED", {})
     source = str(path) if path is not None else ""
+    data = to_dict(cls())
     if path is not None:
-        from_dict(cls, read_yaml(path), source=source)  # names unknown keys against the file itself
+        file_data = read_yaml(path)
+        refuse_renamed(file_data, renamed, source)
+        from_dict(cls, file_data, source=source)  # names unknown keys against the file itself
+        data = _deep_merge(data, file_data)
     for text in overrides:
         parts, value = parse_override(text)
+        nested: dict = {}
+        merge_override(nested, parts, value)
+        refuse_renamed(nested, renamed, "override")
         merge_override(data, parts, value)
     return from_dict(cls, data, source=source or "overrides")
+
+
+def load_saved(cls: type[T], path: str | Path) -> T:
+    """A config written by an earlier run (a checkpoint's config.yaml), old key names migrated."""
+    data = migrate(read_yaml(path), getattr(cls, "RENAMED", {}))
+    return from_dict(cls, _deep_merge(to_dict(cls()), data), source=str(path))
+
+
+def _dotted(data: Mapping, prefix: str = "") -> list[str]:
+    """Every key of a nested mapping as a dotted path (sections and leaves)."""
+    keys = []
+    for k, v in data.items():
+        keys.append(prefix + str(k))
+        if isinstance(v, Mapping):
+            keys += _dotted(v, prefix + str(k) + ".")
+    return keys
+
+
+def refuse_renamed(data: Mapping, renamed: Mapping[str, str], source: str) -> None:
+    """ConfigError naming the new key when ``data`` uses a renamed one."""
+    for key in _dotted(data):
+        if key in renamed:
+            raise ConfigError(f"{_describe(source, key)} was renamed: use '{renamed[key]}' instead "
+                              "(progress and intervals are counted in patches seen)")
+
+
+def migrate(data: dict, renamed: Mapping[str, str]) -> dict:
+    """``data`` with every renamed key moved to its new place (the value is kept as it was)."""
+    out = copy.deepcopy(data)
+    for old, new in renamed.items():
+        *sec, leaf = old.split(".")
+        node = out
+        for part in sec:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node.pop(leaf)
+            target = out
+            *new_sec, new_leaf = new.split(".")
+            for part in new_sec:
+                target = target.setdefault(part, {})
+            target.setdefault(new_leaf, value)
+    return out
 
 
 def _deep_merge(base: dict, extra: Mapping) -> dict:
@@ -187,3 +251,262 @@ def _deep_merge(base: dict, extra: Mapping) -> dict:
 def save(obj: Any, path: str | Path) -> None:
     """Write a config as YAML (used to store the resolved config beside checkpoints)."""
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+# =========================================================================== the configs
+
+
+@dataclass
+class EncodeConfig:
+    """Everything one encoding run needs; the CLI flags of encode_latents.py map onto it."""
+
+    source: str
+    out: str = "shards"
+    vae: str = DEFAULT_VAE
+    resolution: int = 256
+    flips: str = "none"  # "none" | "both"
+    shard_size: int = 5000  # samples per shard (images per shard halve with flips)
+    num_jobs: int = 1
+    job_index: int = 0
+    batch_size: int = 64  # images per VAE call (original + flipped copies count separately)
+    labels: str | None = None
+    workers: int | None = None  # decoding processes; None = chosen from the cores and device
+    threads: int | None = None  # torch intra-op threads of the main process (CPU encoding)
+    dtype: str | None = None  # fp16 / bf16 / fp32 on the GPU; the CPU always uses fp32
+    device: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+    def inputs_per_shard(self) -> int:
+        k = self.shard_size // (2 if self.flips == "both" else 1)
+        if k < 1:
+            raise ValueError(f"--shard-size {self.shard_size} is too small for --flips both (min 2)")
+        return k
+
+    def validate(self) -> None:
+        if self.flips not in ("none", "both"):
+            raise ValueError(f"--flips {self.flips!r}: choose none or both")
+        if not 0 <= self.job_index < self.num_jobs:
+            raise ValueError(f"--job-index {self.job_index} not in [0, --num-jobs {self.num_jobs})")
+        for name in ("resolution", "shard_size", "batch_size", "num_jobs", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.inputs_per_shard()
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section: which shards, and how the loader reads them.
+
+    ``shards``: a manifest.json or its folder. ``urls`` (optional): the user's own shard URLs
+    (brace patterns and ``pipe:`` allowed) in place of the manifest's files; the manifest still
+    supplies shape, classes and VAE. ``cache`` (in-memory mode only): None keeps the array in RAM
+    (one copy per process); "auto" memory-maps ``<shard folder>/latents-cache.npy`` (one page-cache
+    copy per node); any other string is the cache path. ``batch_size`` is per process;
+    ``num_workers`` must be equal on every rank.
+    """
+
+    shards: str = "shards"
+    batch_size: int = 256
+    in_memory: bool = False
+    cache: str | None = None
+    shuffle_buffer: int = 2000
+    num_workers: int = 2
+    seed: int = 0
+    verify: bool = False
+    urls: list[str] = field(default_factory=list)
+    # "scale": the VAE's factors only (LDM/DiT); "channel": also standardise each channel to std
+    # edm.sigma_data with the manifest's latent_stats (EDM2). Sampling undoes what the run used.
+    latent_norm: str = "scale"
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (``models.build_model``).
+
+    preset: a name in ``models.PRESETS`` ("DiT-XL/2", "DiT-B/2", "DiT-T/2", "adm-imagenet256", ...).
+    arch: None takes it from the preset; when set it must agree with the preset.
+    latent_channels: C of the latent (the net gets C + 2 inputs, the coordinates, and gives C outputs).
+    latent_size: side R of the FULL latent (fixes DiT's position scale and the U-Net's attention levels).
+    dropout: None keeps the preset's value.
+    Overrides (None keeps the preset's value); DiT: hidden, depth, heads, patch, mlp_ratio;
+    U-Net: channels, channel_mult, num_blocks, attn_resolutions, head_channels.
+    """
+
+    preset: str = "DiT-B/2"
+    arch: Literal["dit", "unet"] | None = None
+    latent_channels: int = 4
+    latent_size: int = 32
+    num_classes: int = 1000
+    dropout: float | None = None
+    grad_checkpointing: bool = False
+    hidden: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    patch: int | None = None
+    mlp_ratio: float | None = None
+    channels: int | None = None
+    channel_mult: list[int] | None = None
+    num_blocks: int | None = None
+    attn_resolutions: list[int] | None = None
+    head_channels: int | None = None
+
+
+@dataclass
+class PatchConfig:
+    """The patch-size schedule of a training run (``patches.PatchSchedule``).
+
+    sizes: patch sides. A value in (0, 1] is a fraction of the latent side R (so ``1`` / ``1.0``
+        is always the full latent, never a one-cell patch); a value > 1 is an absolute side in cells.
+    probs: probability of each size (same order as ``sizes``), summing to 1. The default is the
+        authors' latent-space ImageNet-256 schedule: {R/2: 0.5, R: 0.5}.
+    batch_multiplier: ``"auto"`` draws ``R / s`` patches per batch slot at side s (the paper's rule,
+        which needs s to divide R), or an explicit list of integers, one per size.
+    progressive: small patches first. The probability of the LARGEST size ramps linearly from 0 at
+        the start of training to its target at ``progressive_fraction`` of training; the mass it
+        does not take goes to the smaller sizes in proportion to their target probabilities.
+        After that point the schedule is the stationary one.
+    progressive_fraction: fraction of training (0..1] over which the ramp runs.
+    """
+
+    sizes: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    probs: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    batch_multiplier: str | list[int] = "auto"
+    progressive: bool = False
+    progressive_fraction: float = 0.5
+
+
+@dataclass
+class EDMConfig:
+    """EDM training constants: log-normal sigma distribution, data std, label dropout for guidance."""
+
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    label_dropout: float = 0.1
+
+
+@dataclass
+class SamplerConfig:
+    """EDM stochastic sampler (Algorithm 2) and classifier-free guidance settings.
+
+    The defaults are EDM's deterministic 18-step Heun sampler (35 network evaluations) without
+    guidance; ``edm.AUTHORS_IMAGENET256`` holds the settings of the authors' latent run.
+    cfg_interval: optional [sigma_lo, sigma_hi]; guidance applies only where
+    sigma_lo <= sigma <= sigma_hi (Kynkaanniemi et al. 2024) and is plain conditional elsewhere.
+    """
+
+    steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
+    method: Literal["heun", "euler"] = "heun"
+    cfg_scale: float = 1.0
+    cfg_interval: list[float] | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the batch. ``batch_size_global`` counts loader samples per step over all processes
+    (before the patch batch multiplier); accumulation = global / (data.batch_size x processes)."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # (beta1, beta2)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_patches: int = 0  # linear lr warm-up over this many patches seen
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    batch_size_global: int = 256
+
+
+@dataclass
+class EMAConfig:
+    """EDM-style EMA: per step decay 0.5 ** (patches this step / half-life), half-life in patches.
+
+    With ``rampup_ratio`` the half-life is at most ``rampup_ratio x patches seen``, so early
+    weights (random init) are forgotten quickly instead of dominating the average for millions
+    of patches.
+    """
+
+    half_life_patches: float = 500_000.0
+    rampup_ratio: float | None = 0.05
+
+
+@dataclass
+class RunConfig:
+    """Where and how long to run, precision, logging and checkpoints; intervals in patches seen."""
+
+    out_dir: str = "runs/default"
+    total_patches: int = 1_000_000
+    max_train_seconds: float = 0.0  # wall-clock budget of this invocation (0: none); stops with a checkpoint
+    log_every_patches: int = 10_000
+    ckpt_every_patches: int = 500_000
+    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
+    seed: int = 0
+    # YAML reads a bare `no` as false, so `run.mixed_precision=no` arrives as False: accepted as "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | bool = "no"
+    compile: bool = False
+    grad_checkpointing: bool = False  # same as model.grad_checkpointing (either enables it)
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is False:
+            self.mixed_precision = "no"
+        elif self.mixed_precision is True:
+            raise ConfigError("run.mixed_precision must be no, bf16 or fp16, got true")
+
+
+@dataclass
+class EvalConfig:
+    """What the run shows of itself while it trains (``evaluate.py``): preview grids and FID/FD of
+    the EMA weights, both at intervals in patches seen (0 disables)."""
+
+    preview_every_patches: int = 0
+    preview_images: int = 16
+    preview_per_class: int = 4  # images per row; one class per row
+    preview_steps: int = 12  # Heun steps of the preview sampler (quality is secondary)
+    fid_every_patches: int = 0
+    fid_ref: str | None = None  # reference: stats npz, ADM reference npz, image folder or image tars
+    fid_num_samples: int = 2000
+    fid_features: Literal["inception", "demo"] = "inception"
+    fid_steps: int = 18
+    fid_cfg_scale: float = 1.0
+    vae: str | None = None  # VAE that decodes previews and FID samples; None -> the manifest's vae.id
+
+
+@dataclass
+class TrainConfig:
+    """A training run: every section, as ``train_latent.py --config FILE key=value ...`` sees it."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "run.total_images": "run.total_patches",
+        "run.log_every_images": "run.log_every_patches",
+        "run.ckpt_every_images": "run.ckpt_every_patches",
+        "optim.warmup_images": "optim.warmup_patches",
+        "ema.half_life_images": "ema.half_life_patches",
+        "run.preview_every_images": "eval.preview_every_patches",
+        "run.num_preview": "eval.preview_images",
+        "run.preview_per_class": "eval.preview_per_class",
+        "run.preview_steps": "eval.preview_steps",
+        "run.preview_vae": "eval.vae",
+        "run.fid_every_images": "eval.fid_every_patches",
+        "run.fid_ref": "eval.fid_ref",
+        "run.fid_num_samples": "eval.fid_num_samples",
+        "run.fid_features": "eval.fid_features",
+        "run.fid_steps": "eval.fid_steps",
+        "run.fid_cfg_scale": "eval.fid_cfg_scale",
+    }
+    """Old key -> new key. Old keys counted patches under names that said images (issue 10)."""

@@ -49,7 +49,8 @@ def tar_spec(split: str) -> str:
 
 def encode_stage(out: Path, batch_size: int, vae: str = "demo") -> Path:
     """Stage 1: the shipped training images -> 4 x 16 x 16 latent shards (resumes)."""
-    from .encode import EncodeConfig, run_encode
+    from .config import EncodeConfig
+    from .encode import run_encode
 
     shards = out / "shards"
     if (shards / "manifest.json").is_file():
@@ -117,9 +118,7 @@ def retire_changed(out: Path, settings: dict[str, dict]) -> Path | None:
 
 def train_config(out: Path, config: Path, overrides: Sequence[str], minutes: float):
     """The resolved TrainConfig of the demo run (shards and run folder inside ``out``)."""
-    from .train import TrainConfig
-
-    return config_mod.load(TrainConfig, config, [
+    return config_mod.load(config_mod.TrainConfig, config, [
         f"data.shards={out / 'shards'}", f"run.out_dir={out / 'run'}",
         f"run.max_train_seconds={minutes * 60:g}", *overrides])
 
@@ -136,9 +135,9 @@ def train_stage(out: Path, cfg):
         log.info("[3/5] training: %s (already trained)", run_dir)
         return cfg
     log.info("[3/5] training %s for up to %.1f min (or %s patches) -> %s", cfg.model.preset, minutes,
-             f"{cfg.run.total_images:,}", run_dir)
+             f"{cfg.run.total_patches:,}", run_dir)
     progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(run_dir) else None)
-    fsutil.atomic_write_json(done, {"images": progress.images, "full_equiv": progress.full_equiv})
+    fsutil.atomic_write_json(done, {"patches": progress.patches, "full_equiv": progress.full_equiv})
 
 
 def sample_stage(out: Path, num_samples: int, steps: int, cfg_scale: float, ref: Path, vae: str = "demo") -> Path:
@@ -154,18 +153,16 @@ def sample_stage(out: Path, num_samples: int, steps: int, cfg_scale: float, ref:
 
 
 def class_grid(samples: Path, class_names: list[str], per_class: int, path: Path) -> Path:
-    """One row per class (first ``per_class`` samples of it), written as a PNG."""
-    from PIL import Image
+    """One row per class (first ``per_class`` samples of it; white where a class has fewer), as a PNG."""
+    from .images import save_grid
 
     with np.load(samples / "samples.npz", allow_pickle=False) as f:
         images, labels = f["arr_0"], f["labels"]
-    h, w = images.shape[1:3]
-    grid = np.full((len(class_names) * h, per_class * w, 3), 255, np.uint8)
+    cells = np.full((len(class_names), per_class, *images.shape[1:]), 255, np.uint8)
     for c in range(len(class_names)):
-        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
-            grid[c * h:(c + 1) * h, j * w:(j + 1) * w] = images[i]
-    Image.fromarray(grid).save(path)
-    return path
+        picks = np.flatnonzero(labels == c)[:per_class]
+        cells[c, :len(picks)] = images[picks]
+    return save_grid(cells.reshape(-1, *images.shape[1:]), path, per_class)
 
 
 def training_curve(run_dir: Path, path: Path) -> Path | None:
@@ -179,7 +176,7 @@ def training_curve(run_dir: Path, path: Path) -> Path | None:
     if not records:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["images"] for r in records], [r["loss"] for r in records], marker=".")
+    ax.plot([r["patches"] for r in records], [r["loss"] for r in records], marker=".")
     ax.set_xlabel("patches seen")
     ax.set_ylabel("EDM loss")
     ax.set_title("demo training curve")
@@ -207,7 +204,7 @@ def count_weights(run_dir: Path) -> int:
 
 def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Path:
     """Stage 5: metrics.json (FD, class accuracy, timings) plus the grid and curve PNGs."""
-    from .loader import open_manifest
+    from .shards import open_manifest
 
     scored = fsutil.read_json(samples / "metrics.json")
     names = open_manifest(out / "shards")["class_names"]
@@ -218,7 +215,7 @@ def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Pa
         "fd": scored["fd"], "class_accuracy": scored["class_accuracy"], "num_samples": scored["num_samples"],
         "features": scored["features"], "reference": "held-out Fashion-MNIST test images (shipped)",
         "model": describe_model(cfg.model), "model_params": count_weights(out / "run"),
-        "patches_seen": last["images"], "full_image_equivalents": last["full_equiv"],
+        "patches_seen": last["patches"], "full_image_equivalents": last["full_equiv"],
         "final_loss": last["loss"], "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "grid_per_class": str(grid), "training_curve": str(curve) if curve else None,
         "samples_npz": str(samples / "samples.npz"),

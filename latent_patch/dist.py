@@ -1,4 +1,5 @@
-"""Who am I in a multi-process job: rank and world size from torchrun / accelerate / SLURM env.
+"""Processes and devices: rank and world size from torchrun / accelerate env, barriers, the
+default device, and autocast by precision name.
 
 Encoding and sampling split work by (rank, world size) without needing a process group for the
 split itself; a gloo/nccl group is only started when the job must synchronise (barriers).
@@ -6,6 +7,7 @@ split itself; a gloo/nccl group is only started when the job must synchronise (b
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -67,3 +69,16 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", dist_info().local_rank)
     return torch.device("cpu")
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+"""Precision names accepted on command lines and in configs."""
+
+
+def autocast(device: torch.device, dtype: torch.dtype | str | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device`` ("none", None or fp32: a no-op context)."""
+    if dtype in (None, "none", "no"):
+        return contextlib.nullcontext()
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

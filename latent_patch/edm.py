@@ -1,4 +1,6 @@
-"""EDM preconditioning, loss, guidance and samplers (Karras et al. 2022), with Patch Diffusion's coordinates.
+"""EDM preconditioning, loss, guidance and samplers (Karras et al. 2022), with Patch Diffusion's
+coordinates, and sampling by index (the one sampler loop of ``sample.py``, training-time FID and
+previews).
 
 The network never sees raw noisy latents: ``Precond`` scales them by c_in, appends the coordinate
 channels (after scaling, as the authors do, so the coordinates keep their [-1, 1] range at every
@@ -10,52 +12,22 @@ whole latent; only the coordinates differ.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from .config import SamplerConfig
+from .dist import autocast
 from .patches import coord_grid
+from .seeds import derive_seed
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``D(x, sigma (B,), labels (B,)) -> denoised x``: a denoiser with its coordinates bound."""
 
 NoiseSource = torch.Generator | Callable[[torch.Tensor], torch.Tensor] | None
 """A torch.Generator, or ``randn_like(x)`` (e.g. per-sample-index streams, EDM2 style), or None."""
-
-
-@dataclass
-class EDMConfig:
-    """EDM training constants: log-normal sigma distribution, data std, label dropout for guidance."""
-
-    P_mean: float = -1.2
-    P_std: float = 1.2
-    sigma_data: float = 0.5
-    label_dropout: float = 0.1
-
-
-@dataclass
-class SamplerConfig:
-    """EDM stochastic sampler (Algorithm 2) and classifier-free guidance settings.
-
-    The defaults are EDM's deterministic 18-step Heun sampler (35 network evaluations) without
-    guidance. ``AUTHORS_IMAGENET256`` below holds the settings of the authors' latent run.
-    cfg_interval: optional [sigma_lo, sigma_hi]; guidance applies only where
-    sigma_lo <= sigma <= sigma_hi (Kynkaanniemi et al. 2024) and is plain conditional elsewhere.
-    """
-
-    steps: int = 18
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    S_churn: float = 0.0
-    S_min: float = 0.0
-    S_max: float = float("inf")
-    S_noise: float = 1.0
-    method: Literal["heun", "euler"] = "heun"
-    cfg_scale: float = 1.0
-    cfg_interval: list[float] | None = None
 
 
 AUTHORS_IMAGENET256 = SamplerConfig(steps=256, S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003, cfg_scale=1.3)
@@ -247,3 +219,116 @@ def sample(
             x_next = x + (t_next - t_hat) * 0.5 * (d + slope(x_next, t_next))
         x = x_next
     return x.to(torch.float32)
+
+
+# --------------------------------------------------------------------------- sampling by index
+# Sample ``i`` is a pure function of (settings, seed, i): its label is fixed by ``i`` alone and all
+# of its noise (initial and churn) comes from its own generator seeded from (seed, i), as in EDM2.
+# So images do not depend on the number of processes, the batch size or where a killed job resumed.
+
+def index_labels(indices: Sequence[int], num_classes: int, classes: Sequence[int] | None = None) -> torch.Tensor:
+    """Label of sample i: ``classes[i % len(classes)]``, by default ``i % num_classes``.
+
+    Any prefix 0..N-1 is then class-balanced (N // K per class, the remainder on the first
+    classes), and a label never depends on N, so a run can later be extended without changes.
+    An unconditional model (num_classes 0) gets the null class 0 everywhere.
+    """
+    idx = torch.as_tensor(list(indices), dtype=torch.int64)
+    if classes:
+        return torch.as_tensor(list(classes), dtype=torch.int64)[idx % len(classes)]
+    if num_classes <= 0:
+        return torch.zeros_like(idx)
+    return idx % num_classes
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of sample ``index``'s own generator (``seeds.derive_seed``: nearby pairs are unrelated)."""
+    return derive_seed("sample", seed, index)
+
+
+class RowRandn:
+    """Standard-normal draws where row b of every batch comes from sample ``indices[b]``'s own
+    generator: the noise a sample sees is the same whichever batch it lands in.
+
+    Draws are made in float32 on the generators' device and cast, so a float64 sampler state
+    consumes the same stream as a float32 one.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(sample_seed(seed, int(i))) for i in indices]
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(len(indices), *shape): one draw of ``shape`` per row from that row's generator."""
+        rows = [torch.randn(tuple(shape), generator=g, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(dtype)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f"batch of {x.shape[0]} rows but {len(self.generators)} per-sample generators")
+        return self.randn(x.shape[1:]).to(x.device, x.dtype)
+
+
+def plan_batches(todo: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's batches: ``todo`` cut into runs of consecutive indices, each run into blocks of
+    at most ``batch_size``, block k to rank k % world. No index twice, none left out, and every
+    block is contiguous so its part file is named by its range."""
+    blocks: list[list[int]] = []
+    run: list[int] = []
+    for i in sorted(todo):
+        if run and (i != run[-1] + 1 or len(run) == batch_size):
+            blocks.append(run)
+            run = []
+        run.append(i)
+    if run:
+        blocks.append(run)
+    return blocks[rank::world_size]
+
+
+class ImageSampler:
+    """Sample indices -> (uint8 images NHWC, labels): the per-batch work of the sampling job.
+
+    Holds everything that decides the pixels (network, preconditioning, sampler settings, seed,
+    label rule, decoder) and nothing about files, so training-time FID and the benchmark run the
+    very same code path as the 50k job.
+    """
+
+    def __init__(self, net: torch.nn.Module, *, sigma_data: float, latent_channels: int, latent_size: int,
+                 num_classes: int, sampler: SamplerConfig, decode: Callable[[torch.Tensor], torch.Tensor], seed: int = 0,
+                 classes: Sequence[int] | None = None, device: torch.device | str | None = None,
+                 amp: str = "none"):
+        self.device = torch.device(device) if device is not None else next(net.parameters()).device
+        self.precond = Precond(net, sigma_data)
+        self.shape = (latent_channels, latent_size, latent_size)
+        self.num_classes = num_classes
+        self.null_class = num_classes if num_classes > 0 else None
+        self.sampler = sampler
+        self.decode = decode
+        self.seed = seed
+        self.classes = list(classes) if classes else None
+        self.amp = amp
+        if self.classes and num_classes > 0 and not all(0 <= c < num_classes for c in self.classes):
+            raise ValueError(f"--classes {self.classes}: every class must lie in 0..{num_classes - 1}")
+        if sampler.cfg_scale != 1.0 and self.null_class is None:
+            raise ValueError("guidance (cfg_scale != 1) needs a class-conditional model")
+
+    def labels(self, indices: Sequence[int]) -> torch.Tensor:
+        return index_labels(indices, self.num_classes, self.classes)
+
+    @torch.no_grad()
+    def latents(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaled latents float32 on the device, labels) of the given sample indices."""
+        rng = RowRandn(self.seed, indices, self.device)
+        noise = rng.randn(self.shape).to(self.device)
+        labels = self.labels(indices).to(self.device)
+        with autocast(self.device, self.amp):
+            x0 = sample(self.precond, noise, labels, self.sampler, self.null_class, generator=rng.randn_like)
+        return x0, labels
+
+    @torch.no_grad()
+    def images(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 (B, H, W, 3), int64 labels (B,)) on the CPU."""
+        x0, labels = self.latents(indices)
+        imgs = self.decode(x0)
+        imgs = imgs.cpu().numpy() if isinstance(imgs, torch.Tensor) else np.asarray(imgs)
+        return np.ascontiguousarray(imgs, dtype=np.uint8), labels.cpu().numpy()

@@ -21,8 +21,6 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,50 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import dist, fsutil, shards
-from .codec import DEFAULT_VAE, VAECodec
-from .images import DEFAULT_MAX_PIXELS, BadImage, Listing, list_source, load_image, to_model_pixels
+from .codec import VAECodec
+from .config import EncodeConfig
+from .images import BadImage, Listing, list_source, load_image, to_model_pixels
 
 log = logging.getLogger(__name__)
-DEFAULT_SHARD_SIZE = 5000
-
-
-@dataclass
-class EncodeConfig:
-    """Everything one encoding run needs; the CLI flags of encode_latents.py map onto it."""
-
-    source: str
-    out: str = "shards"
-    vae: str = DEFAULT_VAE
-    resolution: int = 256
-    flips: str = "none"  # "none" | "both"
-    shard_size: int = DEFAULT_SHARD_SIZE  # samples per shard (images per shard halve with flips)
-    num_jobs: int = 1
-    job_index: int = 0
-    batch_size: int = 64  # images per VAE call (original + flipped copies count separately)
-    labels: str | None = None
-    workers: int | None = None  # decoding processes; None = chosen from the cores and device
-    threads: int | None = None  # torch intra-op threads of the main process (CPU encoding)
-    dtype: str | None = None  # fp16 / bf16 / fp32 on the GPU; the CPU always uses fp32
-    device: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
-
-    def inputs_per_shard(self) -> int:
-        k = self.shard_size // (2 if self.flips == "both" else 1)
-        if k < 1:
-            raise ValueError(f"--shard-size {self.shard_size} is too small for --flips both "
-                             "(min 2)")
-        return k
-
-    def validate(self) -> None:
-        if self.flips not in ("none", "both"):
-            raise ValueError(f"--flips {self.flips!r}: choose none or both")
-        if not 0 <= self.job_index < self.num_jobs:
-            raise ValueError(f"--job-index {self.job_index} not in [0, --num-jobs {self.num_jobs})")
-        for name in ("resolution", "shard_size", "batch_size", "num_jobs", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.inputs_per_shard()
 
 
 # ----------------------------------------------------------------------------- job identity
@@ -229,7 +188,9 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
                desc=f"encode {len(todo)} shards")
     done = {"images": 0, "samples": 0, "skipped": 0, "shards": 0}
     builder: shards.ShardBuilder | None = None
-    committer = Committer()
+    # commits (sha256 re-read, fsyncs, renames) on a background thread: on a network file system a
+    # 5000-sample shard's commit takes as long as encoding hundreds of images; one thread keeps order
+    committer = fsutil.BackgroundWriter(name="shard-commit")
     try:
         for (j, idx, last), batch in zip(plan, loader):
             if builder is None:
@@ -239,7 +200,8 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
             bar.update(len(idx))
             bar.set_postfix(skipped=done["skipped"], refresh=False)
             if last:
-                committer.submit(builder)
+                builder.close()
+                committer.submit(builder.commit)
                 builder, done["shards"] = None, done["shards"] + 1
         committer.wait()
     except BaseException:
@@ -250,37 +212,6 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
         committer.shutdown()
         bar.close()
     return done
-
-
-class Committer:
-    """Commits finished shards on one background thread (sha256 re-read, fsyncs, renames).
-
-    Committing is I/O that would otherwise stall the VAE: for a 5000-sample shard on a network
-    file system it takes about as long as encoding hundreds of images. One thread keeps the
-    commits in shard order; an error surfaces at the next submit or at :meth:`wait`.
-    """
-
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
-        self.pending: list[Future] = []
-
-    def submit(self, builder: shards.ShardBuilder) -> None:
-        builder.close()
-        self._reap()
-        self.pending.append(self.pool.submit(builder.commit))
-
-    def _reap(self) -> None:
-        for f in [f for f in self.pending if f.done()]:
-            self.pending.remove(f)
-            f.result()  # re-raises a failed commit here, in the encoding thread
-
-    def wait(self) -> None:
-        for f in self.pending:
-            f.result()
-        self.pending.clear()
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=True)
 
 
 def _add_batch(builder: shards.ShardBuilder, listing: Listing, codec: VAECodec, batch: dict,

@@ -15,11 +15,9 @@ never used silently.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import io
-import json
 import re
 import tarfile
 import time
@@ -500,53 +498,3 @@ def write_metrics(out_dir: str | Path, metrics: dict) -> Path:
     path = Path(out_dir) / "metrics.json"
     fsutil.atomic_write_json(path, metrics)
     return path
-
-
-# --------------------------------------------------------------------------- command line
-
-def add_extractor_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", default="inception", choices=["inception", "demo"],
-                   help="feature network: clean-fid Inception (FID) or the demo classifier (FD, offline)")
-    p.add_argument("--inception", default=None,
-                   help=f"Inception TorchScript file or its folder (default {DEFAULT_INCEPTION})")
-    p.add_argument("--ref-from-images", action="store_true",
-                   help="ignore mu/sigma stored in an ADM reference npz (TF-Inception) and featurise its arr_0")
-
-
-def main_ref(argv: Sequence[str] | None = None) -> Path:
-    """``sample.py fid-ref``: reference statistics of real images, as an npz with mu and sigma."""
-    p = argparse.ArgumentParser(prog="sample.py fid-ref", description=main_ref.__doc__)
-    p.add_argument("--source", required=True, help="image folder, folder of image tar shards, or one tar")
-    p.add_argument("--out", required=True, help="output .npz (mu, sigma, provenance)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="ADM-crop every image to this size first (use the generated resolution)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    p.add_argument("--batch-size", type=int, default=100)
-    add_extractor_args(p)
-    args = p.parse_args(argv)
-    extractor = build_extractor(args.features, inception=args.inception)
-    stats = compute_stats(args.source, extractor, args.resolution, args.batch_size, args.limit)
-    stats.save(args.out)
-    print(json.dumps({"out": str(args.out), "num": stats.num, "features": stats.extractor,
-                      "dim": int(stats.mu.shape[0]), "resolution": stats.resolution}), flush=True)
-    return Path(args.out)
-
-
-def main_fid(argv: Sequence[str] | None = None) -> dict:
-    """``sample.py fid``: score an existing sample folder (OUT with samples.npz) or npz file."""
-    p = argparse.ArgumentParser(prog="sample.py fid", description=main_fid.__doc__)
-    p.add_argument("--samples", required=True, help="sampling OUT folder or a samples .npz")
-    p.add_argument("--fid-ref", required=True, help="stats npz, ADM reference npz, image folder or tar shards")
-    p.add_argument("--batch-size", type=int, default=100)
-    add_extractor_args(p)
-    args = p.parse_args(argv)
-    src = Path(args.samples)
-    npz = src / "samples.npz" if src.is_dir() else src
-    with np.load(npz, allow_pickle=False) as f:
-        resolution = int(f["arr_0"].shape[1])
-    extractor = build_extractor(args.features, inception=args.inception)
-    ref = load_reference(args.fid_ref, extractor, resolution, cache_dir=npz.parent, recompute=args.ref_from_images)
-    metrics = score_batches(iter_npz_batches(npz, args.batch_size), extractor, ref, str(args.fid_ref))
-    write_metrics(npz.parent, metrics)
-    print(json.dumps(metrics), flush=True)
-    return metrics

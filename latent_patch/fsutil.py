@@ -6,11 +6,16 @@ readers (resume, manifests) can therefore trust that any file with its final nam
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 
 def tmp_path(path: str | Path) -> Path:
@@ -119,3 +124,54 @@ def _alive(pid: int) -> bool:
         return True
     return True
 
+
+
+@functools.lru_cache(maxsize=16)
+def npy_header(shape: tuple[int, ...], dtype: str = "<f2") -> bytes:
+    """The exact .npy (version 1.0) header ``np.save`` writes for a C-order array of ``shape``.
+
+    Why: shards and ``samples.npz`` are streamed piece by piece, so the header is written on
+    its own; every sample of a shard set shares it, hence the cache.
+    """
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+class BackgroundWriter:
+    """Runs writes (shard commits, sample parts) on one thread so the GPU never waits for fsync.
+
+    Writes run in submission order; at most ``depth`` are pending (None: unbounded), which bounds
+    the memory held by queued data. A failed write raises in the caller's thread at the next
+    :meth:`submit` or at :meth:`wait`.
+    """
+
+    def __init__(self, depth: int | None = None, name: str = "writer") -> None:
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.pending: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        for f in [f for f in self.pending if f.done()]:
+            self.pending.remove(f)
+            f.result()
+        while self.depth is not None and len(self.pending) >= self.depth:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        """Block until every submitted write is done; re-raises the first failure."""
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def shutdown(self) -> None:
+        """Stop the thread after the writes already running (errors are not re-raised here)."""
+        self.pool.shutdown(wait=True)
+
+    def close(self) -> None:
+        """:meth:`wait`, then :meth:`shutdown` (also when a write failed)."""
+        try:
+            self.wait()
+        finally:
+            self.shutdown()

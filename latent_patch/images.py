@@ -1,4 +1,5 @@
-"""Image sources and safe decoding: turn a dataset on disk into ADM-cropped RGB pixels.
+"""Images in and out: image sources and safe decoding (a dataset on disk -> ADM-cropped RGB
+pixels), and PNG grids of generated images (previews, sample grids, the demo's class grid).
 
 A source is listed once, deterministically (sorted, hidden files ignored), into a :class:`Listing`:
 one entry per input with a stable index, a source id, a label and where its bytes live. The index
@@ -22,6 +23,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -32,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .fsutil import atomic_write_bytes
 
 # PIL's own hard limit (it raises DecompressionBombError above this); our default matches it, and
 # a higher --max-pixels still meets PIL's guard (reported as a skip reason all the same).
@@ -468,3 +472,18 @@ def to_model_pixels(batch: torch.Tensor) -> torch.Tensor:
 def safe_stem(source: str) -> str:
     """File stem with every character outside [A-Za-z0-9_-] replaced by '_' (keys hold no dot)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", Path(source).stem)
+
+
+def save_grid(images: np.ndarray, path: str | Path, per_row: int | None = None) -> Path:
+    """uint8 NHWC images -> one PNG, ``per_row`` per row (default: as square as possible), atomically."""
+    n, h, w, c = images.shape
+    cols = per_row or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[k]
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

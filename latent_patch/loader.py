@@ -1,6 +1,6 @@
 """Latent shards back into training batches of (mean, std, label), streamed or held in RAM.
 
-Two ways to read the shards written by ``shards.py`` (format in docs/design.md):
+Two ways to read the shards (``shards/``; format in docs/design.md):
 
 - **Streaming** (:class:`StreamLoader`): tar shards are read member by member in DataLoader
   workers, shuffled by shard order and a sample buffer, split across ranks and workers by
@@ -13,29 +13,18 @@ Two ways to read the shards written by ``shards.py`` (format in docs/design.md):
   ranks of a node); batches are random gathers, in an order that is a pure function of
   ``(seed, epoch)`` so a run resumes at exactly the same batch.
 
-Security: shards are data, not code. Only ``latent.npy`` (float16 header checked, read with
-``np.frombuffer``) and ``cls`` (ASCII digits) are ever read; every other member (``json``,
-``.pyd``, ``.pickle``, ...) is skipped unread, so nothing is ever unpickled. Shard locations come
-from the manifest as plain relative paths; ``pipe:`` and other URLs are accepted only from the
-caller's own ``urls`` argument.
-
-The posterior sample ``mean + std * eps`` is drawn on the training device by
-:func:`draw_latent`, never here: on the CPU ``randn`` would cost more than all the reading.
+Samples are decoded by ``shards.reader`` (nothing is ever unpickled). The posterior sample
+``mean + std * eps`` is drawn on the training device by ``codec.draw_latent``, never here: on
+the CPU ``randn`` would cost more than all the reading.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import io
 import itertools
 import math
 import random
-import re
-import tarfile
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -44,304 +33,19 @@ import torch
 import torch.distributed as tdist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from latent_patch import dist
-from latent_patch.fsutil import atomic_write_json, commit, read_json, sha256_file, tmp_path
+from . import dist
+from .config import DataConfig
+from .fsutil import atomic_write_json, commit, read_json, sha256_file, tmp_path
+from .seeds import derive_seed
+from .shards import (
+    SampleDecoder, ShardError, ShardRef, manifest_file, open_manifest, read_shard, refs_from_manifest, refs_from_urls,
+    verify_shards,
+)
 
-FORMAT = "latent-patch-shards/1"
-LATENT_EXT = "latent.npy"
-LABEL_EXT = "cls"
-_WANTED = (LATENT_EXT, LABEL_EXT)  # every other member is skipped without being read
 _F16 = np.dtype("<f2")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-
-
-class ShardError(ValueError):
-    """A shard or manifest is missing, truncated or inconsistent; the message names the file."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class DataConfig:
-    """The ``data:`` section of a training config.
-
-    ``shards`` is a manifest.json or the folder holding it. ``urls`` (optional) replaces the
-    manifest's shard files with the user's own URLs (brace patterns and ``pipe:`` allowed);
-    the manifest still supplies latent shape, classes and VAE. ``cache``: None keeps the
-    in-memory array in RAM only (one copy per process); "auto" memory-maps
-    ``<shard folder>/latents-cache.npy``; any other string is the cache path. With several
-    ranks per node use a cache: they then share one page-cache copy. ``cache`` is ignored when
-    streaming. ``batch_size`` is per process; ``num_workers`` must be equal on every rank.
-    """
-
-    shards: str = "shards"
-    batch_size: int = 256
-    in_memory: bool = False
-    cache: str | None = None
-    shuffle_buffer: int = 2000
-    num_workers: int = 2
-    seed: int = 0
-    verify: bool = False
-    urls: list[str] = field(default_factory=list)
-    # "scale": the VAE's scaling/shift factors only (LDM/DiT convention); "channel": also standardise
-    # each channel with the manifest's latent_stats to std edm.sigma_data (EDM2 convention). Sampling
-    # reads the mode from the checkpoint's config and undoes it before decoding.
-    latent_norm: str = "scale"
-
-
-# ----------------------------------------------------------------------------------------------
-# Manifest
-
-
-def manifest_file(path_or_dir: str | Path) -> Path:
-    """``manifest.json`` inside a folder, or the given file itself."""
-    p = Path(path_or_dir)
-    return p / "manifest.json" if p.is_dir() else p
-
-
-def open_manifest(path_or_dir: str | Path) -> dict:
-    """Read and check a shard manifest, so a wrong folder fails here and not hours into training."""
-    path = manifest_file(path_or_dir)
-    m = read_json(path)
-    if not isinstance(m, dict):
-        raise ShardError(f"{path}: manifest must be a JSON object")
-    if m.get("format") != FORMAT:
-        raise ShardError(f"{path}: field 'format' is {m.get('format')!r}, expected {FORMAT!r}")
-    for key in ("latent_shape", "shards", "class_names", "vae", "num_samples"):
-        if key not in m:
-            raise ShardError(f"{path}: field '{key}' is missing")
-    shape = m["latent_shape"]
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
-        raise ShardError(f"{path}: field 'latent_shape' must be [C, h, w] positive ints, got {shape!r}")
-    for i, s in enumerate(m["shards"]):
-        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("num_samples"), int)):
-            raise ShardError(f"{path}: shards[{i}] needs 'name' (str) and 'num_samples' (int), got {s!r}")
-    total = sum(s["num_samples"] for s in m["shards"])
-    if total != m["num_samples"]:
-        raise ShardError(f"{path}: shards hold {total} samples but field 'num_samples' says {m['num_samples']}")
-    return m
-
-
-def _plain_relative(name: str) -> bool:
-    """A manifest may only name files under its own folder: no URL, no absolute path, no '..'."""
-    p = Path(name)
-    return bool(name) and not _URL.match(name) and not p.is_absolute() and ".." not in p.parts and "\n" not in name
-
-
-def shard_paths(manifest: dict, root: str | Path) -> list[Path]:
-    """Paths of the manifest's shards under ``root``; a refused or missing one is named in the error."""
-    paths = []
-    for s in manifest["shards"]:
-        name = s["name"]
-        if not _plain_relative(name):
-            raise ShardError(f"manifest shard name {name!r} refused: only plain paths relative to {root} are allowed")
-        p = Path(root) / name
-        if not p.is_file():
-            raise ShardError(f"{p}: shard named in the manifest is missing")
-        paths.append(p)
-    return paths
-
-
-def verify_shards(manifest: dict, root: str | Path) -> None:
-    """Compare every shard's sha256 with the manifest (reads all bytes: opt-in, slow on big sets)."""
-    for s, p in zip(manifest["shards"], shard_paths(manifest, root)):
-        want = s.get("sha256")
-        if not want:
-            raise ShardError(f"{p}: manifest has no 'sha256' for this shard")
-        got = sha256_file(p)
-        if got != want:
-            raise ShardError(f"{p}: sha256 {got} does not match the manifest's {want}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Shard references and sample decoding
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """One shard to read, with its sample count when known.
-
-    ``is_local`` is decided by whoever made the reference, never guessed from a manifest's
-    text: only the user's own URLs may go through webdataset's ``gopen`` (pipe:, http:, ...).
-    """
-
-    url: str
-    num_samples: int | None = None
-    is_local: bool = True
-
-
-def refs_from_manifest(manifest: dict, root: str | Path) -> list[ShardRef]:
-    """Shard references with counts, which the exact split and truncation checks rely on."""
-    paths = shard_paths(manifest, root)
-    return [ShardRef(str(p), s["num_samples"], is_local=True) for p, s in zip(paths, manifest["shards"])]
-
-
-def refs_from_urls(urls: Sequence[str]) -> list[ShardRef]:
-    """The user's own shard URLs (brace-expanded); counts unknown, so ranks split by whole shards."""
-    import braceexpand  # a webdataset dependency
-
-    expanded = [u for pattern in urls for u in braceexpand.braceexpand(pattern)]
-    return [ShardRef(u, None, is_local=not _URL.match(u)) for u in expanded]
-
-
-class SampleDecoder:
-    """Turns a sample's raw member bytes into (latent view, label), checking shape and dtype.
-
-    The .npy header is parsed (safely, no pickle) the first time and then compared byte for
-    byte: every sample of a shard set has the same header, so decoding is one ``frombuffer``.
-    """
-
-    def __init__(self, latent_shape: Sequence[int], num_classes: int | None):
-        self.shape = (2, *latent_shape)
-        self.nbytes = math.prod(self.shape) * _F16.itemsize
-        self.num_classes = num_classes
-        self._header: bytes | None = None
-
-    def decode(self, ref: ShardRef, key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, int]:
-        for ext in _WANTED:
-            if ext not in parts:
-                raise ShardError(f"{ref.url}: sample '{key}' has no '{ext}' member")
-        return self.latent(ref, key, parts[LATENT_EXT]), self.label(ref, key, parts[LABEL_EXT])
-
-    def latent(self, ref: ShardRef, key: str, b: bytes) -> np.ndarray:
-        h = self._header
-        if h is None or not b.startswith(h) or len(b) != len(h) + self.nbytes:
-            h = self._check_header(ref, key, b)
-        return np.frombuffer(b, _F16, offset=len(h)).reshape(self.shape)
-
-    def _check_header(self, ref: ShardRef, key: str, b: bytes) -> bytes:
-        where = f"{ref.url}: sample '{key}' member '{LATENT_EXT}'"
-        f = io.BytesIO(b)
-        try:
-            version = np.lib.format.read_magic(f)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError(f"unsupported .npy version {version}")
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-        except ValueError as err:
-            raise ShardError(f"{where}: not a valid .npy ({err})") from None
-        if dtype != _F16 or fortran or tuple(shape) != self.shape:
-            raise ShardError(
-                f"{where}: has shape {tuple(shape)} dtype {dtype}{' (Fortran order)' if fortran else ''}; "
-                f"manifest latent_shape {list(self.shape[1:])} needs shape {self.shape} dtype float16"
-            )
-        if len(b) - f.tell() != self.nbytes:
-            raise ShardError(f"{where}: holds {len(b) - f.tell()} data bytes, expected {self.nbytes}")
-        self._header = b[: f.tell()]
-        return self._header
-
-    def label(self, ref: ShardRef, key: str, b: bytes) -> int:
-        try:
-            y = int(b.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise ShardError(f"{ref.url}: sample '{key}' member 'cls' is not an integer: {b[:20]!r}") from None
-        if y < 0 or (self.num_classes is not None and y >= self.num_classes):
-            raise ShardError(f"{ref.url}: sample '{key}' class {y} outside [0, {self.num_classes})")
-        return y
-
-
-# ----------------------------------------------------------------------------------------------
-# Tar reading
-
-
-@contextmanager
-def _open_tar(ref: ShardRef) -> Iterator[tarfile.TarFile]:
-    """Local shards open seekable (skipped members cost a seek); user URLs stream via webdataset."""
-    stream = None
-    try:
-        if ref.is_local:
-            tf = tarfile.open(ref.url, "r:")
-        else:
-            from webdataset.gopen import gopen
-
-            stream = gopen(ref.url, "rb")
-            tf = tarfile.open(fileobj=stream, mode="r|*")
-    except FileNotFoundError:
-        raise ShardError(f"{ref.url}: shard not found") from None
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise ShardError(f"{ref.url}: cannot open as tar ({err})") from None
-    try:
-        yield tf
-    finally:
-        tf.close()
-        if stream is not None:
-            stream.close()
-
-
-def _members(ref: ShardRef, tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """Regular members in order; a read error becomes a ShardError naming the shard."""
-    while True:
-        try:
-            info = tf.next()
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise ShardError(f"{ref.url}: cannot read tar ({err}): truncated or corrupt shard") from None
-        if info is None:
-            break
-        tf.members.clear()  # tarfile keeps every header otherwise; shards can hold millions
-        if info.isreg():
-            yield info
-    if ref.is_local:  # a tar cut at a member boundary reads as shorter, not as an error
-        tf.fileobj.seek(tf.offset)
-        if tf.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
-            raise ShardError(f"{ref.url}: no end-of-archive block at byte {tf.offset}: truncated or corrupt shard")
-
-
-def _read_member(ref: ShardRef, tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    try:
-        return tf.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise ShardError(f"{ref.url}: cannot read member '{info.name}' ({err}): truncated or corrupt shard") from None
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """``dir/key.ext.ext`` -> (``dir/key``, ``ext.ext``); keys hold no dot (design.md)."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
-def read_shard(
-    ref: ShardRef, decoder: SampleDecoder, start: int = 0, stop: int | None = None
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Samples ``start <= i < stop`` of one shard, in tar order, as (latent (2,C,h,w) view, label).
-
-    A reader that reaches the end of a shard checks its sample count against the manifest, so a
-    truncated or swapped shard fails loudly; one that stops early leaves that to the reader of
-    the tail (every shard's tail is read once per pass).
-    """
-    expect = ref.num_samples
-    limit = math.inf if stop is None else stop
-    index, key, parts = -1, None, {}
-    with _open_tar(ref) as tf:
-        for info in _members(ref, tf):
-            k, ext = _split_name(info.name)
-            if k != key:
-                if key is not None and start <= index < limit:
-                    yield decoder.decode(ref, key, parts)
-                index, key, parts = index + 1, k, {}
-                if index >= limit and stop != expect:
-                    return  # the rest of this shard belongs to another reader
-            if start <= index < limit and ext in _WANTED:
-                if ext in parts:
-                    raise ShardError(f"{ref.url}: sample '{key}' has member '{ext}' twice")
-                parts[ext] = _read_member(ref, tf, info)
-        if key is not None and start <= index < limit:
-            yield decoder.decode(ref, key, parts)
-    count = index + 1
-    if (expect is not None and count != expect) or (stop is not None and count < stop):
-        want = expect if expect is not None else f"at least {stop}"
-        raise ShardError(f"{ref.url}: holds {count} samples, manifest says {want}: truncated or replaced shard")
-
 
 # ----------------------------------------------------------------------------------------------
 # Deterministic order and split
-
-
-def mix_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from any tuple (Python's hash() changes between processes)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 class Piece(NamedTuple):
@@ -378,7 +82,7 @@ def plan_pieces(counts: Sequence[int | None], order: Sequence[int], n_slots: int
 
 def shard_order(n: int, seed: int, epoch: int, salt: int = 0) -> list[int]:
     order = list(range(n))
-    random.Random(mix_seed("shards", seed, epoch, salt)).shuffle(order)
+    random.Random(derive_seed("shards", seed, epoch, salt)).shuffle(order)
     return order
 
 
@@ -487,7 +191,7 @@ class LatentStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         slot, n_slots = self._slot()
-        rng = random.Random(mix_seed("samples", self.seed, self.start_epoch, self.salt, slot, n_slots))
+        rng = random.Random(derive_seed("samples", self.seed, self.start_epoch, self.salt, slot, n_slots))
         yield from _batches(_shuffled(self.samples(), self.shuffle_buffer, rng), self.shape, self.batch_size)
 
 
@@ -604,7 +308,7 @@ class MemoryLoader:
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices for ``epoch``: a pure function of (seed, epoch, rank, world)."""
         if epoch != self._slice_epoch:
-            g = torch.Generator().manual_seed(mix_seed("memory", self.seed, epoch))
+            g = torch.Generator().manual_seed(derive_seed("memory", self.seed, epoch))
             perm = torch.randperm(len(self.latents), generator=g)
             self._slice, self._slice_epoch = perm[self.rank :: self.world_size].contiguous(), epoch
         return self._slice
@@ -769,7 +473,9 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     info = DatasetInfo.from_manifest(manifest)
     root = mpath.parent
     if cfg.verify:
-        verify_shards(manifest, root)
+        problems = verify_shards(mpath, deep=False, strays=False)
+        if problems:
+            raise ShardError("data.verify: " + "; ".join(problems))
     pin = torch.cuda.is_available()
     if cfg.in_memory:
         if cfg.urls:
@@ -781,70 +487,3 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     refs = refs_from_urls(cfg.urls) if cfg.urls else refs_from_manifest(manifest, root)
     return StreamLoader(info, refs, cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle_buffer,
                         cfg.num_workers, infinite, pin)
-
-
-LATENT_NORMS = ("scale", "channel")
-
-
-@dataclass(frozen=True)
-class LatentNorm:
-    """Per-channel affine map ``(z - mean) * gain`` on top of the VAE's own scaling.
-
-    Why: EDM's preconditioning assumes every channel has std ``sigma_data``. A VAE whose channels
-    differ a lot (the demo VAE: stds 0.38..1.65 after its single scaling factor) then gets too
-    little noise on the wide channels and too much on the narrow ones; EDM2 standardises per
-    channel for the same reason.
-    """
-
-    mean: tuple[float, ...]
-    gain: tuple[float, ...]
-
-    def _view(self, values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
-        return _channel_tensor(values, z.device, z.dtype)
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent (NCHW) -> what the model sees."""
-        return (z - self._view(self.mean, z)) * self._view(self.gain, z)
-
-    def undo(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`apply`: model output -> scaled latent for the decoder."""
-        return z / self._view(self.gain, z) + self._view(self.mean, z)
-
-
-@functools.lru_cache(maxsize=16)
-def _channel_tensor(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(1, C, 1, 1) constants, made once per device: no host-to-device copy in every training step."""
-    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
-
-
-def latent_norm(mode: str, manifest: dict | None, target_std: float, where: str = "manifest") -> LatentNorm | None:
-    """The normalisation ``data.latent_norm`` names (None for "scale": nothing on top of the VAE's).
-
-    ``where`` names the manifest in errors (a shard folder or a checkpoint).
-    """
-    if mode not in LATENT_NORMS:
-        raise ValueError(f"data.latent_norm={mode!r}: expected one of {', '.join(LATENT_NORMS)}")
-    if mode == "scale":
-        return None
-    stats = (manifest or {}).get("latent_stats") or {}
-    mean, std = stats.get("mean") or [], stats.get("std") or []
-    if not mean or len(mean) != len(std):
-        raise ValueError(f"data.latent_norm=channel needs latent_stats (mean, std per channel) in {where}; "
-                         f"it has {stats!r}: re-encode with a current encode_latents.py")
-    if not all(math.isfinite(m) and math.isfinite(s) and s > 0 for m, s in zip(mean, std)):
-        raise ValueError(f"data.latent_norm=channel: latent_stats in {where} has a non-finite or zero std: {std}")
-    return LatentNorm(tuple(float(m) for m in mean), tuple(float(target_std) / float(s) for s in std))
-
-
-def draw_latent(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One posterior sample ``(mean + std * eps - shift) * scale`` in float32, on the inputs' device.
-
-    Move the float16 batch to the training device first: drawing ``eps`` there is nearly free,
-    while on the CPU it would be the slowest step of the whole input pipeline.
-    """
-    if mean.shape != std.shape or mean.device != std.device:
-        raise ValueError(f"mean {tuple(mean.shape)} on {mean.device} and std {tuple(std.shape)} on {std.device} differ")
-    m, s = mean.float(), std.float()
-    eps = torch.randn(m.shape, generator=generator, device=m.device, dtype=torch.float32)
-    return (m + s * eps - shift_factor) * scaling_factor

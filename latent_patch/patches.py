@@ -11,33 +11,10 @@ while seeing more images.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass
-class PatchConfig:
-    """The patch-size schedule of a training run.
-
-    sizes: patch sides. A value in (0, 1] is a fraction of the latent side R (so ``1`` / ``1.0``
-        is always the full latent, never a one-cell patch); a value > 1 is an absolute side in cells.
-    probs: probability of each size (same order as ``sizes``), summing to 1. The default is the
-        authors' latent-space ImageNet-256 schedule: {R/2: 0.5, R: 0.5}.
-    batch_multiplier: ``"auto"`` draws ``R / s`` patches per batch slot at side s (the paper's rule,
-        which needs s to divide R), or an explicit list of integers, one per size.
-    progressive: small patches first. The probability of the LARGEST size ramps linearly from 0 at
-        the start of training to its target at ``progressive_fraction`` of training; the mass it
-        does not take goes to the smaller sizes in proportion to their target probabilities.
-        After that point the schedule is the stationary one.
-    progressive_fraction: fraction of training (0..1] over which the ramp runs.
-    """
-
-    sizes: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    probs: list[float] = field(default_factory=lambda: [0.5, 0.5])
-    batch_multiplier: str | list[int] = "auto"
-    progressive: bool = False
-    progressive_fraction: float = 0.5
+from .config import PatchConfig
 
 
 class PatchSchedule:

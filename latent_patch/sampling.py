@@ -1,9 +1,9 @@
-"""The sampling job: sample indices -> noise -> EDM sampler -> VAE decode -> uint8 images on disk.
+"""The sampling job (``sample.py``): sample indices -> noise -> EDM sampler -> VAE decode -> uint8
+images on disk, resumable, on any number of processes; and the ``fid-ref`` / ``fid`` commands.
 
-Sample ``i`` is a pure function of (settings, seed, i): its label is fixed by ``i`` alone and all
-of its noise (initial and churn) comes from its own torch.Generator seeded from (seed, i), as in
-EDM2. So the images do not depend on the number of processes, the batch size or where a killed
-run resumed, and any subset can be regenerated. Work is split into contiguous index blocks handed
+Sample ``i`` is a pure function of (settings, seed, i) (``edm.ImageSampler``), so the images do
+not depend on the number of processes, the batch size or where a killed run resumed, and any
+subset can be regenerated. Work is split into contiguous index blocks handed
 out round-robin to the ranks; every finished block is written as one small npz under
 ``OUT/parts/`` (atomically), so a re-run skips what exists. After a barrier the parts are
 assembled into ``OUT/samples.npz`` (ADM evaluator layout: ``arr_0`` uint8 N x H x W x 3 in index
@@ -16,175 +16,28 @@ import argparse
 import dataclasses
 import io
 import json
-import math
 import re
 import sys
 import time
 import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import dist, fsutil
-from .edm import AUTHORS_IMAGENET256, Precond, SamplerConfig, sample
-from .loader import LatentNorm, latent_norm
+from . import checkpoint, dist, fid, fsutil
+from .codec import VAECodec, make_decoder, model_norm
+from .config import SamplerConfig
+from .edm import AUTHORS_IMAGENET256, ImageSampler, plan_batches
+from .images import save_grid
 
 FORMAT = "latent-patch-samples/1"
 PART_RE = re.compile(r"^idx-(\d{8,})-(\d{8,})\.npz$")
-Decoder = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
-"""Scaled latents (B, C, h, w) on the sampling device -> uint8 images (B, H, W, 3)."""
-
-
 class SettingsMismatch(RuntimeError):
     """OUT already holds samples made with other settings; mixing them would corrupt the set."""
-
-
-# --------------------------------------------------------------------------- indices, labels, noise
-
-def index_labels(indices: Sequence[int], num_classes: int, classes: Sequence[int] | None = None) -> torch.Tensor:
-    """Label of sample i: ``classes[i % len(classes)]``, by default ``i % num_classes``.
-
-    Any prefix 0..N-1 is then class-balanced (N // K per class, the remainder on the first
-    classes), and a label never depends on N, so a run can later be extended without changes.
-    An unconditional model (num_classes 0) gets the null class 0 everywhere.
-    """
-    idx = torch.as_tensor(list(indices), dtype=torch.int64)
-    if classes:
-        return torch.as_tensor(list(classes), dtype=torch.int64)[idx % len(classes)]
-    if num_classes <= 0:
-        return torch.zeros_like(idx)
-    return idx % num_classes
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """64-bit seed of sample ``index``: SeedSequence mixing, so streams of nearby (seed, i) pairs
-    are unrelated (plain ``seed + i`` would make run seed 1 a shifted copy of run seed 0)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
-
-
-class RowRandn:
-    """Standard-normal draws where row b of every batch comes from sample ``indices[b]``'s own
-    generator: the noise a sample sees is the same whichever batch it lands in.
-
-    Draws are made in float32 on the generators' device and cast, so a float64 sampler state
-    consumes the same stream as a float32 one.
-    """
-
-    def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(sample_seed(seed, int(i))) for i in indices]
-
-    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(len(indices), *shape): one draw of ``shape`` per row from that row's generator."""
-        rows = [torch.randn(tuple(shape), generator=g, device=self.device) for g in self.generators]
-        return torch.stack(rows).to(dtype)
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != len(self.generators):
-            raise ValueError(f"batch of {x.shape[0]} rows but {len(self.generators)} per-sample generators")
-        return self.randn(x.shape[1:]).to(x.device, x.dtype)
-
-
-def plan_batches(todo: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """This rank's batches: ``todo`` cut into runs of consecutive indices, each run into blocks of
-    at most ``batch_size``, block k to rank k % world. No index twice, none left out, and every
-    block is contiguous so its part file is named by its range."""
-    blocks: list[list[int]] = []
-    run: list[int] = []
-    for i in sorted(todo):
-        if run and (i != run[-1] + 1 or len(run) == batch_size):
-            blocks.append(run)
-            run = []
-        run.append(i)
-    if run:
-        blocks.append(run)
-    return blocks[rank::world_size]
-
-
-# --------------------------------------------------------------------------- model + sampler + decoder
-
-class ImageSampler:
-    """Sample indices -> (uint8 images NHWC, labels): the per-batch work of the sampling job.
-
-    Holds everything that decides the pixels (network, preconditioning, sampler settings, seed,
-    label rule, decoder) and nothing about files, so training-time FID and the benchmark run the
-    very same code path as the 50k job.
-    """
-
-    def __init__(self, net: torch.nn.Module, *, sigma_data: float, latent_channels: int, latent_size: int,
-                 num_classes: int, sampler: SamplerConfig, decode: Decoder, seed: int = 0,
-                 classes: Sequence[int] | None = None, device: torch.device | str | None = None,
-                 amp: str = "none"):
-        self.device = torch.device(device) if device is not None else next(net.parameters()).device
-        self.precond = Precond(net, sigma_data)
-        self.shape = (latent_channels, latent_size, latent_size)
-        self.num_classes = num_classes
-        self.null_class = num_classes if num_classes > 0 else None
-        self.sampler = sampler
-        self.decode = decode
-        self.seed = seed
-        self.classes = list(classes) if classes else None
-        self.amp = amp
-        if self.classes and num_classes > 0 and not all(0 <= c < num_classes for c in self.classes):
-            raise ValueError(f"--classes {self.classes}: every class must lie in 0..{num_classes - 1}")
-        if sampler.cfg_scale != 1.0 and self.null_class is None:
-            raise ValueError("guidance (cfg_scale != 1) needs a class-conditional model")
-
-    def labels(self, indices: Sequence[int]) -> torch.Tensor:
-        return index_labels(indices, self.num_classes, self.classes)
-
-    def _autocast(self):
-        if self.amp == "none":
-            return nullcontext()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    @torch.no_grad()
-    def latents(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scaled latents float32 on the device, labels) of the given sample indices."""
-        rng = RowRandn(self.seed, indices, self.device)
-        noise = rng.randn(self.shape).to(self.device)
-        labels = self.labels(indices).to(self.device)
-        with self._autocast():
-            x0 = sample(self.precond, noise, labels, self.sampler, self.null_class, generator=rng.randn_like)
-        return x0, labels
-
-    @torch.no_grad()
-    def images(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 (B, H, W, 3), int64 labels (B,)) on the CPU."""
-        x0, labels = self.latents(indices)
-        imgs = self.decode(x0)
-        imgs = imgs.cpu().numpy() if isinstance(imgs, torch.Tensor) else np.asarray(imgs)
-        return np.ascontiguousarray(imgs, dtype=np.uint8), labels.cpu().numpy()
-
-
-def make_decoder(codec: Any, scaling_factor: float | None = None, shift_factor: float | None = None,
-                 batch_size: int | None = None, norm: LatentNorm | None = None) -> Decoder:
-    """Decoder through a ``codec.VAECodec``, undoing the normalisation the model was TRAINED with.
-
-    ``norm`` (``data.latent_norm=channel``) is undone first. The manifest's factors (what the
-    loader used) may differ from the VAE config's (e.g. a dataset-specific scale); latents are
-    mapped manifest-scaled -> raw -> codec-scaled, then decoded in chunks of ``batch_size`` (the
-    VAE decoder at 256 px is the memory peak).
-    """
-    s_m = codec.scaling_factor if scaling_factor is None else scaling_factor
-    t_m = codec.shift_factor if shift_factor is None else shift_factor
-    same = math.isclose(s_m, codec.scaling_factor) and math.isclose(t_m, codec.shift_factor)
-
-    @torch.inference_mode()  # the codec works on inference tensors (its in-place clamp needs this mode)
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        z = z if norm is None else norm.undo(z)
-        z = z if same else codec.scale(z / s_m + t_m)
-        step = batch_size or len(z)
-        return torch.cat([codec.decode_uint8(z[i:i + step]) for i in range(0, len(z), step)])
-
-    return decode
 
 
 # --------------------------------------------------------------------------- the output folder
@@ -265,13 +118,6 @@ def iter_samples(out_dir: str | Path, num_samples: int) -> Iterator[tuple[np.nda
         yield read_segment(path, lo, hi)
 
 
-def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                               "fortran_order": False, "shape": shape})
-    return buf.getvalue()
-
-
 def write_npz(out_dir: str | Path, num_samples: int) -> Path:
     """``samples.npz`` streamed part by part (50k x 256 px is 9.8 GB: never all in memory).
 
@@ -286,13 +132,13 @@ def write_npz(out_dir: str | Path, num_samples: int) -> Path:
             header_written = False
             for imgs, labs in iter_samples(out_dir, num_samples):
                 if not header_written:
-                    f.write(_npy_header((num_samples, *imgs.shape[1:]), np.uint8))
+                    f.write(fsutil.npy_header((num_samples, *imgs.shape[1:]), "|u1"))
                     header_written = True
                 f.write(np.ascontiguousarray(imgs, np.uint8).tobytes())
                 labels.append(labs)
         with zf.open("labels.npy", "w") as f:
             lab = np.concatenate(labels).astype(np.int64)
-            f.write(_npy_header(lab.shape, lab.dtype) + lab.tobytes())
+            f.write(fsutil.npy_header(lab.shape, lab.dtype.str) + lab.tobytes())
     fsutil.commit(tmp, out)
     return out
 
@@ -327,21 +173,8 @@ def prune_pngs(out_dir: str | Path, num_samples: int) -> None:
 
 def write_grid(out_dir: str | Path, num_samples: int, count: int = 64) -> Path:
     """``grid.png``: the first ``count`` samples, row-major, for a quick look."""
-    imgs: list[np.ndarray] = []
-    for block, _ in iter_samples(out_dir, min(count, num_samples)):
-        imgs.extend(block)
-    cols = math.ceil(math.sqrt(len(imgs)))
-    rows = math.ceil(len(imgs) / cols)
-    h, w, c = imgs[0].shape
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for k, img in enumerate(imgs):
-        r, q = divmod(k, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    path = Path(out_dir) / "grid.png"
-    fsutil.atomic_write_bytes(path, buf.getvalue())
-    return path
+    imgs = np.concatenate([block for block, _ in iter_samples(out_dir, min(count, num_samples))])
+    return save_grid(imgs, Path(out_dir) / "grid.png")
 
 
 def check_settings(out_dir: str | Path, identity: dict) -> None:
@@ -361,26 +194,6 @@ def check_settings(out_dir: str | Path, identity: dict) -> None:
 
 # --------------------------------------------------------------------------- the job
 
-class _Writer:
-    """Writes parts on a background thread so the device never waits for npz + fsync; at most
-    ``depth`` blocks are queued (bounded memory), and a write error surfaces on the next call."""
-
-    def __init__(self, out_dir: Path, depth: int = 2):
-        self.out_dir, self.depth = out_dir, depth
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: list[Future] = []
-
-    def submit(self, indices: Sequence[int], images: np.ndarray, labels: np.ndarray) -> None:
-        while len(self.pending) >= self.depth:
-            self.pending.pop(0).result()
-        self.pending.append(self.pool.submit(write_part, self.out_dir, list(indices), images, labels))
-
-    def close(self) -> None:
-        for f in self.pending:
-            f.result()
-        self.pool.shutdown()
-
-
 def generate(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch_size: int,
              progress: bool = True) -> int:
     """Generate this rank's missing samples into ``OUT/parts``; returns how many it made."""
@@ -391,11 +204,11 @@ def generate(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, unit="img", disable=not (progress and info.is_main), dynamic_ncols=True,
                desc=f"sampling (rank 0 of {info.world_size}, {len(todo)} to do)")
-    writer = _Writer(Path(out_dir))
+    writer = fsutil.BackgroundWriter(depth=2, name="sample-parts")  # the device never waits for npz + fsync
     try:
         for block in batches:
             images, labels = sampler.images(block)
-            writer.submit(block, images, labels)
+            writer.submit(write_part, out_dir, list(block), images, labels)
             bar.update(len(block))
     finally:
         writer.close()
@@ -450,100 +263,7 @@ def run_job(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch_
     return out
 
 
-# --------------------------------------------------------------------------- training-time FID
-
-@torch.no_grad()
-def evaluate_model(model: torch.nn.Module, cfg: Any, num_samples: int, ref: Any, *,
-                   features: Any = "inception", codec: Any = None, manifest: dict | None = None,
-                   sampler: SamplerConfig | None = None, seed: int = 0, batch_size: int = 64,
-                   inception: str | None = None, distributed: bool = False, progress: bool = False) -> dict:
-    """FID/FD of ``num_samples`` fresh samples of an in-memory model (e.g. the EMA during training).
-
-    ``cfg`` is the run's TrainConfig (model shape, sigma_data, shards); ``ref`` a stats npz / image
-    folder / ``fid.Stats``; ``features`` "inception", "demo" or a ``fid.FeatureExtractor``. Pass
-    ``codec`` (and reuse ``ref`` as a loaded Stats) to avoid reloading them at every evaluation.
-    With ``distributed=True`` call it on EVERY rank: ranks split the indices and gather the
-    features, and each returns the same metrics; otherwise call it on one process only.
-    Images are never written; the sampled indices and noise are those of ``sample.py``.
-    """
-    from . import fid
-
-    device = next(model.parameters()).device
-    extractor = features if isinstance(features, fid.FeatureExtractor) else fid.build_extractor(
-        features, device, inception)
-    manifest = manifest if manifest is not None else _manifest_of(cfg)
-    if codec is None:
-        from .codec import VAECodec
-        codec = VAECodec.load(_vae_spec(manifest, None), device)
-    vae = (manifest or {}).get("vae", {})
-    decode = make_decoder(codec, vae.get("scaling_factor"), vae.get("shift_factor"), norm=model_norm(cfg, manifest))
-    was_training = model.training
-    model.eval()
-    try:
-        img_sampler = ImageSampler(model, sigma_data=cfg.edm.sigma_data, latent_channels=cfg.model.latent_channels,
-                                   latent_size=cfg.model.latent_size, num_classes=cfg.model.num_classes,
-                                   sampler=sampler or SamplerConfig(), decode=decode, seed=seed, device=device)
-        info = dist.dist_info() if distributed else dist.DistInfo(0, 1, 0)
-        collector = fid.FeatureCollector(extractor)
-        t0 = time.perf_counter()
-        resolution = None
-        for block in tqdm(plan_batches(range(num_samples), batch_size, info.rank, info.world_size),
-                          desc="eval samples", unit="batch", disable=not progress):
-            images, labels = img_sampler.images(block)
-            resolution = images.shape[1]
-            collector.add(images, labels)
-        if distributed and info.world_size > 1:
-            collector = _gather_collector(collector, extractor, device)
-        stats_ref = fid.load_reference(ref, extractor, resolution=resolution)
-        metrics = fid.score(collector, stats_ref, str(ref) if not isinstance(ref, fid.Stats) else ref.source)
-        metrics["seconds"] = round(time.perf_counter() - t0, 3)
-        return metrics
-    finally:
-        model.train(was_training)
-
-
-def _gather_collector(collector: Any, extractor: Any, device: torch.device) -> Any:
-    """All ranks' features (+ predictions, labels) into one collector on every rank (no pickle:
-    padded float64 tensors through all_gather)."""
-    import torch.distributed as tdist
-
-    from . import fid
-
-    feats = collector.features()
-    extra = (np.stack([np.concatenate(collector.preds), np.concatenate(collector.labels)], 1)
-             if collector.preds else np.zeros((len(feats), 0)))
-    rows = torch.from_numpy(np.concatenate([feats, extra], 1)).to(device, torch.float64)
-    n = torch.tensor([rows.shape[0]], device=device)
-    counts = [torch.zeros_like(n) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(counts, n)
-    width, most = rows.shape[1], int(max(c.item() for c in counts))
-    padded = torch.zeros(most, width, dtype=torch.float64, device=device)
-    padded[:rows.shape[0]] = rows
-    parts = [torch.zeros_like(padded) for _ in counts]
-    tdist.all_gather(parts, padded)
-    allrows = torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)]).cpu().numpy()
-    out = fid.FeatureCollector(extractor)
-    d = feats.shape[1]
-    out.feats = [allrows[:, :d]]
-    if extra.shape[1]:
-        out.preds, out.labels = [allrows[:, d].astype(np.int64)], [allrows[:, d + 1].astype(np.int64)]
-    return out
-
-
-def _manifest_of(cfg: Any) -> dict | None:
-    shards = getattr(getattr(cfg, "data", None), "shards", None)
-    if not shards:
-        return None
-    p = Path(shards)
-    p = p if p.suffix == ".json" else p / "manifest.json"
-    return fsutil.read_json(p) if p.is_file() else None
-
-
-def model_norm(cfg: Any, manifest: dict | None, where: Any = "the run's manifest") -> LatentNorm | None:
-    """The per-channel latent normalisation the model was trained with (see ``loader.latent_norm``)."""
-    data = getattr(cfg, "data", None)
-    return latent_norm(getattr(data, "latent_norm", "scale"), manifest, cfg.edm.sigma_data, where=str(where))
-
+# --------------------------------------------------------------------------- command line
 
 def _vae_spec(manifest: dict | None, override: str | None) -> str:
     if override:
@@ -553,8 +273,6 @@ def _vae_spec(manifest: dict | None, override: str | None) -> str:
         raise ValueError("the checkpoint carries no shards manifest naming its VAE: pass --vae SPEC")
     return vae_id
 
-
-# --------------------------------------------------------------------------- command line
 
 def weights_fingerprint(path: Path) -> str:
     """sha256 of the weights file: what makes two runs 'the same model' for resume checks."""
@@ -625,9 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from . import checkpoint
-    from .codec import VAECodec
-
     args = build_parser().parse_args(argv)
     save = [s for s in args.save.split(",") if s]
     if set(save) - {"npz", "png"}:
@@ -655,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "vae": {"id": codec.name, "scaling_factor": scale, "shift_factor": shift,
                 "decode_dtype": str(codec.dtype).replace("torch.", "")},
         "device_type": device.type,  # CPU and CUDA generators draw different streams
+        "noise_seeds": "derive_seed/1",  # how sample i's generator is seeded (edm.sample_seed)
     }
     record = {"checkpoint": str(ckpt.resolve()), "argv": list(sys.argv)}
     out = run_job(sampler, args.out, args.num_samples, args.batch_size, identity, record, save, args.grid,
@@ -676,13 +392,59 @@ def check_vae_fits(codec: Any, latent_channels: int) -> None:
 def score_out(out_dir: str | Path, num_samples: int, ref: str, features: str, inception: str | None,
               device: torch.device | None = None, ref_from_images: bool = False) -> dict:
     """Score the assembled samples of OUT against ``ref``; writes and returns metrics.json."""
-    from . import fid
-
     extractor = fid.build_extractor(features, device, inception)
     first, _ = next(iter_samples(out_dir, min(1, num_samples)))
     stats = fid.load_reference(ref, extractor, resolution=int(first.shape[1]), cache_dir=out_dir,
                                recompute=ref_from_images)
     metrics = fid.score_batches(iter_samples(out_dir, num_samples), extractor, stats, str(ref))
     fid.write_metrics(out_dir, metrics)
+    print(json.dumps(metrics), flush=True)
+    return metrics
+
+
+def add_extractor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", default="inception", choices=["inception", "demo"],
+                   help="feature network: clean-fid Inception (FID) or the demo classifier (FD, offline)")
+    p.add_argument("--inception", default=None,
+                   help=f"Inception TorchScript file or its folder (default {fid.DEFAULT_INCEPTION})")
+    p.add_argument("--ref-from-images", action="store_true",
+                   help="ignore mu/sigma stored in an ADM reference npz (TF-Inception) and featurise its arr_0")
+
+
+def main_ref(argv: Sequence[str] | None = None) -> Path:
+    """``sample.py fid-ref``: reference statistics of real images, as an npz with mu and sigma."""
+    p = argparse.ArgumentParser(prog="sample.py fid-ref", description=main_ref.__doc__)
+    p.add_argument("--source", required=True, help="image folder, folder of image tar shards, or one tar")
+    p.add_argument("--out", required=True, help="output .npz (mu, sigma, provenance)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="ADM-crop every image to this size first (use the generated resolution)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--batch-size", type=int, default=100)
+    add_extractor_args(p)
+    args = p.parse_args(argv)
+    extractor = fid.build_extractor(args.features, inception=args.inception)
+    stats = fid.compute_stats(args.source, extractor, args.resolution, args.batch_size, args.limit)
+    stats.save(args.out)
+    print(json.dumps({"out": str(args.out), "num": stats.num, "features": stats.extractor,
+                      "dim": int(stats.mu.shape[0]), "resolution": stats.resolution}), flush=True)
+    return Path(args.out)
+
+
+def main_fid(argv: Sequence[str] | None = None) -> dict:
+    """``sample.py fid``: score an existing sample folder (OUT with samples.npz) or npz file."""
+    p = argparse.ArgumentParser(prog="sample.py fid", description=main_fid.__doc__)
+    p.add_argument("--samples", required=True, help="sampling OUT folder or a samples .npz")
+    p.add_argument("--fid-ref", required=True, help="stats npz, ADM reference npz, image folder or tar shards")
+    p.add_argument("--batch-size", type=int, default=100)
+    add_extractor_args(p)
+    args = p.parse_args(argv)
+    src = Path(args.samples)
+    npz = src / "samples.npz" if src.is_dir() else src
+    with np.load(npz, allow_pickle=False) as f:
+        resolution = int(f["arr_0"].shape[1])
+    extractor = fid.build_extractor(args.features, inception=args.inception)
+    ref = fid.load_reference(args.fid_ref, extractor, resolution, cache_dir=npz.parent, recompute=args.ref_from_images)
+    metrics = fid.score_batches(fid.iter_npz_batches(npz, args.batch_size), extractor, ref, str(args.fid_ref))
+    fid.write_metrics(npz.parent, metrics)
     print(json.dumps(metrics), flush=True)
     return metrics

@@ -2,7 +2,7 @@
 ones are skipped and listed, damaged shards / checkpoints / configs are refused naming the
 culprit before any work is lost, and planted pickle payloads are refused, never executed.
 
-One test per kind, judged by latent_patch/faults.py: the very verdicts benchmarks/bench_faults.py
+One test per kind, judged by faults/: the very verdicts benchmarks/bench_faults.py
 counts. Tests marked ``STAGE BUG`` document a bug found in a stage and reported to the lead; they
 are strict xfails, so once the stage is fixed they fail as XPASS and the marker must go.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from latent_patch import faults as F
+import faults as F
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import yaml
 
 from latent_patch import config
 
@@ -112,7 +114,7 @@ def test_train_config_yaml_files_load():
     from pathlib import Path
 
     pytest.importorskip("latent_patch.loader")
-    from latent_patch.train import TrainConfig
+    from latent_patch.config import TrainConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
     names = ["imagenet256_adm_unet.yaml", "imagenet256_dit_b2.yaml", "imagenet256_dit_xl2.yaml",
@@ -124,9 +126,52 @@ def test_train_config_yaml_files_load():
 
 def test_train_config_bad_override_is_named():
     pytest.importorskip("latent_patch.loader")
-    from latent_patch.train import TrainConfig
+    from latent_patch.config import TrainConfig
 
     with pytest.raises(config.ConfigError, match=r"optim\.lrr"):
         config.load(TrainConfig, None, ["optim.lrr=1"])
     with pytest.raises(config.ConfigError, match=r"run\.mixed_precision"):
         config.load(TrainConfig, None, ["run.mixed_precision=fp8"])
+
+
+# --------------------------------------------------------------------------- renamed keys (issue 10)
+
+def _old_style(data: dict) -> dict:
+    """A TrainConfig dict written with the pre-rename keys (what older checkpoints hold)."""
+    from latent_patch.config import TrainConfig
+
+    old = {sec: dict(v) for sec, v in data.items()}
+    for before, after in TrainConfig.RENAMED.items():
+        (sec_a, key_a), (sec_b, key_b) = before.split("."), after.split(".")
+        old.setdefault(sec_a, {})[key_a] = old[sec_b].pop(key_b)
+    old.pop("eval")
+    return old
+
+
+@pytest.mark.parametrize("old, new", [("run.total_images", "run.total_patches"),
+                                      ("ema.half_life_images", "ema.half_life_patches"),
+                                      ("optim.warmup_images", "optim.warmup_patches"),
+                                      ("run.fid_every_images", "eval.fid_every_patches"),
+                                      ("run.preview_vae", "eval.vae")])
+def test_renamed_key_refused_naming_the_new_one(tmp_path, old, new):
+    from latent_patch.config import TrainConfig
+
+    with pytest.raises(config.ConfigError, match=rf"'{re.escape(old)}' was renamed: use '{re.escape(new)}'"):
+        config.load(TrainConfig, None, [f"{old}=5"])
+    sec, key = old.split(".")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({sec: {key: 5}}))
+    with pytest.raises(config.ConfigError, match=rf"old\.yaml: '{re.escape(old)}' was renamed: use '{re.escape(new)}'"):
+        config.load(TrainConfig, tmp_path / "old.yaml")
+
+
+def test_saved_config_with_old_keys_is_migrated(tmp_path):
+    from latent_patch.config import TrainConfig
+
+    cfg = config.load(TrainConfig, None, ["run.total_patches=1234", "ema.half_life_patches=77", "optim.warmup_patches=9",
+                                          "eval.fid_every_patches=55", "eval.fid_ref=ref.npz", "eval.vae=some/vae"])
+    old = _old_style(config.to_dict(cfg))
+    assert old["run"]["total_images"] == 1234 and "eval" not in old  # the fixture really is old-style
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(config.ConfigError, match="was renamed"):  # not as a user's config ...
+        config.load(TrainConfig, tmp_path / "config.yaml")
+    assert config.load_saved(TrainConfig, tmp_path / "config.yaml") == cfg  # ... but as a saved one

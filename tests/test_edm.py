@@ -7,11 +7,10 @@ import torch
 import torch.nn as nn
 
 from latent_patch import config
+from latent_patch.config import EDMConfig, SamplerConfig
 from latent_patch.edm import (
     AUTHORS_IMAGENET256,
-    EDMConfig,
     Precond,
-    SamplerConfig,
     edm_loss,
     edm_scalings,
     guided_denoiser,

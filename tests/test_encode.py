@@ -22,7 +22,8 @@ from PIL import Image
 from latent_patch import codec as codec_mod
 from latent_patch import shards
 from latent_patch.codec import VAECodec
-from latent_patch.encode import EncodeConfig, run_encode
+from latent_patch.config import EncodeConfig
+from latent_patch.encode import run_encode
 from latent_patch.images import list_source, load_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 and compare with an uninterrupted run; plus proof that the harness's checks can fail.
 
 The fast subset of benchmarks/bench_faults.py (which does >= 10 kills per stage): one kill chain
-per stage on tiny inputs, through latent_patch/faults.py. The ``*_checks_have_teeth`` tests damage
+per stage on tiny inputs, through faults/. The ``*_checks_have_teeth`` tests damage
 finished outputs on purpose and assert the very checks used after every kill report the damage,
 so a passing kill test cannot come from a check that never looks.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latent_patch import faults as F
+import faults as F
 
 CLASSES, PER_CLASS, SHARD_SIZE, TOTAL, CKPT_EVERY, SAMPLES = 3, 20, 6, 1600, 300, 24
 

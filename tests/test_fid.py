@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from latent_patch import fid
+from latent_patch import fid, sampling
 
 
 def pixel_features(name: str = "toy") -> fid.CallableFeatures:
@@ -137,7 +137,7 @@ def test_tar_shards_and_fid_ref_command(tmp_path, monkeypatch, capsys):
     assert np.array_equal(items[3][0], expect)
     ext = pixel_features()
     monkeypatch.setattr(fid, "build_extractor", lambda *a, **k: ext)
-    fid.main_ref(["--source", str(tmp_path / "shards"), "--out", str(tmp_path / "ref.npz"), "--resolution", "64",
+    sampling.main_ref(["--source", str(tmp_path / "shards"), "--out", str(tmp_path / "ref.npz"), "--resolution", "64",
                   "--features", "demo"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["num"] == 10 and line["dim"] == 8
@@ -167,7 +167,7 @@ def test_samples_npz_scoring_writes_metrics(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "samples.npz", arr_0=imgs, labels=np.arange(16) % 4)
     write_pngs(tmp_path / "real", random_images(16, size=16, seed=4))
     monkeypatch.setattr(fid, "build_extractor", lambda *a, **k: pixel_features())
-    m = fid.main_fid(["--samples", str(tmp_path / "samples.npz"), "--fid-ref", str(tmp_path / "real"),
+    m = sampling.main_fid(["--samples", str(tmp_path / "samples.npz"), "--fid-ref", str(tmp_path / "real"),
                       "--features", "demo"])
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["fd"] == pytest.approx(m["fd"]) and saved["num_samples"] == 16 and saved["ref_num"] == 16

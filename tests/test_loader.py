@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import pickle
 import tarfile
 from pathlib import Path
@@ -21,17 +22,10 @@ import torch
 import webdataset as wds
 
 from latent_patch.fsutil import sha256_file
-from latent_patch.loader import (
-    DataConfig,
-    ShardError,
-    build_loader,
-    draw_latent,
-    latent_norm,
-    open_manifest,
-    plan_pieces,
-    shard_paths,
-    verify_shards,
-)
+from latent_patch.codec import draw_latent, latent_norm
+from latent_patch.config import DataConfig
+from latent_patch.loader import build_loader, plan_pieces
+from latent_patch.shards import ShardError, open_manifest, shard_paths, verify_shards
 
 SHAPE = (4, 4, 4)
 CLASSES = 3
@@ -325,10 +319,15 @@ def test_manifest_checks_and_verify(tmp_path):
     path = write_shards(tmp_path, counts=(2, 3))
     m = open_manifest(tmp_path)
     assert open_manifest(path) == m
-    verify_shards(m, tmp_path)
-    m["shards"][1]["sha256"] = "0" * 64
-    with pytest.raises(ShardError, match="shard-000001.tar.*sha256"):
-        verify_shards(m, tmp_path)
+    assert verify_shards(tmp_path) == []
+    good = path.read_text()
+    bad = json.loads(good)
+    bad["shards"][1]["sha256"] = "0" * 64
+    path.write_text(json.dumps(bad))
+    assert any(re.search("shard-000001.tar.*sha256", p) for p in verify_shards(tmp_path))
+    with pytest.raises(ShardError, match="shard-000001.tar.*sha256"):  # data.verify=true refuses the set
+        build_loader(DataConfig(shards=str(tmp_path), batch_size=1, num_workers=0, verify=True))
+    path.write_text(good)
     bad = json.loads(path.read_text())
     bad["num_samples"] = 99
     path.write_text(json.dumps(bad))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from latent_patch import config
-from latent_patch.patches import PatchConfig, PatchSchedule, coord_grid, crop, random_crops, random_offsets
+from latent_patch.config import PatchConfig
+from latent_patch.patches import PatchSchedule, coord_grid, crop, random_crops, random_offsets
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")

@@ -24,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from latent_patch import sampling  # noqa: E402
-from latent_patch.edm import Precond, SamplerConfig, sample  # noqa: E402
+from latent_patch import codec, edm, evaluate, sampling  # noqa: E402
+from latent_patch.config import SamplerConfig  # noqa: E402
+from latent_patch.edm import Precond, sample  # noqa: E402
 
 C, R, K = 4, 8, 10  # latent channels, latent side, classes
 SAMPLER = SamplerConfig(steps=4, S_churn=10.0, cfg_scale=1.5, cfg_interval=[0.05, 50.0])
@@ -79,8 +80,8 @@ def toy_decode(z: torch.Tensor, sleep: float = 0.0) -> torch.Tensor:
 
 
 def make_sampler(net=None, sampler_cfg: SamplerConfig = SAMPLER, seed: int = 7, sleep: float = 0.0,
-                 classes=None) -> sampling.ImageSampler:
-    return sampling.ImageSampler(net if net is not None else tiny_net(), sigma_data=0.5, latent_channels=C,
+                 classes=None) -> edm.ImageSampler:
+    return edm.ImageSampler(net if net is not None else tiny_net(), sigma_data=0.5, latent_channels=C,
                                  latent_size=R, num_classes=K, sampler=sampler_cfg,
                                  decode=lambda z: toy_decode(z, sleep), seed=seed, classes=classes)
 
@@ -102,21 +103,21 @@ def load_npz(out: Path) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- labels, seeds, split
 
 def test_labels_class_balanced_and_stable():
-    labels = sampling.index_labels(range(25), K).numpy()
+    labels = edm.index_labels(range(25), K).numpy()
     counts = np.bincount(labels, minlength=K)
     assert counts.tolist() == [3] * 5 + [2] * 5  # N // K each, remainder on the first classes
-    assert (sampling.index_labels(range(20), K).numpy() == labels[:20]).all()  # independent of N
-    chosen = sampling.index_labels(range(7), K, classes=[1, 5, 7]).tolist()
+    assert (edm.index_labels(range(20), K).numpy() == labels[:20]).all()  # independent of N
+    chosen = edm.index_labels(range(7), K, classes=[1, 5, 7]).tolist()
     assert chosen == [1, 5, 7, 1, 5, 7, 1]
 
 
 def test_row_noise_depends_only_on_seed_and_index():
-    whole = sampling.RowRandn(3, range(6)).randn((2, 3))
-    parts = torch.cat([sampling.RowRandn(3, [0, 1]).randn((2, 3)), sampling.RowRandn(3, [2, 3, 4, 5]).randn((2, 3))])
+    whole = edm.RowRandn(3, range(6)).randn((2, 3))
+    parts = torch.cat([edm.RowRandn(3, [0, 1]).randn((2, 3)), edm.RowRandn(3, [2, 3, 4, 5]).randn((2, 3))])
     assert torch.equal(whole, parts)
-    assert torch.equal(sampling.RowRandn(3, [4]).randn((2, 3))[0], whole[4])
-    assert not torch.equal(sampling.RowRandn(4, range(6)).randn((2, 3)), whole)  # the seed matters
-    rows = sampling.RowRandn(3, range(6))
+    assert torch.equal(edm.RowRandn(3, [4]).randn((2, 3))[0], whole[4])
+    assert not torch.equal(edm.RowRandn(4, range(6)).randn((2, 3)), whole)  # the seed matters
+    rows = edm.RowRandn(3, range(6))
     x = torch.zeros(6, 2, 3, dtype=torch.float64)
     assert rows.randn_like(x).dtype == torch.float64
 
@@ -124,7 +125,7 @@ def test_row_noise_depends_only_on_seed_and_index():
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_plan_batches_no_duplicate_no_gap(world):
     todo = [i for i in range(40) if i not in {3, 4, 17, 30, 31, 32}]
-    blocks = [b for r in range(world) for b in sampling.plan_batches(todo, 4, r, world)]
+    blocks = [b for r in range(world) for b in edm.plan_batches(todo, 4, r, world)]
     flat = [i for b in blocks for i in b]
     assert sorted(flat) == todo and len(flat) == len(set(flat))
     assert all(len(b) <= 4 and b == list(range(b[0], b[-1] + 1)) for b in blocks)
@@ -156,12 +157,12 @@ def test_cfg_scale_one_zero_and_interval(one_thread, make_net):
     cond, passes = latents(base)
     assert passes == [6] * 5  # 3 Heun steps = 5 evaluations, one batch each: scale 1 costs one pass
     # scale 1 is the plain conditional model
-    rng = sampling.RowRandn(7, idx)
+    rng = edm.RowRandn(7, idx)
     manual = sample(Precond(net, 0.5), rng.randn((C, R, R)), torch.tensor(idx) % K, base, K, rng.randn_like)
     assert torch.equal(cond, manual)
     # scale 0 is the unconditional model (every label the null class K)
     uncond, _ = latents(dataclasses.replace(base, cfg_scale=0.0))
-    rng = sampling.RowRandn(7, idx)
+    rng = edm.RowRandn(7, idx)
     manual_u = sample(Precond(net, 0.5), rng.randn((C, R, R)), torch.full((6,), K), base, K, rng.randn_like)
     assert torch.allclose(uncond, manual_u, atol=1e-5) and not torch.allclose(uncond, cond, atol=1e-3)
     # guidance: one batched pass of 2B rows; an interval that excludes every sigma gates it off
@@ -245,15 +246,15 @@ def test_make_decoder_undoes_the_training_normalisation():
             return z[:, :3].permute(0, 2, 3, 1).clone()
 
     z = torch.randn(5, 4, 2, 2)
-    same = sampling.make_decoder(FakeCodec(), batch_size=2)(z)
+    same = codec.make_decoder(FakeCodec(), batch_size=2)(z)
     assert torch.equal(same, z[:, :3].permute(0, 2, 3, 1)) and calls == [2, 2, 1]
-    other = sampling.make_decoder(FakeCodec(), scaling_factor=0.25, shift_factor=0.0)(z)
+    other = codec.make_decoder(FakeCodec(), scaling_factor=0.25, shift_factor=0.0)(z)
     raw = z / 0.25
     assert torch.allclose(other, ((raw - 0.1) * 0.5)[:, :3].permute(0, 2, 3, 1))
 
 
 def test_make_decoder_undoes_the_channel_norm_first():
-    from latent_patch.loader import latent_norm
+    from latent_patch.codec import latent_norm
 
     class IdentityCodec:
         scaling_factor, shift_factor = 0.5, 0.0
@@ -263,11 +264,11 @@ def test_make_decoder_undoes_the_channel_norm_first():
 
     norm = latent_norm("channel", {"latent_stats": {"mean": [1.0, -1.0], "std": [2.0, 0.5]}}, 0.5)
     z = torch.randn(3, 2, 4, 4)
-    torch.testing.assert_close(sampling.make_decoder(IdentityCodec(), norm=norm)(norm.apply(z)), z)
+    torch.testing.assert_close(codec.make_decoder(IdentityCodec(), norm=norm)(norm.apply(z)), z)
     cfg = SimpleNamespace(data=SimpleNamespace(latent_norm="channel"), edm=SimpleNamespace(sigma_data=0.5))
     with pytest.raises(ValueError, match="latent_stats.*ckpt-dir"):  # checkpoint manifest without stats
-        sampling.model_norm(cfg, {"vae": {}}, "ckpt-dir")
-    assert sampling.model_norm(SimpleNamespace(edm=SimpleNamespace(sigma_data=0.5)), None) is None  # old configs
+        codec.model_norm(cfg, {"vae": {}}, "ckpt-dir")
+    assert codec.model_norm(SimpleNamespace(edm=SimpleNamespace(sigma_data=0.5)), None) is None  # old configs
 
 
 class ToyCodec:
@@ -287,7 +288,7 @@ def toy_evaluate(net, distributed: bool = False) -> dict:
                           edm=SimpleNamespace(sigma_data=0.5), data=SimpleNamespace(shards=None))
     imgs, _ = make_sampler(net, SamplerConfig(steps=3), seed=0).images(list(range(20)))
     ref = fid.Stats(*fid.stats_of(extractor.features(imgs)), num=20, extractor="toy")
-    return sampling.evaluate_model(net, cfg, 20, ref, features=extractor, codec=ToyCodec(), manifest={},
+    return evaluate.evaluate_model(net, cfg, 20, ref, features=extractor, codec=ToyCodec(), manifest={},
                                    sampler=SamplerConfig(steps=3), batch_size=8, distributed=distributed)
 
 
@@ -306,7 +307,7 @@ def _write_checkpoint(run: Path, vae_dir: Path) -> None:
 
     from latent_patch import checkpoint as ck
     from latent_patch import config as config_mod
-    from latent_patch.train import TrainConfig
+    from latent_patch.config import TrainConfig
 
     from latent_patch.models import ModelConfig
 

@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from latent_patch import checkpoint as ckpt
 from latent_patch import config
-from latent_patch.train import TrainConfig, TrainingError, accumulation_steps, main, train
+from latent_patch.config import TrainConfig
+from latent_patch.monitor import TrainingError
+from latent_patch.train import accumulation_steps, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu_dit.yaml"
@@ -113,12 +116,12 @@ def metrics(run: Path) -> dict[int, dict]:
 
 def test_loss_falls(shards, tmp_path):
     t0 = time.perf_counter()
-    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_images=8000", "run.log_every_images=1000",
-                   "run.ckpt_every_images=0", "optim.lr=0.003", "model.hidden=128", "model.heads=4")
+    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_patches=8000", "run.log_every_patches=1000",
+                   "run.ckpt_every_patches=0", "optim.lr=0.003", "model.hidden=128", "model.heads=4")
     progress = train(cfg)
     recs = sorted(metrics(tmp_path / "run").values(), key=lambda r: r["step"])
     first, last = recs[0]["loss"], recs[-1]["loss"]
-    assert progress.images >= 8000 and progress.full_equiv < progress.images  # half-size patches count 1/4
+    assert progress.patches >= 8000 and progress.full_equiv < progress.patches  # half-size patches count 1/4
     assert last < 0.9 * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
     assert ckpt.find_latest(tmp_path / "run") is not None  # the final checkpoint is always written
     assert time.perf_counter() - t0 < 60
@@ -131,7 +134,7 @@ def test_bf16_autocast_and_grad_checkpointing_run(shards, tmp_path, monkeypatch)
     real_build = train_mod.build_trainer
     monkeypatch.setattr(train_mod, "build_trainer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     cfg = tiny_cfg(shards, tmp_path / "run", "run.mixed_precision=bf16", "run.grad_checkpointing=true",
-                   "run.total_images=200", "run.log_every_images=100")
+                   "run.total_patches=200", "run.log_every_patches=100")
     train(cfg)
     assert built[0].net.gradient_checkpointing and built[0].accelerator.mixed_precision == "bf16"
     assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "run").values())
@@ -140,10 +143,10 @@ def test_bf16_autocast_and_grad_checkpointing_run(shards, tmp_path, monkeypatch)
 def test_tiny_unet_config_trains(shards, tmp_path):
     cfg = config.load(TrainConfig, ROOT / "configs" / "tiny_cpu_unet.yaml",
                       [f"data.shards={shards}", f"run.out_dir={tmp_path / 'run'}", "run.tensorboard=false",
-                       "run.total_images=200", "run.log_every_images=100", "run.mixed_precision=no",
-                       "run.preview_every_images=100"])
+                       "run.total_patches=200", "run.log_every_patches=100", "run.mixed_precision=no",
+                       "eval.preview_every_patches=100"])
     progress = train(cfg)
-    assert progress.images >= 200 and ckpt.find_latest(tmp_path / "run") is not None
+    assert progress.patches >= 200 and ckpt.find_latest(tmp_path / "run") is not None
     # the manifest's VAE is unavailable (as a hub id is offline): previews skipped with a log line
     assert "previews skipped: VAE" in (tmp_path / "run" / "log.txt").read_text()
     assert not (tmp_path / "run" / "previews").exists()
@@ -153,21 +156,54 @@ def test_named_preview_vae_must_load_and_fit(shards, tmp_path):
     """A VAE the user names is checked before the first step (not at the first preview)."""
     from diffusers import AutoencoderKL
 
-    with pytest.raises(TrainingError, match=r"run\.preview_vae=.*no_vae: cannot load"):
-        train(tiny_cfg(shards, tmp_path / "a", "run.preview_every_images=100", f"run.preview_vae={tmp_path / 'no_vae'}"))
+    with pytest.raises(TrainingError, match=r"eval\.vae=.*no_vae: cannot load"):
+        train(tiny_cfg(shards, tmp_path / "a", "eval.preview_every_patches=100", f"eval.vae={tmp_path / 'no_vae'}"))
     vae8 = tmp_path / "vae8"
     AutoencoderKL(latent_channels=8, block_out_channels=(8,), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).save_pretrained(vae8)
     with pytest.raises(TrainingError, match=r"vae8 has 8 latent channels but the shards' latents have 4"):
-        train(tiny_cfg(shards, tmp_path / "b", "run.preview_every_images=100", f"run.preview_vae={vae8}"))
+        train(tiny_cfg(shards, tmp_path / "b", "eval.preview_every_patches=100", f"eval.vae={vae8}"))
     assert not (tmp_path / "b" / "metrics.jsonl").exists() and ckpt.find_latest(tmp_path / "b") is None
 
 
+def _to_pre_rename_format(ck: Path) -> None:
+    """Rewrite a checkpoint as code before issue 10 wrote it: config.yaml with run.total_images,
+    run.preview_*, ... (no eval section) and state.pt counting "images"; DONE restamped."""
+    data = config.read_yaml(ck / ckpt.CONFIG_FILE)
+    for before, after in TrainConfig.RENAMED.items():
+        (sec_a, key_a), (sec_b, key_b) = before.split("."), after.split(".")
+        data.setdefault(sec_a, {})[key_a] = data[sec_b].pop(key_b)
+    del data["eval"]
+    (ck / ckpt.CONFIG_FILE).write_text(yaml.safe_dump(data))
+    state = torch.load(ck / ckpt.STATE_FILE, weights_only=True)
+    state["images"] = state.pop("patches")
+    torch.save(state, ck / ckpt.STATE_FILE)
+    done = json.loads((ck / ckpt.DONE).read_text())
+    (ck / ckpt.DONE).write_text(json.dumps({"files": {name: (ck / name).stat().st_size for name in done["files"]}}))
+
+
+def test_checkpoint_written_before_the_rename_resumes_exactly(shards, tmp_path):
+    first = ["run.total_patches=160", "run.ckpt_every_patches=160", "run.log_every_patches=1"]
+    train(tiny_cfg(shards, tmp_path / "new", *first))
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    old_ck = ckpt.find_latest(tmp_path / "old")
+    _to_pre_rename_format(old_ck)
+    assert "total_images" in (old_ck / ckpt.CONFIG_FILE).read_text()
+    net, cfg, _ = ckpt.load_inference_model(old_ck)  # sample.py reads it too
+    assert cfg.run.total_patches == 160 and cfg.eval.preview_images == 8
+    more = ["run.total_patches=320", "run.ckpt_every_patches=160", "run.log_every_patches=1"]
+    a, b = train(tiny_cfg(shards, tmp_path / "new", *more), "auto"), train(tiny_cfg(shards, tmp_path / "old", *more), "auto")
+    assert (a.step, a.patches) == (b.step, b.patches) and a.patches >= 320
+    new_m, old_m = metrics(tmp_path / "new"), metrics(tmp_path / "old")
+    resumed = [s for s in new_m if s > ckpt.list_complete(tmp_path / "new")[0][0]]
+    assert resumed and all(new_m[s]["loss"] == old_m[s]["loss"] for s in resumed)
+
+
 def test_time_budget_stops_with_a_checkpoint_and_resumes(shards, tmp_path):
-    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_images=10000000", "run.max_train_seconds=1",
-                   "run.ckpt_every_images=0", "run.log_every_images=1000000")
+    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_patches=10000000", "run.max_train_seconds=1",
+                   "run.ckpt_every_patches=0", "run.log_every_patches=1000000")
     first = train(cfg)
-    assert 0 < first.images < 10_000_000
+    assert 0 < first.patches < 10_000_000
     assert ckpt.list_complete(tmp_path / "run")[-1][0] == first.step
     log_file = tmp_path / "run" / "metrics.jsonl"
     with open(log_file, "a") as f:  # as if killed after logging steps past its last checkpoint
@@ -189,8 +225,8 @@ def run_a(shards, tiny_vae, tmp_path_factory) -> Path:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     out = tmp_path_factory.mktemp("run_a")
-    cfg = tiny_cfg(shards, out, "run.total_images=1200", "run.log_every_images=1", "run.ckpt_every_images=600",
-                   "run.keep_last=0", "run.preview_every_images=500", f"run.preview_vae={tiny_vae}",
+    cfg = tiny_cfg(shards, out, "run.total_patches=1200", "run.log_every_patches=1", "run.ckpt_every_patches=600",
+                   "run.keep_last=0", "eval.preview_every_patches=500", f"eval.vae={tiny_vae}",
                    "run.tensorboard=true", "model.dropout=0.1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -206,14 +242,14 @@ def test_resume_is_bit_exact(run_a, shards, tmp_path):
     assert len(done) == 2, done
     mid_step, mid = done[0]
     out_b = tmp_path / "run_b"
-    cfg = tiny_cfg(shards, out_b, "run.total_images=1200", "run.log_every_images=1", "run.ckpt_every_images=600",
+    cfg = tiny_cfg(shards, out_b, "run.total_patches=1200", "run.log_every_patches=1", "run.ckpt_every_patches=600",
                    "run.keep_last=0", "model.dropout=0.1")  # no previews in B: they must not matter
     train(cfg, str(mid))
     a, b = metrics(run_a), metrics(out_b)
     assert sorted(b) == [s for s in sorted(a) if s > mid_step]
     for step in sorted(b):
         assert a[step]["loss"] == b[step]["loss"], f"step {step}: {a[step]['loss']!r} != {b[step]['loss']!r}"
-        assert a[step]["images"] == b[step]["images"] and a[step]["full_equiv"] == b[step]["full_equiv"]
+        assert a[step]["patches"] == b[step]["patches"] and a[step]["full_equiv"] == b[step]["full_equiv"]
     end_a, end_b = ckpt.find_latest(run_a), ckpt.find_latest(out_b)
     assert end_a.name == end_b.name
     for name in (ckpt.MODEL_FILE, ckpt.EMA_FILE):
@@ -229,12 +265,12 @@ def test_previews_and_logs_written(run_a):
     img = Image.open(pngs[0])
     assert img.size == (4 * 32, 2 * 32)  # 8 previews, 4 per class row, 8x8 latents decode to 32 px
     rec = next(iter(metrics(run_a).values()))
-    for key in ("images", "full_equiv", "loss", "patches_per_s", "full_equiv_per_s", "lr", "peak_mem_gib"):
+    for key in ("patches", "full_equiv", "loss", "patches_per_s", "full_equiv_per_s", "lr", "peak_mem_gib"):
         assert key in rec
     assert list((run_a / "tensorboard").rglob("events.out.tfevents.*"))
     assert "patches/s" in (run_a / "log.txt").read_text()
     saved = config.load(TrainConfig, run_a / "config.yaml")
-    assert saved.run.total_images == 1200
+    assert saved.run.total_patches == 1200
 
 
 def test_resume_auto_takes_latest_complete_and_ignores_half_written(run_a, shards, tmp_path):
@@ -247,10 +283,10 @@ def test_resume_auto_takes_latest_complete_and_ignores_half_written(run_a, shard
     (fake / ckpt.DONE).unlink()
     shutil.copytree(latest, run / "checkpoints" / f".tmp-{ckpt.ckpt_name(latest_step + 9)}")
     assert ckpt.resolve_resume("auto", run) == latest
-    cfg = tiny_cfg(shards, run, "run.total_images=1400", "run.log_every_images=1", "run.ckpt_every_images=0")
+    cfg = tiny_cfg(shards, run, "run.total_patches=1400", "run.log_every_patches=1", "run.ckpt_every_patches=0")
     progress = train(cfg, "auto")
     assert min(s for s in metrics(run) if s > latest_step) == latest_step + 1  # continued from the latest
-    assert progress.images >= 1400
+    assert progress.patches >= 1400
     assert not (run / "checkpoints" / f".tmp-{ckpt.ckpt_name(latest_step + 9)}").exists()  # stale temp removed
 
 
@@ -258,7 +294,7 @@ def test_existing_run_without_resume_is_refused(run_a, shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_a, run)
     with pytest.raises(TrainingError, match="--resume auto"):
-        train(tiny_cfg(shards, run, "run.total_images=1400"))
+        train(tiny_cfg(shards, run, "run.total_patches=1400"))
 
 
 def test_resume_with_other_model_config_is_refused(run_a, shards, tmp_path):
@@ -283,8 +319,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(run_a, shards, tmp_path
     run = tmp_path / "run"
     shutil.copytree(run_a, run)
     before = [(s, p.name) for s, p in ckpt.list_complete(run)]
-    cfg = tiny_cfg(shards, run, "optim.lr=1.0e+30", "optim.grad_clip=0", "run.total_images=100000",
-                   "run.ckpt_every_images=100000", "run.log_every_images=100000")
+    cfg = tiny_cfg(shards, run, "optim.lr=1.0e+30", "optim.grad_clip=0", "run.total_patches=100000",
+                   "run.ckpt_every_patches=100000", "run.log_every_patches=100000")
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+"):
         train(cfg, "auto")
     assert [(s, p.name) for s, p in ckpt.list_complete(run)] == before
@@ -297,14 +333,14 @@ def test_no_checkpoint_at_or_after_a_nan_step(shards, tmp_path, monkeypatch):
 
     real, calls = train_mod.micro_batch_loss, {"n": 0}
 
-    def poisoned(t, size, mult):
+    def poisoned(trainer, size, mult):
         calls["n"] += 1
-        loss = real(t, size, mult)
-        return loss * float("nan") if t.progress.step + 1 >= 6 else loss
+        loss = real(trainer, size, mult)
+        return loss * float("nan") if trainer.progress.step + 1 >= 6 else loss
 
     monkeypatch.setattr(train_mod, "micro_batch_loss", poisoned)
-    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_images=5000", "run.ckpt_every_images=1",
-                   "run.keep_last=0", "run.log_every_images=100000")
+    cfg = tiny_cfg(shards, tmp_path / "run", "run.total_patches=5000", "run.ckpt_every_patches=1",
+                   "run.keep_last=0", "run.log_every_patches=100000")
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 6 "):
         train(cfg)
     assert [s for s, _ in ckpt.list_complete(tmp_path / "run")] == [1, 2, 3, 4, 5]
@@ -343,7 +379,7 @@ def test_fp16_needs_a_gpu(shards, tmp_path):
 def torchrun(shards: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--standalone",
            str(ROOT / "train_latent.py"), "--config", str(TINY), f"data.shards={shards}", f"run.out_dir={out}",
-           "run.total_images=400", "run.log_every_images=1", "run.ckpt_every_images=200", "run.keep_last=0", *args]
+           "run.total_patches=400", "run.log_every_patches=1", "run.ckpt_every_patches=200", "run.keep_last=0", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -363,7 +399,7 @@ def test_torchrun_two_processes_train_and_resume_exactly(shards, tmp_path):
         sizes = ckpt.verify(path)
         assert ckpt.rank_file(1) in sizes and ckpt.STATE_FILE in sizes
     state = ckpt.load_state(done[-1][1] / ckpt.STATE_FILE)
-    assert state["world_size"] == 2 and state["images"] >= 400
+    assert state["world_size"] == 2 and state["patches"] >= 400
     mid_step, mid = done[0]
     torchrun(shards, tmp_path / "resumed", "--resume", str(mid))
     a, b = metrics(out), metrics(tmp_path / "resumed")
@@ -401,7 +437,7 @@ def test_bench_train_smoke(capsys):
 
 
 def test_logs_are_trimmed_to_the_resumed_checkpoint(tmp_path):
-    from latent_patch.train import trim_log
+    from latent_patch.monitor import trim_log
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
@@ -424,11 +460,11 @@ def test_training_time_fd_does_not_disturb_training(shards, tiny_vae, tmp_path):
     rng = np.random.default_rng(0)
     for i in range(24):
         Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(ref / f"{i}.png")
-    common = ("run.total_images=400", "run.log_every_images=1", "run.ckpt_every_images=0")
+    common = ("run.total_patches=400", "run.log_every_patches=1", "run.ckpt_every_patches=0")
     train(tiny_cfg(shards, tmp_path / "plain", *common))
-    train(tiny_cfg(shards, tmp_path / "eval", *common, "run.fid_every_images=200", f"run.fid_ref={ref}",
-                   "run.fid_num_samples=12", "run.fid_features=demo", "run.fid_steps=2",
-                   f"run.preview_vae={tiny_vae}"))
+    train(tiny_cfg(shards, tmp_path / "eval", *common, "eval.fid_every_patches=200", f"eval.fid_ref={ref}",
+                   "eval.fid_num_samples=12", "eval.fid_features=demo", "eval.fid_steps=2",
+                   f"eval.vae={tiny_vae}"))
     records = [json.loads(line) for line in (tmp_path / "eval" / "fid.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["fd"]) and r["num_samples"] == 12 for r in records)
     plain, evaluated = metrics(tmp_path / "plain"), metrics(tmp_path / "eval")
@@ -437,7 +473,7 @@ def test_training_time_fd_does_not_disturb_training(shards, tiny_vae, tmp_path):
 
 def test_training_time_fid_needs_a_reference(shards, tmp_path):
     with pytest.raises(TrainingError, match="fid_ref"):
-        train(tiny_cfg(shards, tmp_path / "run", "run.total_images=100", "run.fid_every_images=50"))
+        train(tiny_cfg(shards, tmp_path / "run", "run.total_patches=100", "eval.fid_every_patches=50"))
 
 
 def test_channel_latent_norm_feeds_the_model_standardised_latents(tmp_path, monkeypatch):
@@ -468,7 +504,7 @@ def test_channel_latent_norm_feeds_the_model_standardised_latents(tmp_path, monk
 
     monkeypatch.setattr(train_mod, "edm_loss", spy)
     train(tiny_cfg(data, tmp_path / "run", "data.latent_norm=channel", "patch.sizes=[1.0]", "patch.probs=[1.0]",
-                   "run.total_images=600", "run.ckpt_every_images=0"))
+                   "run.total_patches=600", "run.ckpt_every_patches=0"))
     zs = torch.cat(seen).transpose(0, 1).reshape(4, -1)
     assert torch.allclose(zs.mean(1), torch.zeros(4), atol=0.1)
     assert torch.allclose(zs.std(1), torch.full((4,), 0.5), atol=0.05)

@@ -10,46 +10,16 @@ belong to the preset's architecture fail with the name spelled out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch.nn as nn
 
+from ..config import ModelConfig
 from .dit import DiT
 from .unet import ADMUNet, build_adm_unet
 
-__all__ = ["ModelConfig", "Preset", "PRESETS", "register_preset", "build_model", "count_params", "DiT", "ADMUNet"]
-
-
-@dataclass
-class ModelConfig:
-    """Which network to build.
-
-    preset: a name in ``PRESETS`` ("DiT-XL/2", "DiT-B/2", "DiT-T/2", "adm-imagenet256", "adm-tiny", ...).
-    arch: None takes it from the preset; when set it must agree with the preset.
-    latent_channels: C of the latent (the net gets C + 2 inputs, the coordinates, and gives C outputs).
-    latent_size: side R of the FULL latent (fixes DiT's position scale and the U-Net's attention levels).
-    dropout: None keeps the preset's value.
-    Overrides (None keeps the preset's value); DiT: hidden, depth, heads, patch, mlp_ratio;
-    U-Net: channels, channel_mult, num_blocks, attn_resolutions, head_channels.
-    """
-
-    preset: str = "DiT-B/2"
-    arch: Literal["dit", "unet"] | None = None
-    latent_channels: int = 4
-    latent_size: int = 32
-    num_classes: int = 1000
-    dropout: float | None = None
-    grad_checkpointing: bool = False
-    hidden: int | None = None
-    depth: int | None = None
-    heads: int | None = None
-    patch: int | None = None
-    mlp_ratio: float | None = None
-    channels: int | None = None
-    channel_mult: list[int] | None = None
-    num_blocks: int | None = None
-    attn_resolutions: list[int] | None = None
-    head_channels: int | None = None
+__all__ = ["ModelConfig", "Preset", "PRESETS", "register_preset", "build_model", "count_params", "DiT", "ADMUNet",
+           "patch_multiple", "enable_grad_checkpointing", "check_latents_fit"]
 
 
 @dataclass(frozen=True)
@@ -145,3 +115,40 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with requires_grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
+
+def patch_multiple(net: nn.Module) -> int:
+    """Patch sides the network accepts are multiples of this: DiT's patchify, the U-Net's total downsampling."""
+    if hasattr(net, "patch_size"):
+        return int(net.patch_size)
+    levels = getattr(getattr(net, "config", None), "block_out_channels", None)
+    return 2 ** (len(levels) - 1) if levels else 1
+
+
+def enable_grad_checkpointing(net: nn.Module) -> None:
+    """Trade compute for memory; models expose it the diffusers way (or set_grad_checkpointing)."""
+    if hasattr(net, "enable_gradient_checkpointing"):
+        net.enable_gradient_checkpointing()
+    elif hasattr(net, "set_grad_checkpointing"):
+        net.set_grad_checkpointing(True)
+    else:
+        raise ValueError(f"run.grad_checkpointing=true but {type(net).__name__} does not support it")
+
+
+def check_latents_fit(cfg: ModelConfig, manifest: dict, source: str) -> tuple[int, int]:
+    """(C, R) of a shard set's latents, after checking them against the model config.
+
+    Why here: the model fixes C, R and the class count; a mismatch must stop a run before it
+    starts, with both sides and the key to change named (``source`` names the manifest)."""
+    C, h, w = (int(v) for v in manifest["latent_shape"])
+    if h != w:
+        raise ValueError(f"{source}: latents are {h}x{w}; training needs square latents")
+    if (C, h) != (cfg.latent_channels, cfg.latent_size):
+        raise ValueError(
+            f"{source}: shards hold latents of shape [{C}, {h}, {w}] but the model is configured for "
+            f"model.latent_channels={cfg.latent_channels}, model.latent_size={cfg.latent_size}; "
+            f"set model.latent_channels={C} model.latent_size={h} or use matching shards")
+    n = len(manifest.get("class_names") or [])
+    if n and n != cfg.num_classes:
+        raise ValueError(f"{source}: shards have {n} classes but model.num_classes={cfg.num_classes}; "
+                         f"set model.num_classes={n}")
+    return C, h

@@ -1,4 +1,4 @@
-"""Shard writing (this file's writing side): tars of posteriors, sidecars, manifest, verification.
+"""Writing shards: webdataset-layout tars of posteriors, each committed with its sidecar.
 
 Crash safety rests on one ordering: a shard's tar is written under a temporary name, its sidecar
 (``shard-XXXXXX.json``: counts, sha256, skip reasons, latent statistics) is written atomically,
@@ -10,33 +10,19 @@ of the tars), which is what lets any process that finds every shard complete wri
 
 from __future__ import annotations
 
-import functools
 import io
 import json
-import math
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from . import fsutil
+from .. import fsutil
+from .manifest import FORMAT, shard_name, sidecar_name
 
-FORMAT = "latent-patch-shards/1"
-MANIFEST = "manifest.json"
-JOB_FILE = "job.json"
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def shard_name(j: int) -> str:
-    return f"shard-{j:06d}.tar"
-
-
-def sidecar_name(j: int) -> str:
-    return f"shard-{j:06d}.json"
 
 
 def sample_key(index: int, source: str, flip: bool = False) -> str:
@@ -45,18 +31,10 @@ def sample_key(index: int, source: str, flip: bool = False) -> str:
     return key + "_flip" if flip else key
 
 
-@functools.lru_cache(maxsize=8)
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """The .npy header numpy writes for a float16 C-order array of ``shape`` (same per shard)."""
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(shape, dtype=np.float16), allow_pickle=False)
-    return buf.getvalue()[: -2 * int(np.prod(shape))]
-
-
 def npy_bytes(latent: np.ndarray) -> bytes:
     """Exactly ``np.save(latent.astype(float16))``, without re-deriving the header per sample."""
     a = np.ascontiguousarray(latent, dtype="<f2")
-    return _npy_header(a.shape) + a.tobytes()
+    return fsutil.npy_header(a.shape, "<f2") + a.tobytes()
 
 
 def encode_sample(key: str, latent: np.ndarray, label: int, source: str, flip: bool) -> dict:
@@ -236,112 +214,3 @@ class ShardBuilder:
         except Exception:
             self._file.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def read_sidecars(out_dir: str | Path, num_shards: int) -> list[dict]:
-    """All sidecars in shard order (raises naming the first missing one)."""
-    out = Path(out_dir)
-    return [fsutil.read_json(out / sidecar_name(j)) for j in range(num_shards)]
-
-
-def _latent_stats(sides: list[dict]) -> dict[str, list[float]]:
-    with_data = [s["stats"] for s in sides if s["stats"]["count"]]
-    if not with_data:
-        return {"mean": [], "std": []}
-    total = sum(np.asarray(s["sum"], dtype=np.float64) for s in with_data)
-    totsq = sum(np.asarray(s["sumsq"], dtype=np.float64) for s in with_data)
-    n = sum(s["count"] for s in with_data)
-    mean = total / n
-    std = np.sqrt(np.maximum(totsq / n - mean * mean, 0.0))
-    return {"mean": mean.tolist(), "std": std.tolist()}
-
-
-def assemble_manifest(out_dir: str | Path, num_shards: int, header: dict[str, Any]) -> dict:
-    """Build manifest.json's content from the sidecars plus the job-level ``header``.
-
-    ``header`` carries what sidecars do not know: ``class_names``, ``resolution``, ``vae``,
-    ``flips``, ``source``, ``job_id`` and listing-level ``skipped`` entries (empty classes...).
-    """
-    sides = read_sidecars(out_dir, num_shards)
-    for s in sides:
-        if s.get("job_id") != header["job_id"]:
-            raise ValueError(f"{Path(out_dir) / sidecar_name(s['index'])}: written by a different "
-                             "job (parameters differ); use a fresh --out")
-    counts = [0] * len(header["class_names"])
-    for s in sides:
-        for k, v in s["class_counts"].items():
-            counts[int(k)] += v
-    shape = next((s["latent_shape"] for s in sides if s["latent_shape"]), None)
-    skipped = list(header.get("skipped", [])) + [x for s in sides for x in s["skipped"]]
-    man = {k: v for k, v in header.items() if k != "skipped"}
-    man.update({
-        "format": FORMAT,
-        "num_samples": sum(s["num_samples"] for s in sides),
-        "num_images": sum(s["num_images"] for s in sides),
-        "class_counts": counts, "latent_shape": shape,
-        "latent_stats": _latent_stats(sides),
-        "shards": [{"name": s["name"], "num_samples": s["num_samples"], "sha256": s["sha256"]}
-                   for s in sides],
-        "skipped": skipped,
-    })
-    return man
-
-
-def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
-    """Atomic: concurrent writers of the same content (several jobs finishing) are harmless.
-
-    Also removes the temporary of a writer killed before its rename (it would stay forever).
-    """
-    path = Path(out_dir) / MANIFEST
-    try:
-        fsutil.atomic_write_json(path, manifest)
-    except FileNotFoundError:
-        if not path.is_file():  # not "another finishing job removed our temporary and wrote the same file"
-            raise
-    fsutil.remove_dead_writers_tmp(path)
-    return path
-
-
-def num_shards_for(num_inputs: int, inputs_per_shard: int) -> int:
-    return max(1, math.ceil(num_inputs / inputs_per_shard))
-
-
-def _count_samples(path: Path) -> tuple[int, int]:
-    """(samples, distinct keys) in a tar, read with tarfile only."""
-    keys: list[str] = []
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            if m.isfile() and m.name.endswith(".latent.npy"):
-                keys.append(m.name[: -len(".latent.npy")])
-    return len(keys), len(set(keys))
-
-
-def verify_shards(out_dir: str | Path, deep: bool = True) -> list[str]:
-    """Check every shard against manifest.json: present, sha256 equal, (deep) sample count equal.
-
-    Returns the problems found, empty when the output is intact.
-    """
-    out = Path(out_dir)
-    if not (out / MANIFEST).is_file():
-        return [f"{out / MANIFEST}: missing (the encoding is not finished)"]
-    man = fsutil.read_json(out / MANIFEST)
-    problems: list[str] = []
-    listed = set()
-    for sh in man["shards"]:
-        p = out / sh["name"]
-        listed.add(sh["name"])
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-            continue
-        digest = fsutil.sha256_file(p)
-        if digest != sh["sha256"]:
-            problems.append(f"{p}: sha256 {digest[:16]}... != manifest {sh['sha256'][:16]}...")
-            continue
-        if deep:
-            n, uniq = _count_samples(p)
-            if n != sh["num_samples"] or uniq != n:
-                problems.append(f"{p}: {n} samples ({uniq} distinct) != manifest "
-                                f"{sh['num_samples']}")
-    extra = sorted(p.name for p in out.glob("shard-*.tar") if p.name not in listed)
-    problems += [f"{out / name}: not in the manifest" for name in extra]
-    return problems

@@ -1,0 +1,178 @@
+"""What a training run reports and how it stops when sick: readable log lines (console and
+RUN/log.txt), one metrics.jsonl record and tensorboard scalars per log interval, and the checks
+that stop a run on a non-finite loss or weights before anything is saved.
+
+Losses stay on the device during the step (no host sync); a :class:`Window` collects them and
+:func:`flush_losses` brings them to the host in one transfer at log points and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import fsutil
+
+log = logging.getLogger("latent_patch.train")
+
+NAN_CHECK_EVERY = 50  # steps between finiteness checks when no log line is due (one host sync each)
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or must stop (bad config vs data, non-finite loss, ...)."""
+
+
+def setup_logging(out_dir: Path | None, is_main: bool) -> None:
+    """Readable lines on the console (rank 0) and in RUN/log.txt; other ranks only warn.
+
+    Only the training logger is configured (other modules keep the root logger's setup), and
+    previous handlers are closed, so repeated in-process runs neither leak files nor print twice.
+    """
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    close_logging()
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if is_main and out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(out_dir / "log.txt")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log.propagate = False
+
+
+def close_logging() -> None:
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Did progress pass a multiple of ``every`` during the last step? (every <= 0: never)."""
+    return every > 0 and before // every != after // every
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Keep only the complete records of ``path`` (metrics.jsonl, fid.jsonl) up to ``last_step``.
+
+    Why: a run killed after its last checkpoint logged steps it will redo on resume, and its last
+    record may be half-written; without this the file would hold those steps twice (or a broken
+    line). ``last_step`` is the resumed checkpoint's step (0 for a fresh start).
+    """
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    keep = [ln for ln in lines if ln.endswith(b"\n") and _record_step(ln) <= last_step]
+    if len(keep) != len(lines):
+        fsutil.atomic_write_bytes(path, b"".join(keep))
+
+
+def _record_step(line: bytes) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (ValueError, AttributeError):  # not JSON, or not an object: drop it
+        return math.inf
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated by tensors, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+@dataclass
+class Window:
+    """Accumulates one log interval: device losses (checked in one transfer), counts, time."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    first_step: int = 1
+    patches: int = 0
+    full_equiv: float = 0.0
+    sizes: dict[int, int] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds spent in checkpoints / previews, excluded from throughput
+
+    def add(self, plan: Any, loss: torch.Tensor) -> None:
+        """One step's device loss and its plan (``train.StepPlan``: patches, full_equiv, sizes)."""
+        self.losses.append(loss)
+        self.patches += plan.patches
+        self.full_equiv += plan.full_equiv
+        for s in plan.sizes:
+            self.sizes[s] = self.sizes.get(s, 0) + 1
+
+
+def flush_losses(accelerator: Any, w: Window, patches_seen: int) -> torch.Tensor:
+    """Mean over ranks of each step's loss, on the host; a non-finite one stops the run, naming its step.
+
+    This is the only place losses reach the host, and it runs before every log line and every
+    checkpoint, so a checkpoint is never written after a NaN/inf loss.
+    """
+    if not w.losses:
+        return torch.zeros(0)
+    hist = accelerator.reduce(torch.stack(w.losses), reduction="mean").float().cpu()
+    bad = (~torch.isfinite(hist)).nonzero()
+    if len(bad):
+        step = w.first_step + int(bad[0])
+        raise TrainingError(
+            f"non-finite loss ({hist[int(bad[0])].item()}) at step {step} (about {patches_seen:,} patches "
+            f"seen at the check); stopping without saving. The last complete checkpoint is intact: "
+            f"lower optim.lr or raise optim.warmup_patches, then --resume auto"
+        )
+    return hist
+
+
+def check_finite_weights(net: torch.nn.Module, step: int, patches_seen: int) -> None:
+    """Refuse to save weights that a finite loss already blew up (the loss lags the update by a step)."""
+    finite = torch.stack([p.detach().isfinite().all() for p in net.parameters()]).all()
+    if not bool(finite):
+        raise TrainingError(
+            f"non-finite weights after step {step} ({patches_seen:,} patches seen); stopping "
+            "without saving. The last complete checkpoint is intact: lower optim.lr or raise optim.warmup_patches, "
+            "then --resume auto"
+        )
+
+
+def log_window(trainer: Any, w: Window, hist: torch.Tensor) -> dict[str, Any]:
+    """One console line, one metrics.jsonl record and the tensorboard scalars of this interval."""
+    elapsed = max(time.perf_counter() - w.start - w.paused, 1e-9)
+    p, acc = trainer.progress, trainer.accelerator
+    n = max(sum(w.sizes.values()), 1)
+    rec = {
+        "step": p.step, "patches": p.patches, "full_equiv": round(p.full_equiv, 3),
+        "loss": float(hist.mean()) if len(hist) else float("nan"),
+        "patches_per_s": w.patches / elapsed, "full_equiv_per_s": w.full_equiv / elapsed,
+        "lr": trainer.optimizer.param_groups[0]["lr"], "peak_mem_gib": peak_memory_gib(acc.device),
+        "size_mix": {str(s): c / n for s, c in sorted(w.sizes.items())}, "time": time.time(),
+    }
+    if acc.is_main_process:
+        mix = " ".join(f"{s}:{100 * f:.0f}%" for s, f in rec["size_mix"].items())
+        log.info(
+            "step %d | %s patches (%s full) | loss %.4f | %.0f patches/s %.0f full/s | lr %.2e | mem %.2f GiB | sizes %s",
+            p.step, human(p.patches), human(p.full_equiv), rec["loss"], rec["patches_per_s"],
+            rec["full_equiv_per_s"], rec["lr"], rec["peak_mem_gib"], mix,
+        )
+        with open(Path(trainer.cfg.run.out_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    scalars = {k: rec[k] for k in ("loss", "patches_per_s", "full_equiv_per_s", "lr", "peak_mem_gib", "full_equiv")}
+    if trainer.cfg.run.tensorboard:
+        acc.log({f"train/{k}": v for k, v in scalars.items()}, step=p.step)
+    return rec
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M': counts a person can read at a glance."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"

@@ -1,0 +1,28 @@
+"""The shard format: VAE posteriors of a dataset as webdataset-layout tar shards plus a manifest.
+
+One sample per source image (two with flips): ``KEY.latent.npy`` (float16 ``(2, C, h, w)``: the
+UNSCALED posterior mean and std), ``KEY.cls`` (ASCII class index) and ``KEY.json`` (provenance,
+never read back). ``manifest.json`` lists the shards with counts and sha256 and carries what
+training needs: latent shape, class names and counts, the VAE and its factors, latent statistics.
+
+- ``writer``:   the encoder's side: tars, sidecars, atomic commit of each shard.
+- ``manifest``: file names, the manifest (assemble, write, read and check), verification.
+- ``reader``:   the loader's side: one shard's samples, checked, without unpickling anything.
+"""
+
+from .manifest import (
+    FORMAT, JOB_FILE, MANIFEST, URL_SCHEME, ShardError, assemble_manifest, manifest_file, num_shards_for,
+    open_manifest, read_sidecars, shard_name, shard_paths, sidecar_name, verify_shards, write_manifest,
+)
+from .reader import LABEL_EXT, LATENT_EXT, SampleDecoder, ShardRef, read_shard, refs_from_manifest, refs_from_urls
+from .writer import (
+    LatentStats, ShardBuilder, TarStream, encode_sample, is_complete, npy_bytes, remove_stale, sample_key,
+)
+
+__all__ = [
+    "FORMAT", "JOB_FILE", "MANIFEST", "URL_SCHEME", "ShardError", "assemble_manifest", "manifest_file",
+    "num_shards_for", "open_manifest", "read_sidecars", "shard_name", "shard_paths", "sidecar_name",
+    "verify_shards", "write_manifest", "LABEL_EXT", "LATENT_EXT", "SampleDecoder", "ShardRef", "read_shard",
+    "refs_from_manifest", "refs_from_urls", "LatentStats", "ShardBuilder", "TarStream", "encode_sample",
+    "is_complete", "npy_bytes", "remove_stale", "sample_key",
+]
