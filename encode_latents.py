@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label file for a flat folder (LOC_val_solution.csv or "
                    "'filename label' lines)")
     p.add_argument("--workers", type=_int_at_least(0), default=None,
-                   help="decoding worker processes (default: min(8, cores) with a GPU, "
+                   help="decoding worker processes (default: cores - 1 with a GPU, "
                    "0 = inline on the CPU)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="torch threads of the encoding process on the CPU (default: its cores)")

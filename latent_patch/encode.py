@@ -136,27 +136,45 @@ def cpus_per_process() -> int:
 def choose_parallelism(cfg: EncodeConfig, device: torch.device) -> tuple[int, int]:
     """(decode workers, torch threads); explicit --workers / --threads win.
 
-    GPU: the cores only decode, up to 8 worker processes. CPU: the VAE and the decoding share
-    the cores, so decoding runs inline and the VAE keeps every core. Measured on 2 shared cores
-    (benchmarks/bench_encode.py, 3 runs each): inline 0.91-1.02 of the bound; one decoder
-    beside a 1-thread VAE 0.74-0.97; one decoder beside a 2-thread VAE 0.73-0.99 (OpenMP
-    regions stall when a thread shares its core). With a heavy VAE (SD-VAE) decoding is ~2% of
-    the work, so a core taken from the VAE costs more than decoding inline.
+    GPU: the cores only decode: one worker process per core of this process but one (the main
+    process launches the VAE, pins batches and writes tars), at least one. On 16 cores that is 15
+    workers (before: min(8, cores), half the node idle); at an estimated ~5 ms per ImageNet-size
+    JPEG that is ~3000 images/s, above one GPU's SD-VAE encoder (bench_encode.py measures both).
+    CPU: the VAE and the decoding share the cores, so decoding runs inline and the VAE keeps every
+    core. Measured on 2 shared cores (benchmarks/bench_encode.py, 3 runs each): inline 0.91-1.02
+    of the bound; one decoder beside a 1-thread VAE 0.74-0.97; one decoder beside a 2-thread VAE
+    0.73-0.99 (OpenMP regions stall when a thread shares its core). With a heavy VAE (SD-VAE)
+    decoding is ~2% of the work, so a core taken from the VAE costs more than decoding inline.
     """
     cpus = cpus_per_process()
     if device.type == "cuda":
-        workers = min(8, cpus) if cfg.workers is None else cfg.workers
+        workers = max(1, cpus - 1) if cfg.workers is None else cfg.workers
         return workers, cfg.threads or torch.get_num_threads()
     workers = 0 if cfg.workers is None else cfg.workers
     return workers, cfg.threads or max(1, cpus - workers)
 
 
+PREFETCH_BATCHES = 32
+"""Decoded batches in flight over all workers (shared memory: 64 x 256^2 x 3 B = 12.6 MB each)."""
+
+
+def prefetch_factor(workers: int) -> int | None:
+    """Batches each worker decodes ahead: 4 up to 8 workers, then fewer (>= 2) so the batches in
+    flight stay about PREFETCH_BATCHES. Two per worker already keep a worker busy while its
+    previous batch waits; more only adds /dev/shm use."""
+    return min(4, max(2, PREFETCH_BATCHES // workers)) if workers else None
+
+
 def make_loader(listing: Listing, cfg: EncodeConfig, plan: list, workers: int,
                 pin: bool) -> DataLoader:
+    """The job's decode loader, one pass in plan order (benchmarks/bench_encode.py reuses it).
+
+    No persistent_workers: the loader is iterated once per run, so workers would only outlive it.
+    """
     ds = DecodeDataset(listing, cfg.resolution, cfg.max_pixels)
     batches = [idx for _, idx, _ in plan]
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin, prefetch_factor=4 if workers else None)
+                      pin_memory=pin, prefetch_factor=prefetch_factor(workers))
 
 
 # ----------------------------------------------------------------------------- main loop

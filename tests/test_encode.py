@@ -346,3 +346,92 @@ def test_tar_stream_matches_tarfile_and_reads_with_webdataset(encoded: Path, tmp
     ds = wds.WebDataset(str(encoded / "shard-000000.tar"), shardshuffle=False, empty_check=False)
     first = next(iter(ds))
     assert {"latent.npy", "cls", "json"} <= set(first) and first["__key__"].startswith("00000000_")
+
+
+# ----------------------------------------------------------------------------- parallelism + bench
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 16 simulated cores
+def test_gpu_decode_workers_use_every_core_but_one(monkeypatch, tree) -> None:
+    from latent_patch import encode as enc
+
+    cfg = EncodeConfig(source=str(tree[0]), resolution=RES)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(enc, "cpus_per_process", lambda: 16)  # 16 cores, one GPU
+    workers, _ = enc.choose_parallelism(cfg, gpu)
+    assert 14 <= workers <= 15  # the main process keeps a core (VAE launches, tar writing)
+    assert enc.choose_parallelism(cfg, cpu) == (0, 16)  # the CPU decodes inline, as before
+    monkeypatch.setattr(enc, "cpus_per_process", lambda: 1)
+    assert enc.choose_parallelism(cfg, gpu)[0] == 1
+    cfg.workers, cfg.threads = 3, 2
+    assert enc.choose_parallelism(cfg, gpu) == (3, 2)
+    # the loader: pinned on a GPU, and enough batches ahead without flooding /dev/shm
+    lst = list_source(tree[0])
+    plan = enc.plan_chunks([0], 8, len(lst), 8)
+    for w in (1, 8, 15, 31):
+        dl = enc.make_loader(lst, cfg, plan, w, pin=True)
+        assert dl.num_workers == w and dl.pin_memory and not dl.persistent_workers
+        ahead = w * dl.prefetch_factor  # as many as before up to 8 workers, then about 32
+        assert dl.prefetch_factor >= 2 and min(30, 4 * w) <= ahead <= max(32, 2 * w)
+    assert enc.make_loader(lst, cfg, plan, 0, pin=False).prefetch_factor is None
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_encode",
+                                                  ROOT / "benchmarks" / "bench_encode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_encode_uses_the_gpu_when_there_is_one(monkeypatch) -> None:
+    bench = _bench_module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.pick_device(None).type == "cuda"  # was pinned to the CPU: silent for minutes
+    assert bench.pick_device("cpu").type == "cpu"
+    args = bench.parse_args(["--sd-vae", "--images", "1024", "--resolution", "256"])
+    assert bench.defaults(args, cuda=True)[:3] == (1024, 256, 64)
+
+
+def test_bench_encode_reports_parts_bound_and_flops(capsys) -> None:
+    """In process, tiny sizes: the CPU (shared-cores) and the GPU-style (separate decode workers)
+    measurements, with the sweep, on the CPU."""
+    bench = _bench_module()
+    tiny = ["--images", "16", "--resolution", "32", "--batch-size", "8", "--repeats", "1"]
+    got = bench.run([*tiny, "--batch-sizes", "4,8"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("[bench_encode")]
+    assert "device cpu" in lines[0] and any("pipeline: 16/16 images" in ln for ln in lines)
+    assert any("VAE alone" in ln for ln in lines) and any("decode alone" in ln for ln in lines)
+    for key in ("pipeline_img_s", "vae_img_s", "decode_img_s", "bound_img_s", "ratio",
+                "ratio_total", "ratios_all_repeats", "ratio_best_of_each", "workers"):
+        assert key in got, key  # the fields the acceptance check and BENCHMARKS.md use
+    v, d, p = got["vae_img_s"], got["decode_img_s"], got["pipeline_img_s"]
+    assert got["bound"] == "1/(1/vae + 1/decode)" and got["decode_workers"] == 0
+    assert got["bound_img_s"] == pytest.approx(1 / (1 / v + 1 / d), rel=1e-3)
+    assert got["ratio"] == pytest.approx(p / got["bound_img_s"], rel=2e-2)
+    assert got["ratio_vae"] == pytest.approx(p / v, rel=2e-2)
+    assert got["vae_gflop_per_encode"] > 0 and got["vae_encodes_s"] == pytest.approx(v, rel=1e-3)
+    assert got["vae_tflops"] == pytest.approx(v * got["vae_gflop_per_encode"] / 1e3, rel=5e-2)
+    assert got["pipeline_steady_img_s"] > 0 and got["dtype"] == "float32"
+    assert set(got["batch_sweep"]) == {"4", "8"} and got["best_batch_size"] in (4, 8)
+
+    got = bench.run([*tiny, "--bound", "separate", "--workers", "1", "--flips", "both",
+                     "--batch-sizes", "none"])
+    capsys.readouterr()
+    v, d = got["vae_img_s"], got["decode_img_s"]
+    assert got["bound"] == "min(vae, decode)" and got["decode_workers"] == 1
+    assert got["bound_img_s"] == pytest.approx(min(v, d), rel=1e-3)
+    assert got["bottleneck"] == ("vae" if v <= d else "decode")
+    assert got["vae_encodes_s"] == pytest.approx(2 * v, rel=1e-3)  # flips: 2 encodes an image
+    assert got["batch_sweep"] is None and got["flips"] == "both"
+
+
+def test_bench_encode_counts_encoder_flops_with_attention(tiny_vae_dir) -> None:
+    """FLOPs counted once on one image, attention included: convolutions grow 4x from 32 to 64
+    px, the mid-block attention 16x (64 -> 256 tokens), so the total grows by more than 4x
+    (exactly 4x when the counter misses the fused CPU attention kernel)."""
+    bench = _bench_module()
+    codec = VAECodec.load(str(tiny_vae_dir), device="cpu")
+    f32, f64 = bench.encoder_flops(codec, 32), bench.encoder_flops(codec, 64)
+    assert f32 > 0 and 4.1 < f64 / f32 < 4.6
