@@ -155,10 +155,46 @@ class VAECodec:
 
     def decode_uint8(self, z_scaled: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> uint8 images NHWC on the CPU (ready for PNG / npz)."""
-        x = self.decode(z_scaled)
+        return _to_uint8(self.decode(z_scaled)).cpu()
+
+    def decode_uint8_start(self, z_scaled: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """:meth:`decode_uint8` without waiting: the decode and the copy to (pinned) host memory
+        are queued on the device and the returned call waits for them. The same pixels as
+        :meth:`decode_uint8`; a reduced-precision decode that overflowed is redone in fp32 there."""
+        x = self.unscale(z_scaled.to(self.device).float())
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            out = self.vae.decode(x).sample.float()
         with torch.inference_mode():
-            x = x.add(1).mul_(127.5).round_().clamp_(0, 255)
-        return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+            finite = torch.isfinite(out).all()
+            images, done = _copy_to_host(_to_uint8(out.clamp(-1, 1)))
+            finite_host, _ = _copy_to_host(finite)
+
+        def result() -> torch.Tensor:
+            if done is not None:
+                done.synchronize()
+            if self.dtype != torch.float32 and not bool(finite_host):
+                return self.decode_uint8(z_scaled)  # _run redoes it in fp32 (and logs it)
+            return images
+
+        return result
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] (NCHW) -> uint8 NHWC on the same device."""
+    with torch.inference_mode():
+        x = x.add(1).mul_(127.5).round_().clamp_(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of ``t`` and, on CUDA, the event that marks it complete (pinned, non-blocking)."""
+    if t.device.type != "cuda":
+        return t.cpu(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 # --------------------------------------------------------------------------- what the model sees
@@ -237,8 +273,36 @@ def draw_latent(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, sh
     return (m + s * eps - shift_factor) * scaling_factor
 
 
-Decoder = Callable[[torch.Tensor], torch.Tensor]
-"""What the model generates (B, C, h, w) on the sampling device -> uint8 images (B, H, W, 3) on the CPU."""
+class Decoder:
+    """What the model generates (B, C, h, w) on the sampling device -> uint8 images (B, H, W, 3) on the
+    CPU, undoing the normalisation the model was TRAINED with (see :func:`make_decoder`)."""
+
+    def __init__(self, codec: VAECodec, scaling_factor: float, shift_factor: float, batch_size: int | None,
+                 norm: LatentNorm | None) -> None:
+        self.codec, self.s_m, self.t_m, self.batch_size, self.norm = codec, scaling_factor, shift_factor, batch_size, norm
+        self.same = math.isclose(scaling_factor, codec.scaling_factor) and math.isclose(shift_factor, codec.shift_factor)
+
+    @torch.inference_mode()  # the codec works on inference tensors (its in-place clamp needs this mode)
+    def _codec_latents(self, z: torch.Tensor) -> torch.Tensor:
+        z = z if self.norm is None else self.norm.undo(z)
+        return z if self.same else self.codec.scale(z / self.s_m + self.t_m)
+
+    def _chunks(self, z: torch.Tensor) -> list[torch.Tensor]:
+        step = self.batch_size or len(z)
+        return [z[i:i + step] for i in range(0, len(z), step)]
+
+    @torch.inference_mode()
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.codec.decode_uint8(c) for c in self._chunks(self._codec_latents(z))])
+
+    @torch.inference_mode()
+    def start(self, z: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Queue the decode (on a GPU it overlaps whatever is queued next); the call returns the images."""
+        if not hasattr(self.codec, "decode_uint8_start"):
+            images = self(z)
+            return lambda: images
+        parts = [self.codec.decode_uint8_start(c) for c in self._chunks(self._codec_latents(z))]
+        return lambda: torch.cat([p() for p in parts])
 
 
 def make_decoder(codec: VAECodec, scaling_factor: float | None = None, shift_factor: float | None = None,
@@ -252,16 +316,7 @@ def make_decoder(codec: VAECodec, scaling_factor: float | None = None, shift_fac
     """
     s_m = codec.scaling_factor if scaling_factor is None else scaling_factor
     t_m = codec.shift_factor if shift_factor is None else shift_factor
-    same = math.isclose(s_m, codec.scaling_factor) and math.isclose(t_m, codec.shift_factor)
-
-    @torch.inference_mode()  # the codec works on inference tensors (its in-place clamp needs this mode)
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        z = z if norm is None else norm.undo(z)
-        z = z if same else codec.scale(z / s_m + t_m)
-        step = batch_size or len(z)
-        return torch.cat([codec.decode_uint8(z[i:i + step]) for i in range(0, len(z), step)])
-
-    return decode
+    return Decoder(codec, s_m, t_m, batch_size, norm)
 
 
 def manifest_decoder(codec: VAECodec, manifest: dict | None, norm: LatentNorm | None,

@@ -447,9 +447,10 @@ class RunConfig:
     ckpt_every_patches: int = 500_000
     keep_last: int = 3  # complete checkpoints kept; 0 keeps all
     seed: int = 0
-    # YAML reads a bare `no` as false, so `run.mixed_precision=no` arrives as False: accepted as "no"
-    mixed_precision: Literal["no", "bf16", "fp16"] | bool = "no"
-    compile: bool = False
+    # "auto": bf16 on CUDA, fp32 on the CPU. YAML reads a bare `no` as false: accepted as "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] | bool = "auto"
+    compile: Literal["auto"] | bool = "auto"  # "auto": torch.compile on CUDA (static shapes), not on the CPU
+    compile_backend: str = "inductor"
     grad_checkpointing: bool = False  # same as model.grad_checkpointing (either enables it)
     tensorboard: bool = True
 
@@ -457,7 +458,7 @@ class RunConfig:
         if self.mixed_precision is False:
             self.mixed_precision = "no"
         elif self.mixed_precision is True:
-            raise ConfigError("run.mixed_precision must be no, bf16 or fp16, got true")
+            raise ConfigError("run.mixed_precision must be auto, no, bf16 or fp16, got true")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .config import SamplerConfig
-from .dist import autocast
+from .dist import autocast, compile_network
 from .patches import coord_grid
 from .seeds import derive_seed
 
@@ -137,22 +137,33 @@ def guided_denoiser(
         raise ValueError(f"cfg_interval {cfg_interval} must be [sigma_lo, sigma_hi] with sigma_lo <= sigma_hi")
     lo, hi = cfg_interval if cfg_interval is not None else (-math.inf, math.inf)
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if cfg_scale == 1.0:
-            return precond(x, sigma, coords, labels)
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
-        active = (sigma >= lo) & (sigma <= hi)
-        if not bool(active.any()):
+    def denoise(x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor) -> torch.Tensor:
+        """``sigma``: one noise level per row, or a Python float for the whole batch (the sampler's
+        case: which branch runs is then decided on the host, with no device sync)."""
+        if isinstance(sigma, float):
+            inside = lo <= sigma <= hi
+            sigma = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=x.device)
+            if cfg_scale == 1.0 or not inside:
+                return precond(x, sigma, coords, labels)
+            any_active = all_active = True
+            active = None
+        else:
+            if cfg_scale == 1.0:
+                return precond(x, sigma, coords, labels)
+            sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+            active = (sigma >= lo) & (sigma <= hi)
+            any_active, all_active = bool(active.any()), bool(active.all())
+        if not any_active:
             return precond(x, sigma, coords, labels)
         null = torch.full_like(labels, null_class)
-        if cfg_scale == 0.0 and bool(active.all()):
+        if cfg_scale == 0.0 and all_active:
             return precond(x, sigma, coords, null)
         both = coords if coords.dim() == 3 else torch.cat([coords, coords])
         d_cond, d_uncond = precond(
             torch.cat([x, x]), torch.cat([sigma, sigma]), both, torch.cat([labels, null])
         ).chunk(2)
         guided = d_uncond + cfg_scale * (d_cond - d_uncond)
-        return torch.where(active.view(-1, 1, 1, 1), guided, d_cond)
+        return guided if all_active else torch.where(active.view(-1, 1, 1, 1), guided, d_cond)
 
     return denoise
 
@@ -197,7 +208,7 @@ def sample(
     with churn, so a deterministic sampler consumes no randomness. The state is kept in float64
     (as EDM does) so 256-step runs do not accumulate float32 rounding.
     """
-    B, R = noise.shape[0], noise.shape[-1]
+    R = noise.shape[-1]
     D = guided_denoiser(denoise, coord_grid(R, noise.device), null_class, cfg.cfg_scale, cfg.cfg_interval)
     randn_like = _randn_like_from(generator)
     ts = sigma_steps(cfg).tolist()
@@ -205,8 +216,7 @@ def sample(
     x = noise.to(torch.float64) * ts[0]
 
     def slope(x: torch.Tensor, t: float) -> torch.Tensor:
-        sigma = torch.full((B,), t, dtype=torch.float64, device=x.device)
-        return (x - D(x, sigma, labels).to(torch.float64)) / t
+        return (x - D(x, float(t), labels).to(torch.float64)) / t
 
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         gamma = gamma_max if cfg.S_min <= t_cur <= cfg.S_max else 0.0
@@ -296,9 +306,10 @@ class ImageSampler:
     def __init__(self, net: torch.nn.Module, *, sigma_data: float, latent_channels: int, latent_size: int,
                  num_classes: int, sampler: SamplerConfig, decode: Callable[[torch.Tensor], torch.Tensor], seed: int = 0,
                  classes: Sequence[int] | None = None, device: torch.device | str | None = None,
-                 amp: str = "none"):
+                 amp: str = "none", compile: bool = False):
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
-        self.precond = Precond(net, sigma_data)
+        # one batch size and one latent size: a static graph per shape (a short last batch adds one)
+        self.precond = Precond(compile_network(net, num_shapes=2) if compile else net, sigma_data)
         self.shape = (latent_channels, latent_size, latent_size)
         self.num_classes = num_classes
         self.null_class = num_classes if num_classes > 0 else None
@@ -326,9 +337,28 @@ class ImageSampler:
         return x0, labels
 
     @torch.no_grad()
+    def start(self, indices: Sequence[int]) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """Queue the sampling and decoding of ``indices``; the returned call waits for the result.
+
+        Why: on a GPU nothing here waits for the device, so the job can queue the next batch
+        while this one's images are copied out and written (the decoder's ``start``, when it has
+        one, copies asynchronously). On the CPU the work is done before this returns.
+        """
+        x0, _ = self.latents(indices)
+        labels = self.labels(indices).numpy()
+        pending = self.decode.start(x0) if hasattr(self.decode, "start") else _done(self.decode(x0))
+
+        def result() -> tuple[np.ndarray, np.ndarray]:
+            imgs = pending()
+            imgs = imgs.numpy() if isinstance(imgs, torch.Tensor) else np.asarray(imgs)
+            return np.ascontiguousarray(imgs, dtype=np.uint8), labels
+
+        return result
+
     def images(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 (B, H, W, 3), int64 labels (B,)) on the CPU."""
-        x0, labels = self.latents(indices)
-        imgs = self.decode(x0)
-        imgs = imgs.cpu().numpy() if isinstance(imgs, torch.Tensor) else np.asarray(imgs)
-        return np.ascontiguousarray(imgs, dtype=np.uint8), labels.cpu().numpy()
+        return self.start(indices)()
+
+
+def _done(value: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: value.cpu()

@@ -10,6 +10,7 @@ while seeing more images.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -105,12 +106,19 @@ def coord_grid(R: int, device: torch.device | str | None = None, dtype: torch.dt
     """(2, R, R) coordinates of every cell of the full latent: ch0 = x (column), ch1 = y (row).
 
     Values are ``(index / (R - 1) - 0.5) * 2`` so the corners sit at -1 and +1 whatever R is;
-    R = 1 has no extent and gives zeros.
+    R = 1 has no extent and gives zeros. Made once per (R, device, dtype) and shared: callers
+    only take views of it (expand, gather), never write into it.
     """
-    idx = torch.arange(R, device=device, dtype=torch.float64)
-    v = (idx / (R - 1) - 0.5) * 2 if R > 1 else torch.zeros_like(idx)
-    v = v.to(dtype)
-    return torch.stack([v[None, :].expand(R, R), v[:, None].expand(R, R)])
+    return _grid(R, torch.device(device) if device is not None else torch.device("cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _grid(R: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if first asked for in inference
+        idx = torch.arange(R, device=device, dtype=torch.float64)
+        v = (idx / (R - 1) - 0.5) * 2 if R > 1 else torch.zeros_like(idx)
+        v = v.to(dtype)
+        return torch.stack([v[None, :].expand(R, R), v[:, None].expand(R, R)])
 
 
 def random_offsets(

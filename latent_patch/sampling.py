@@ -194,6 +194,11 @@ def check_settings(out_dir: str | Path, identity: dict) -> None:
 
 # --------------------------------------------------------------------------- the job
 
+def _write_when_done(out_dir: str | Path, indices: list[int], result: Any) -> Path:
+    images, labels = result()
+    return write_part(out_dir, indices, images, labels)
+
+
 def generate(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch_size: int,
              progress: bool = True) -> int:
     """Generate this rank's missing samples into ``OUT/parts``; returns how many it made."""
@@ -204,11 +209,12 @@ def generate(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, unit="img", disable=not (progress and info.is_main), dynamic_ncols=True,
                desc=f"sampling (rank 0 of {info.world_size}, {len(todo)} to do)")
-    writer = fsutil.BackgroundWriter(depth=2, name="sample-parts")  # the device never waits for npz + fsync
+    # the writer thread waits for each batch's images and writes its part, so the device never waits
+    # for the copy, npz or fsync: the next batch is queued meanwhile (at most 2 in flight)
+    writer = fsutil.BackgroundWriter(depth=2, name="sample-parts")
     try:
         for block in batches:
-            images, labels = sampler.images(block)
-            writer.submit(write_part, out_dir, list(block), images, labels)
+            writer.submit(_write_when_done, out_dir, list(block), sampler.start(block))
             bar.update(len(block))
     finally:
         writer.close()
@@ -316,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="VAE spec (hub id, folder, 'demo'); default: the manifest's")
     p.add_argument("--decode-dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp16 on GPU, fp32 on CPU")
     p.add_argument("--decode-batch-size", type=int, default=None, help="VAE decode chunk (default: the batch)")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast for the network")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast for the network (default auto: bf16 on a GPU, none on the CPU)")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="torch.compile the network, one static graph (default auto: on a GPU only)")
     s = p.add_argument_group("sampler (defaults: EDM 18-step Heun; --preset authors: 256 steps, churn 40, w 1.3)")
     s.add_argument("--preset", choices=["edm", "authors"], default="edm")
     s.add_argument("--steps", type=int, default=None)
@@ -349,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise SystemExit(f"--save {args.save}: only npz and png are known")
     dist.init_process_group()
     device = dist.default_device()
+    dist.configure_device(device)
+    amp = dist.resolve_amp(args.amp, device.type)
+    compiled = dist.resolve_compile({"true": True, "false": False}.get(args.compile, args.compile), device.type)
     ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
     net, cfg, manifest = checkpoint.load_inference_model(ckpt, use_ema=args.weights == "ema", device=device)
     codec = VAECodec.load(_vae_spec(manifest, args.vae), device, args.decode_dtype)
@@ -361,12 +373,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
                            sampler=sampler_cfg,
                            decode=make_decoder(codec, scale, shift, args.decode_batch_size,
                                                model_norm(cfg, manifest, ckpt)),
-                           seed=args.seed, classes=args.classes, device=device, amp=args.amp)
+                           seed=args.seed, classes=args.classes, device=device, amp=amp, compile=compiled)
     weights_file = ckpt / (checkpoint.EMA_FILE if args.weights == "ema" else checkpoint.MODEL_FILE)
     identity = {
         "weights_sha256": weights_fingerprint(weights_file), "weights": args.weights,
         "seed": args.seed, "classes": args.classes, "num_classes": cfg.model.num_classes,
-        "sampler": dataclasses.asdict(sampler_cfg), "amp": args.amp,
+        "sampler": dataclasses.asdict(sampler_cfg), "amp": amp, "compile": compiled,
         "vae": {"id": codec.name, "scaling_factor": scale, "shift_factor": shift,
                 "decode_dtype": str(codec.dtype).replace("torch.", "")},
         "device_type": device.type,  # CPU and CUDA generators draw different streams

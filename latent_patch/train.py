@@ -32,6 +32,7 @@ from . import checkpoint
 from . import config as config_mod
 from .codec import LatentNorm, draw_latent, latent_norm
 from .config import EMAConfig, OptimConfig, TrainConfig
+from .dist import compile_network, configure_device, resolve_compile, resolve_precision
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
 from .loader import build_loader
@@ -105,19 +106,21 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
 
 
 def build_accelerator(cfg: TrainConfig, with_trackers: bool = True):
-    """Accelerator for DDP over processes/nodes, autocast mixed precision, optional torch.compile."""
+    """Accelerator for DDP over processes/nodes and autocast mixed precision ("auto": bf16 on CUDA)."""
     from accelerate import Accelerator
 
-    mp = cfg.run.mixed_precision
-    if mp == "fp16" and not torch.cuda.is_available():
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mp = resolve_precision(cfg.run.mixed_precision, device_type)
+    if mp == "fp16" and device_type != "cuda":
         raise TrainingError("run.mixed_precision=fp16 needs a CUDA GPU (loss scaling); on the CPU use bf16 or no")
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it accelerate ignores a CPU torchrun's other processes
+    acc = Accelerator(
+        cpu=device_type != "cuda",  # without it accelerate ignores a CPU torchrun's other processes
         mixed_precision=mp,
         log_with="tensorboard" if (with_trackers and cfg.run.tensorboard) else None,
         project_dir=cfg.run.out_dir,
-        dynamo_backend="inductor" if cfg.run.compile else "no",
     )
+    configure_device(acc.device)
+    return acc
 
 
 def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader: Any,
@@ -138,9 +141,12 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
     with refusal("patch: "):  # a side that does not fit R or the model's patchify
         schedule = PatchSchedule(cfg.patch, R, multiple_of=patch_multiple(net))
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    cuda = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay, fused=True if cuda else None)
     prepared, optimizer = accelerator.prepare(net, optimizer)
+    if resolve_compile(cfg.run.compile, accelerator.device.type):
+        prepared = compile_network(prepared, cfg.run.compile_backend, num_shapes=len(schedule.sizes))
     ema.to(accelerator.device)
     schedule_gens = [torch.Generator().manual_seed(derive_seed(seed, r, "schedule")) for r in range(world)]
     gen = torch.Generator(accelerator.device).manual_seed(derive_seed(seed, rank, "step"))
@@ -314,7 +320,7 @@ def start_outputs(trainer: Trainer, ckpt: Path | None) -> None:
     n_params = sum(p.numel() for p in trainer.net.parameters())
     log.info("run %s | %s %s (%.1fM params) | latents %dx%dx%d | %d process(es) on %s | %s precision",
              cfg.run.out_dir, type(trainer.net).__name__, cfg.model.preset, n_params / 1e6, trainer.C, trainer.R,
-             trainer.R, acc.num_processes, acc.device, cfg.run.mixed_precision)
+             trainer.R, acc.num_processes, acc.device, acc.mixed_precision)
     log.info("batch: global %d = %d per process x %d processes x %d accumulation (x patch multiplier) | %s",
              cfg.optim.batch_size_global, cfg.data.batch_size, acc.num_processes, trainer.accum, trainer.schedule)
     if ckpt is not None:
@@ -323,7 +329,8 @@ def start_outputs(trainer: Trainer, ckpt: Path | None) -> None:
 
 
 def out_of_time(trainer: Trainer, start: float) -> bool:
-    """Has this invocation used up ``run.max_train_seconds``? Ranks agree (max over ranks)."""
+    """Has this invocation used up ``run.max_train_seconds``? Ranks agree (max over ranks); a
+    collective, so the loop asks only at its check points (about every NAN_CHECK_EVERY steps)."""
     budget = trainer.cfg.run.max_train_seconds
     if budget <= 0:
         return False
@@ -343,11 +350,14 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
             before = p.patches
             plan = plan_step(trainer)
             w.add(plan, train_step(trainer, plan))
-            stop = out_of_time(trainer, start)
+            # the host reads device values only at check points: log points and every NAN_CHECK_EVERY steps
+            log_due = crossed(before, p.patches, run.log_every_patches)
+            check_due = log_due or len(w.losses) % NAN_CHECK_EVERY == 0
+            stop = check_due and out_of_time(trainer, start)
             last = p.patches >= run.total_patches or stop
-            if len(w.losses) % NAN_CHECK_EVERY == 0:
+            if check_due and not (log_due or last):
                 flush_losses(trainer.accelerator, w, p.patches)  # long intervals still stop a diverged run soon
-            if crossed(before, p.patches, run.log_every_patches) or last:
+            if log_due or last:
                 log_window(trainer, w, flush_losses(trainer.accelerator, w, p.patches))
                 w = Window(first_step=p.step + 1)
             paused = time.perf_counter()

@@ -95,11 +95,26 @@ def test_grad_checkpointing_gives_the_same_gradients():
     ckpt = build_model(ModelConfig(preset="DiT-T/2", num_classes=10, grad_checkpointing=True))
     ckpt.load_state_dict(plain.state_dict())
     x, t, y = torch.randn(2, 6, 8, 8), torch.zeros(2), torch.tensor([0, 1])
-    for net in (plain, ckpt):
-        net(x, t, y).square().sum().backward()
+    from latent_patch.models import dit
+
+    runs, calls, real_forward = {}, [], dit.DiTBlock.forward
+
+    def counted(self, *args):
+        calls.append(1)
+        return real_forward(self, *args)
+
+    dit.DiTBlock.forward = counted
+    try:
+        for name, net in (("plain", plain), ("ckpt", ckpt)):
+            calls.clear()
+            net(x, t, y).square().sum().backward()
+            runs[name] = len(calls)
+    finally:
+        dit.DiTBlock.forward = real_forward
     for a, b in zip(plain.parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
-    assert ckpt.gradient_checkpointing
+    depth = len(ckpt.blocks)
+    assert runs == {"plain": depth, "ckpt": 2 * depth}  # every block recomputed once in the backward pass
 
 
 def test_edm_loss_trains_a_tiny_dit_on_patches():

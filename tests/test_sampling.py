@@ -448,3 +448,23 @@ def worker(argv=None) -> None:
 
 if __name__ == "__main__":
     worker()
+
+
+def test_queued_decode_gives_the_pixels_of_a_plain_decode(tmp_path, one_thread):
+    """The decoder's start() (what the job uses, so a GPU can queue the next batch meanwhile) and a
+    plain call give the same uint8 images, chunked or not; the sampler's start() the same batch."""
+    from latent_patch.codec import VAECodec, make_decoder
+
+    _tiny_vae(tmp_path / "vae")
+    vae = VAECodec.load(str(tmp_path / "vae"), "cpu")
+    z = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    decoder = make_decoder(vae, scaling_factor=0.3, batch_size=2)
+    plain = decoder(z)
+    assert plain.dtype == torch.uint8 and plain.shape == (5, 16, 16, 3)  # the tiny VAE upsamples 2x
+    assert torch.equal(decoder.start(z)(), plain)
+    assert torch.equal(make_decoder(vae, scaling_factor=0.3).start(z)(), plain)
+    sampler = edm.ImageSampler(tiny_net(), sigma_data=0.5, latent_channels=4, latent_size=8, num_classes=10,
+                               sampler=SamplerConfig(steps=3), decode=decoder, seed=3, device="cpu")
+    images, labels = sampler.start([4, 5, 6])()
+    again, labels2 = sampler.images([4, 5, 6])
+    assert np.array_equal(images, again) and np.array_equal(labels, labels2) and images.shape == (3, 16, 16, 3)

@@ -515,3 +515,78 @@ def test_channel_latent_norm_feeds_the_model_standardised_latents(tmp_path, monk
         train(tiny_cfg(data, tmp_path / "run2", "data.latent_norm=channel"))
     assert str(data) in str(err.value) and not (tmp_path / "run2" / "checkpoints").exists()
 
+
+
+# --------------------------------------------------------------------------- GPU-path properties, checked on the CPU
+
+def _counting_backend(log: list):
+    """A torch.compile backend that runs the captured graph as is and records each compilation."""
+    def backend(gm, example_inputs):
+        log.append(len(example_inputs))
+        return gm.forward
+    return backend
+
+
+def test_compiled_training_makes_one_graph_per_patch_side(shards, tmp_path, monkeypatch):
+    """3 patch sides: each side compiles when first drawn and never again (static shapes, cache big enough)."""
+    import torch._dynamo
+
+    import latent_patch.train as train_mod
+    from latent_patch import dist
+
+    compiles: list = []
+    real = dist.compile_network
+    monkeypatch.setattr(train_mod, "compile_network",
+                        lambda net, backend, num_shapes: real(net, _counting_backend(compiles), num_shapes))
+    torch._dynamo.reset()
+    cfg = tiny_cfg(shards, tmp_path / "run", "run.compile=true", "patch.sizes=[0.25, 0.5, 1.0]",
+                   "patch.probs=[0.34, 0.33, 0.33]")
+    trainer, _ = train_mod.prepare_run(cfg, None)
+    assert trainer.schedule.sizes == [2, 4, 8]
+    new_per_step = []
+    for _ in range(24):
+        plan, before = train_mod.plan_step(trainer), len(compiles)
+        assert torch.isfinite(train_mod.train_step(trainer, plan))
+        new_per_step.append((plan.size, len(compiles) - before))
+    seen = set()
+    for size, new in new_per_step:
+        assert (new > 0) == (size not in seen), new_per_step  # compiled at a side's first step only
+        seen.add(size)
+    assert seen == {2, 4, 8}
+    torch._dynamo.reset()
+
+
+def test_the_step_reads_no_device_value(shards, tmp_path, monkeypatch):
+    """Nothing in latent_patch/ pulls a tensor's value to the host during train_step (on a GPU that
+    would drain the queue every step); the loop asks the clock across ranks only at check points."""
+    import sys
+
+    import latent_patch.train as train_mod
+
+    reads = []
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if "/latent_patch/" in caller and not caller.endswith("loader.py"):  # loader: host data by design
+                reads.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return real(self, *a, **k)
+        return wrapper
+
+    cfg = tiny_cfg(shards, tmp_path / "run")
+    trainer, _ = train_mod.prepare_run(cfg, None)
+    for _ in range(4):
+        plan = train_mod.plan_step(trainer)  # host-side draws from CPU generators, by design
+        for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, spy(name))
+        train_mod.train_step(trainer, plan)
+        monkeypatch.undo()
+    assert reads == []
+    calls = []
+    real_oot = train_mod.out_of_time
+    monkeypatch.setattr(train_mod, "out_of_time", lambda *a: calls.append(1) or real_oot(*a))
+    progress = train(tiny_cfg(shards, tmp_path / "run2", "run.total_patches=2400", "run.log_every_patches=100000",
+                              "run.ckpt_every_patches=100000", "run.max_train_seconds=3600"))
+    assert progress.step > 60 and len(calls) <= progress.step // train_mod.NAN_CHECK_EVERY + 1

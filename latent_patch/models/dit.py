@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -26,9 +27,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def sincos(u: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(..., dim) sin-cos features of continuous positions ``u``: periods 2*pi .. 2*pi*max_period (DiT's)."""
-    omega = max_period ** (-torch.arange(dim // 2, device=u.device, dtype=torch.float32) / (dim // 2))
+def frequencies(dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """The dim/2 angular frequencies of a sin-cos embedding: periods 2*pi .. 2*pi*max_period (DiT's)."""
+    return max_period ** (-torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+
+
+def sincos(u: torch.Tensor, dim: int, omega: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., dim) sin-cos features of continuous positions ``u`` (``omega``: precomputed frequencies)."""
+    omega = frequencies(dim).to(u.device) if omega is None else omega
     angle = u.float()[..., None] * omega
     return torch.cat([angle.sin(), angle.cos()], dim=-1)
 
@@ -116,6 +122,8 @@ class DiT(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.gradient_checkpointing = False
+        # made once (moves with the model), not at every step; not saved: a function of hidden_size
+        self.register_buffer("pos_freq", frequencies(hidden_size // 2), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -136,6 +144,16 @@ class DiT(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in the backward pass (memory for compute).
+
+        Our own switch and ``torch.utils.checkpoint``, not diffusers' hooks: those changed in
+        diffusers 0.33 (``_gradient_checkpointing_func``), and pyproject allows 0.32."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
     def pos_embed(self, coords: torch.Tensor) -> torch.Tensor:
         """(B, T, D) float32 sin-cos embedding of each token's mean GLOBAL (x, y) coordinate.
 
@@ -145,7 +163,7 @@ class DiT(ModelMixin, ConfigMixin):
         p, D = self.patch_size, self.config.hidden_size
         centre = F.avg_pool2d(coords.float(), p)  # (B, 2, h, w), token-cell means
         u = ((centre + 1) * self.pos_scale).flatten(2)  # (B, 2, T) in full-latent token units
-        return torch.cat([sincos(u[:, 0], D // 2), sincos(u[:, 1], D // 2)], dim=-1)
+        return torch.cat([sincos(u[:, 0], D // 2, self.pos_freq), sincos(u[:, 1], D // 2, self.pos_freq)], dim=-1)
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w, p*p*C) -> (B, C, h*p, w*p)."""
@@ -164,7 +182,7 @@ class DiT(ModelMixin, ConfigMixin):
         c = self.t_embedder(t) + self.y_embedder(class_labels)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, c)
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, use_reentrant=False)
             else:
                 tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c), H // p, W // p)
