@@ -1,0 +1,113 @@
+"""The GPU benchmark suite (benchmarks/gpu_suite.py) at its CPU sizes: every stage prints its JSON
+line with measured, positive figures, the last line is one JSON object, and one failing stage is
+reported without stopping the others. The rented GPU has minutes, not hours: a suite that breaks
+there must have broken here first."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "gpu_suite.py"
+STAGES = ["peak", "train_T2_eager", "sample", "encode", "pipeline", "train_T2_compiled", "sample_compiled"]
+
+
+def json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            out.append(json.loads(line))
+    return out
+
+
+def positive(record: dict, *keys: str) -> None:
+    for key in keys:
+        value = record
+        for part in key.split("."):
+            value = value[part]
+        assert isinstance(value, (int, float)) and value > 0, f"{record['stage']}: {key} = {value!r}"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One ``--quick`` run (every stage at tiny sizes, the compiled one skipped): about 30 s."""
+    out = tmp_path_factory.mktemp("gpu_suite")
+    proc = subprocess.run([sys.executable, str(SUITE), "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=170)
+    return proc, out
+
+
+def test_quick_run_prints_one_measured_line_per_stage(quick_run) -> None:
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = json_lines(proc.stdout)
+    stages = [r for r in records if "stage" in r]
+    assert [r["stage"] for r in stages] == STAGES
+    by = {r["stage"]: r for r in stages}
+    assert not any("error" in r for r in stages), [r.get("error") for r in stages]
+    positive(by["peak"], "tflops")
+    positive(by["train_T2_eager"], "latents_s", "patches_s", "full.step_s", "patch.step_s", "tflops",
+             "share_of_peak", "patch.share_of_peak")
+    assert by["train_T2_eager"]["patch"]["batch"] == 2 * by["train_T2_eager"]["full"]["batch"]
+    sample = by["sample"]
+    positive(sample, "images_s", "hours_50k", "forward_only_images_s", "tflops", "share_of_peak")
+    assert sample["nfe_per_batch"] == 2 * sample["steps"] - 1  # Heun
+    assert sample["forward_batch"] == 2 * sample["batch"]  # guidance: one pass of 2B
+    positive(by["encode"], "pipeline_img_s", "vae_img_s", "ratio", "tflops", "share_of_peak")
+    pipe = by["pipeline"]
+    positive(pipe, "encode_s", "train_s", "train_resume_s", "sample_s", "resumed_from_step")
+    assert pipe["resume_continued"] and pipe["final_step"] > pipe["resumed_from_step"] > 0
+    assert "skipped" in by["train_T2_compiled"] and "skipped" in by["sample_compiled"]  # --quick
+    for word in ("sampl", "encod", "train"):
+        assert word in proc.stdout.lower()
+
+
+def test_quick_run_ends_with_a_summary(quick_run) -> None:
+    proc, out = quick_run
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["ok"] is True and last["failed"] == [] and list(last["stages"]) == STAGES
+    assert last["skipped"] == ["train_T2_compiled", "sample_compiled"]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["stages"].keys() == last["stages"].keys()
+    assert "stage pipeline: running" in (out / "gpu_suite.log").read_text()
+
+
+def load_suite():
+    """The suite as a module (benchmarks/ is no package); registered first, as dataclasses need."""
+    name = "gpu_suite_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SUITE)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def test_a_failing_stage_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, capsys) -> None:
+    suite = load_suite()
+
+    def boom(_suite):
+        raise RuntimeError("deliberate failure")
+
+    stages = [suite.Stage("broken", boom), suite.Stage("after", lambda _s: {"value": 1.0})]
+    monkeypatch.setattr(suite, "all_stages", lambda sizes: stages)
+    assert suite.main(["--dry", "--out", str(tmp_path)]) == 1
+    records = json_lines(capsys.readouterr().out)
+    assert records[0]["stage"] == "broken" and "deliberate failure" in records[0]["error"]
+    assert records[1] == {"stage": "after", "value": 1.0, "wall_s": records[1]["wall_s"]}
+    assert records[-1]["failed"] == ["broken"] and records[-1]["ok"] is False
+
+
+def test_only_refuses_an_unknown_stage() -> None:
+    suite = load_suite()
+    with pytest.raises(SystemExit, match="no such stage"):
+        suite.main(["--dry", "--only", "trian"])
+    picked = [s.name for s in suite.select(suite.all_stages(suite.GPU), "train_XL2,sample")]
+    assert picked == ["peak", "train_XL2_eager", "sample", "sample_compiled", "train_XL2_compiled"]
