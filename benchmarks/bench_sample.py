@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from latent_patch import edm, sampling  # noqa: E402
 from latent_patch.codec import VAECodec, make_decoder  # noqa: E402
 from latent_patch.edm import SamplerConfig  # noqa: E402
-from latent_patch.models import ModelConfig, build_model  # noqa: E402
+from latent_patch.models import ModelConfig, build_model, forward_flops  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense BF16 tensor-core peak (no sparsity)
 ASSUMED_MFU = 0.40  # sustained share of peak for inference forwards at large batch (assumption)
@@ -109,19 +109,6 @@ def run(sampler, counting, net, decode, B: int, fwd_batch: int, mcfg: ModelConfi
 
 # --------------------------------------------------------------------------- FLOP estimate
 
-def forward_flops(preset: str, latent_size: int = 32, channels: int = 4, classes: int = 1000) -> float:
-    """FLOPs (2 x multiply-adds) of one forward at batch 1, counted on meta tensors (no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        net = build_model(ModelConfig(preset=preset, latent_channels=channels, latent_size=latent_size, num_classes=classes))
-        x = torch.empty(1, channels + 2, latent_size, latent_size)
-        args = (x, torch.empty(1), torch.zeros(1, dtype=torch.long))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(*args)
-    return float(counter.get_total_flops())
-
-
 def vae_decode_flops(latent_size: int = 32) -> float:
     """FLOPs of one SD-VAE decode (the sd-vae-ft-ema architecture) at batch 1."""
     from diffusers import AutoencoderKL
@@ -143,7 +130,7 @@ def h100_estimates(n: int = 50_000) -> dict:
                                f"every forward; FLOPs = 2 x MACs from FlopCounterMode; +1 SD-VAE decode per image",
            "sd_vae_decode_gflops": round(dec / 1e9, 1)}
     for key, preset in (("dit_xl2", "DiT-XL/2"), ("adm_unet", "adm-imagenet256")):
-        fwd = forward_flops(preset)
+        fwd = forward_flops(ModelConfig(preset=preset))
         out[f"{key}_fwd_gflops"] = round(fwd / 1e9, 1)
         for label, nfe in (("heun18", 35), ("authors256", 511)):
             total = n * (nfe * 2 * fwd + dec)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latent_patch import config  # noqa: E402
 from latent_patch.loader import DatasetInfo, MemoryLoader  # noqa: E402
-from latent_patch.models import ModelConfig, build_model  # noqa: E402
+from latent_patch.models import ModelConfig, forward_flops  # noqa: E402
 from latent_patch.patches import PatchConfig, PatchSchedule  # noqa: E402
 from latent_patch.config import TrainConfig  # noqa: E402
 from latent_patch.train import StepPlan, build_accelerator, build_trainer, train_step  # noqa: E402
@@ -40,20 +40,6 @@ ASSUMED_MFU = 0.40
 
 
 # --------------------------------------------------------------------------- FLOP estimates
-
-def forward_flops(cfg: ModelConfig, side: int | None = None) -> float:
-    """Forward FLOPs of one sample at ``side`` (default: the full latent), counted by
-    torch.utils.flop_counter on meta tensors (no compute, no memory). Matmuls count 2 per MAC."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    side = side or cfg.latent_size
-    with torch.device("meta"):
-        net = build_model(cfg)
-        x = torch.zeros(1, cfg.latent_channels + 2, side, side)
-        with FlopCounterMode(display=False) as counter:
-            net(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
-    return float(counter.get_total_flops())
-
 
 def h100_estimate(preset: str, batch: int = 256, mfu: float = ASSUMED_MFU) -> dict:
     """Step time on one H100 for a full-latent step and the mean of the {R/2, R} schedule.

@@ -84,14 +84,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "benchmarks"))  # benchmarks/ is no package: its helpers by module name
 
-from bench_train import forward_flops, synthetic_loader  # noqa: E402
+from bench_train import synthetic_loader  # noqa: E402
 from latent_patch import config, sampling  # noqa: E402
 from latent_patch.codec import VAECodec, make_decoder, parse_dtype  # noqa: E402
 from latent_patch.config import EncodeConfig, SamplerConfig, TrainConfig  # noqa: E402
 from latent_patch.dist import autocast  # noqa: E402
 from latent_patch.edm import ImageSampler  # noqa: E402
 from latent_patch.encode import run_encode  # noqa: E402
-from latent_patch.models import ModelConfig, build_model  # noqa: E402
+from latent_patch.models import ModelConfig, build_model, forward_flops  # noqa: E402
 from latent_patch.train import StepPlan, build_accelerator, build_trainer, train_step  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)

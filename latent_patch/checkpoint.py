@@ -434,7 +434,8 @@ def save_run(run: RunState) -> Path:
     return final
 
 
-RUNTIME_MODEL_KEYS = ("grad_checkpointing", "dropout")  # may change on resume: the weights still fit
+# may change on resume: the weights still fit (routing changes which tokens train, not the weights' shapes)
+RUNTIME_MODEL_KEYS = ("grad_checkpointing", "dropout", "route_ratio", "route_start", "route_end")
 
 
 def check_same_model(ckpt: Path, cfg: TrainConfig) -> None:

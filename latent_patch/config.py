@@ -329,8 +329,9 @@ class ModelConfig:
     latent_channels: C of the latent (the net gets C + 2 inputs, the coordinates, and gives C outputs).
     latent_size: side R of the FULL latent (fixes DiT's position scale and the U-Net's attention levels).
     dropout: None keeps the preset's value.
-    Overrides (None keeps the preset's value); DiT: hidden, depth, heads, patch, mlp_ratio;
-    U-Net: channels, channel_mult, num_blocks, attn_resolutions, head_channels.
+    Overrides (None keeps the preset's value); DiT: hidden, depth, heads, patch, mlp_ratio,
+    route_ratio, route_start, route_end; U-Net: channels, channel_mult, num_blocks,
+    attn_resolutions, head_channels.
     """
 
     preset: str = "DiT-B/2"
@@ -350,6 +351,11 @@ class ModelConfig:
     num_blocks: int | None = None
     attn_resolutions: list[int] | None = None
     head_channels: int | None = None
+    # DiT token routing (TREAD), training only: route_ratio of each sample's tokens skip blocks
+    # route_start..route_end (0-based, inclusive) and rejoin unchanged; None / 0: off
+    route_ratio: float | None = None
+    route_start: int | None = None
+    route_end: int | None = None
 
 
 @dataclass

@@ -65,7 +65,8 @@ class Precond(nn.Module):
         self.sigma_data = sigma_data
 
     def forward(
-        self, x_noisy: torch.Tensor, sigma: torch.Tensor | float, coords: torch.Tensor, class_labels: torch.Tensor
+        self, x_noisy: torch.Tensor, sigma: torch.Tensor | float, coords: torch.Tensor, class_labels: torch.Tensor,
+        route: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x_noisy.to(torch.float32)
         B = x.shape[0]
@@ -74,7 +75,8 @@ class Precond(nn.Module):
         if coords.dim() == 3:
             coords = coords.expand(B, *coords.shape)
         inp = torch.cat([c_in.view(-1, 1, 1, 1) * x, coords.to(x)], dim=1)
-        out = self.net(inp.to(self._dtype()), c_noise, class_labels)
+        extra = {} if route is None else {"route": route}  # token routing (DiT, training only)
+        out = self.net(inp.to(self._dtype()), c_noise, class_labels, **extra)
         return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * out.to(torch.float32)
 
     def _dtype(self) -> torch.dtype:
@@ -100,12 +102,14 @@ def edm_loss(
     label_dropout: float = 0.1,
     P_mean: float = -1.2,
     P_std: float = 1.2,
+    route: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample EDM loss (B,): weight(sigma) * mean over C,H,W of (D(y + n, sigma) - y)^2.
 
     sigma ~ exp(N(P_mean, P_std)). With probability ``label_dropout`` a label becomes the null
     class ``num_classes``, which trains the unconditional branch that guidance needs (the public
     Patch Diffusion code has none). Random draws come from ``generator`` (on its own device).
+    ``route``: a DiT's token routing for this batch (``models.dit.draw_route``); the loss is on all tokens.
     """
     B, dev = y.shape[0], _device_of(generator, y.device)
     sigma = (torch.randn(B, generator=generator, device=dev) * P_std + P_mean).exp().to(y.device)
@@ -114,7 +118,8 @@ def edm_loss(
         drop = (torch.rand(B, generator=generator, device=dev) < label_dropout).to(y.device)
         labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
     y = y.to(torch.float32)
-    D = precond(y + noise * sigma.view(-1, 1, 1, 1), sigma, coords, labels)
+    x_noisy = y + noise * sigma.view(-1, 1, 1, 1)
+    D = precond(x_noisy, sigma, coords, labels) if route is None else precond(x_noisy, sigma, coords, labels, route)
     return loss_weight(sigma, precond.sigma_data) * (D - y).square().mean(dim=(1, 2, 3))
 
 

@@ -122,14 +122,20 @@ def _grid(R: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def random_offsets(
-    batch: int, R: int, size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    batch: int, R: int, size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    step: int = 1,
 ) -> torch.Tensor:
-    """(B, 2) int64 crop offsets (row, col), each uniform over 0..R-size, independent per sample.
+    """(B, 2) int64 crop offsets (row, col), each uniform over the multiples of ``step`` in
+    0..R-size, independent per sample.
 
+    ``step``: a DiT's patchify p, so a patch's tokens group the same cells, and get the same
+    position embeddings, as the tokens at that place in the full latent (an offset off the token
+    grid shifts the grouping: tokens the full grid never has at sampling). A U-Net takes step 1.
     Drawn on the generator's device (so a CPU generator works with CUDA data) and moved to ``device``.
     """
     gen_device = generator.device if generator is not None else device
-    off = torch.randint(0, R - size + 1, (batch, 2), generator=generator, device=gen_device)
+    off = torch.randint(0, (R - size) // step + 1, (batch, 2), generator=generator, device=gen_device)
+    off = off * step if step != 1 else off
     return off.to(device) if device is not None else off
 
 
@@ -153,9 +159,10 @@ def crop(x: torch.Tensor, offsets: torch.Tensor, size: int) -> tuple[torch.Tenso
 
 
 def random_crops(
-    x: torch.Tensor, size: int, generator: torch.Generator | None = None
+    x: torch.Tensor, size: int, generator: torch.Generator | None = None, step: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random size x size patches of ``x`` (B, C, R, R), one offset per sample, with their coordinates.
+    """Random size x size patches of ``x`` (B, C, R, R), one offset per sample (multiples of
+    ``step``, see :func:`random_offsets`), with their coordinates.
 
     ``size == R`` returns ``x`` itself and the full grid expanded over the batch (no copy).
     """
@@ -166,7 +173,7 @@ def random_crops(
         raise ValueError(f"patch size {size} does not fit latent side {H}")
     if size == H:
         return x, coord_grid(H, x.device, _coord_dtype(x)).expand(B, 2, H, H)
-    return crop(x, random_offsets(B, H, size, generator, x.device), size)
+    return crop(x, random_offsets(B, H, size, generator, x.device, step), size)
 
 
 def _coord_dtype(x: torch.Tensor) -> torch.dtype:

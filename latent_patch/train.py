@@ -36,7 +36,8 @@ from .dist import compile_network, configure_device, resolve_compile, resolve_pr
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
 from .loader import build_loader
-from .models import build_model, check_latents_fit, enable_grad_checkpointing, patch_multiple
+from .models import build_model, check_latents_fit, enable_grad_checkpointing, offset_multiple, patch_multiple
+from .models.dit import draw_route
 from .monitor import (
     NAN_CHECK_EVERY, TrainingError, Window, check_finite_weights, close_logging, crossed, flush_losses, log,
     log_window, setup_logging, trim_log,
@@ -83,6 +84,8 @@ class Trainer:
     shift_factor: float
     manifest: dict | None = None
     norm: LatentNorm | None = None  # data.latent_norm=channel; None: the VAE's scaling only
+    offset_step: int = 1  # crop offsets are multiples of this (DiT: its patchify; see patches.random_offsets)
+    route_ratio: float = 0.0  # DiT token routing (model.route_ratio); 0: every token through every block
     progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
 
     @property
@@ -158,7 +161,7 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
         optimizer=optimizer, batches=batches, loader=loader, schedule=schedule, schedule_gens=schedule_gens,
         gen=gen, accum=accumulation_steps(cfg, world), R=R, C=C,
         scaling_factor=float(vae["scaling_factor"]), shift_factor=float(vae.get("shift_factor") or 0.0),
-        manifest=manifest, norm=norm,
+        manifest=manifest, norm=norm, offset_step=offset_multiple(net), route_ratio=cfg.model.route_ratio or 0.0,
     )
 
 
@@ -217,11 +220,14 @@ def micro_batch_loss(trainer: Trainer, size: int, mult: int) -> torch.Tensor:
     tr, edm = trainer, trainer.cfg.edm
     mean, std, labels = next_batch(tr, mult)
     posterior = torch.cat([mean, std], dim=1).float()
-    crops, coords = random_crops(posterior, size, generator=tr.gen)
+    crops, coords = random_crops(posterior, size, generator=tr.gen, step=tr.offset_step)
     z = draw_latent(crops[:, : tr.C], crops[:, tr.C :], tr.scaling_factor, tr.shift_factor, generator=tr.gen)
     z = tr.norm.apply(z) if tr.norm is not None else z
+    route = None
+    if tr.route_ratio > 0:  # which tokens skip the routed blocks: drawn from the step's generator
+        route = draw_route(len(z), (size // tr.offset_step) ** 2, generator=tr.gen, device=z.device)
     return edm_loss(tr.precond, z, coords, labels, generator=tr.gen, num_classes=tr.cfg.model.num_classes,
-                    label_dropout=edm.label_dropout, P_mean=edm.P_mean, P_std=edm.P_std)
+                    label_dropout=edm.label_dropout, P_mean=edm.P_mean, P_std=edm.P_std, route=route)
 
 
 def train_step(trainer: Trainer, plan: StepPlan) -> torch.Tensor:

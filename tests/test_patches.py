@@ -145,3 +145,36 @@ def test_patch_config_through_the_config_loader():
     cfg = config.load(PatchConfig, overrides=["sizes=[8, 16, 1]", "probs=[0.25, 0.25, 0.5]"])
     sched = PatchSchedule(cfg, R=32)
     assert sched.sizes == [8, 16, 32] and sched.multipliers == [4, 2, 1]
+
+
+def test_dit_patch_tokens_are_the_full_latents_tokens_at_every_drawable_offset():
+    """Issue 12: for every offset the trainer can draw for a DiT, each token of a patch groups the
+    same cells and has the same position embedding as the token at that place in the full latent."""
+    from latent_patch.config import ModelConfig
+    from latent_patch.models import build_model, offset_multiple
+
+    torch.manual_seed(0)
+    R, s = 16, 8
+    net = build_model(ModelConfig(preset="DiT-T/2", latent_size=R, num_classes=10))
+    p = offset_multiple(net)
+    assert p == net.patch_size == 2
+    g = torch.Generator().manual_seed(1)
+    drawn = {tuple(o) for o in random_offsets(4000, R, s, g, step=p).tolist()}
+    assert drawn == {(r, c) for r in range(0, R - s + 1, p) for c in range(0, R - s + 1, p)}  # all of them, only them
+    x = torch.cat([torch.randn(1, 4, R, R), coord_grid(R)[None]], dim=1)
+    full_tokens = net.x_embedder(x)  # (1, D, R/p, R/p): cells grouped on the full grid
+    full_pos = net.pos_embed(x[:, -2:]).view(1, R // p, R // p, -1)
+    for r, c in sorted(drawn):
+        patch, coords = crop(x[:, :4], torch.tensor([[r, c]]), s)
+        px = torch.cat([patch, coords], dim=1)
+        window = (slice(r // p, (r + s) // p), slice(c // p, (c + s) // p))
+        torch.testing.assert_close(net.x_embedder(px), full_tokens[:, :, window[0], window[1]])
+        torch.testing.assert_close(net.pos_embed(coords).view(1, s // p, s // p, -1), full_pos[:, window[0], window[1]])
+    odd, odd_coords = crop(x[:, :4], torch.tensor([[1, 1]]), s)  # off the token grid: a different grouping
+    assert not torch.allclose(net.pos_embed(odd_coords).view(1, s // p, s // p, -1), full_pos[:, :s // p, :s // p])
+
+
+def test_unet_offsets_stay_any_cell():
+    g = torch.Generator().manual_seed(0)
+    drawn = {tuple(o) for o in random_offsets(2000, 8, 4, g).tolist()}
+    assert drawn == {(r, c) for r in range(5) for c in range(5)}

@@ -590,3 +590,35 @@ def test_the_step_reads_no_device_value(shards, tmp_path, monkeypatch):
     progress = train(tiny_cfg(shards, tmp_path / "run2", "run.total_patches=2400", "run.log_every_patches=100000",
                               "run.ckpt_every_patches=100000", "run.max_train_seconds=3600"))
     assert progress.step > 60 and len(calls) <= progress.step // train_mod.NAN_CHECK_EVERY + 1
+
+
+def test_dit_training_crops_on_the_token_grid(shards, tmp_path, monkeypatch):
+    """The trainer crops a DiT's patches at multiples of its patchify (issue 12); a U-Net anywhere."""
+    import latent_patch.train as train_mod
+
+    steps = []
+    real = train_mod.random_crops
+    monkeypatch.setattr(train_mod, "random_crops", lambda x, size, generator, step: steps.append(step) or real(
+        x, size, generator, step))
+    for config_name, want in (("tiny_cpu_dit.yaml", 2), ("tiny_cpu_unet.yaml", 1)):
+        cfg = config.load(TrainConfig, ROOT / "configs" / config_name,
+                          [f"data.shards={shards}", f"run.out_dir={tmp_path / config_name}", "run.tensorboard=false"])
+        trainer, _ = train_mod.prepare_run(cfg, None)
+        steps.clear()
+        train_mod.train_step(trainer, train_mod.plan_step(trainer))
+        assert steps and set(steps) == {want}, config_name
+
+
+def test_routed_training_resumes_exactly(shards, tmp_path):
+    """model.route_ratio draws its routes from the step's generator: an interrupted and resumed
+    run logs the same losses as an uninterrupted one, and routing does change the training."""
+    route = ["model.depth=4", "model.route_ratio=0.5", "model.route_start=1", "model.route_end=2"]
+    every = ["run.log_every_patches=1", "run.ckpt_every_patches=160"]
+    train(tiny_cfg(shards, tmp_path / "whole", *route, *every, "run.total_patches=320"))
+    train(tiny_cfg(shards, tmp_path / "split", *route, *every, "run.total_patches=160"))
+    train(tiny_cfg(shards, tmp_path / "split", *route, *every, "run.total_patches=320"), "auto")
+    train(tiny_cfg(shards, tmp_path / "plain", "model.depth=4", *every, "run.total_patches=320"))
+    whole, split, plain = metrics(tmp_path / "whole"), metrics(tmp_path / "split"), metrics(tmp_path / "plain")
+    assert sorted(whole) == sorted(split) and len(whole) > 10
+    assert all(whole[s]["loss"] == split[s]["loss"] for s in whole)
+    assert any(whole[s]["loss"] != plain[s]["loss"] for s in whole if s > 1)

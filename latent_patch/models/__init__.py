@@ -19,7 +19,7 @@ from .dit import DiT
 from .unet import ADMUNet, build_adm_unet
 
 __all__ = ["ModelConfig", "Preset", "PRESETS", "register_preset", "build_model", "count_params", "DiT", "ADMUNet",
-           "patch_multiple", "enable_grad_checkpointing", "check_latents_fit"]
+           "patch_multiple", "offset_multiple", "enable_grad_checkpointing", "check_latents_fit", "forward_flops"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ PRESETS: dict[str, Preset] = {}
 _OVERRIDES: dict[str, dict[str, str]] = {
     "dit": {
         "hidden": "hidden_size", "depth": "depth", "heads": "num_heads", "patch": "patch_size", "mlp_ratio": "mlp_ratio",
+        "route_ratio": "route_ratio", "route_start": "route_start", "route_end": "route_end",
     },
     "unet": {k: k for k in ("channels", "channel_mult", "num_blocks", "attn_resolutions", "head_channels")},
 }
@@ -124,6 +125,12 @@ def patch_multiple(net: nn.Module) -> int:
     return 2 ** (len(levels) - 1) if levels else 1
 
 
+def offset_multiple(net: nn.Module) -> int:
+    """Crop offsets the network needs: DiT's patchify p (tokens on the full latent's token grid);
+    any offset for a U-Net (its convolutions have no grid)."""
+    return int(net.patch_size) if hasattr(net, "patch_size") else 1
+
+
 def enable_grad_checkpointing(net: nn.Module) -> None:
     """Trade compute for memory; models expose it the diffusers way (or set_grad_checkpointing)."""
     if hasattr(net, "enable_gradient_checkpointing"):
@@ -152,3 +159,27 @@ def check_latents_fit(cfg: ModelConfig, manifest: dict, source: str) -> tuple[in
         raise ValueError(f"{source}: shards have {n} classes but model.num_classes={cfg.num_classes}; "
                          f"set model.num_classes={n}")
     return C, h
+
+
+def forward_flops(cfg: ModelConfig, side: int | None = None, routed: bool = False) -> float:
+    """Forward FLOPs of one sample at patch ``side`` (default: the full latent), counted by
+    ``torch.utils.flop_counter`` on meta tensors (no compute, no memory; matmuls count 2 per MAC).
+
+    ``routed``: as in training with ``model.route_ratio`` (fewer tokens in the routed blocks);
+    sampling never routes. Training costs about 3x this (backward ~ 2x forward).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .dit import draw_route
+
+    side = side or cfg.latent_size
+    with torch.device("meta"):
+        net = build_model(cfg)
+        x = torch.zeros(1, cfg.latent_channels + 2, side, side)
+        extra = {}
+        if routed and (cfg.route_ratio or 0) > 0:
+            extra["route"] = draw_route(1, (side // net.patch_size) ** 2, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            net(x, torch.zeros(1), torch.zeros(1, dtype=torch.long), **extra)
+    return float(counter.get_total_flops())

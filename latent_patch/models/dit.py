@@ -4,10 +4,13 @@ Differences from the original DiT, all for Patch Diffusion:
 - Input is ``cat(c_in * x_noisy, coords)`` (C + 2 channels); output has C channels (no learned sigma).
 - A token's position embedding is not looked up by its index in the input but computed from the
   coordinate channels: the coordinates are averaged over each p x p token cell, mapped to
-  token-grid units of the FULL latent, and fed to a 2D sin-cos embedding. A token therefore has
-  the same embedding in a 16 x 16 patch as at the same place in the 32 x 32 latent, and any
-  input side divisible by p works.
+  token-grid units of the FULL latent, and fed to a 2D sin-cos embedding. A token of a patch cut
+  at an offset that is a multiple of p (how training crops for a DiT: ``models.offset_multiple``)
+  groups the same cells and has the same embedding as the token at that place in the full latent
+  (tested for every offset); any input side divisible by p works.
 - Time is EDM's c_noise = ln(sigma) / 4 (see ``time_scale``), the class table has a null row.
+- Optional token routing in training (TREAD, Krause et al. 2025): ``route_ratio`` of each
+  sample's tokens skip blocks ``route_start..route_end`` and rejoin unchanged (see ``forward``).
 """
 
 from __future__ import annotations
@@ -108,10 +111,14 @@ class DiT(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         time_scale: float = 1000.0,
         freq_dim: int = 256,
+        route_ratio: float = 0.0,
+        route_start: int | None = None,
+        route_end: int | None = None,
     ) -> None:
         super().__init__()
         if hidden_size % 4 or hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 and by num_heads {num_heads}")
+        check_route(route_ratio, route_start, route_end, depth)
         self.patch_size = patch_size
         self.out_channels = out_channels
         self.pos_scale = (latent_size - 1) / (2 * patch_size)  # [-1, 1] -> full-latent token units
@@ -171,7 +178,13 @@ class DiT(ModelMixin, ConfigMixin):
         x = tokens.view(tokens.shape[0], h, w, p, p, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], C, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor,
+                route: torch.Tensor | None = None) -> torch.Tensor:
+        """``route`` (training only, from :func:`draw_route`): a per-sample token permutation; its
+        first ``routed_keep(T)`` tokens go through blocks route_start..route_end, the others skip
+        them and rejoin after route_end with their representation from before route_start
+        (position embeddings were added before, so a rejoining token keeps its place). Without
+        ``route`` (sampling) every token goes through every block."""
         p = self.patch_size
         B, _, H, W = x.shape
         if H % p or W % p:
@@ -180,9 +193,39 @@ class DiT(ModelMixin, ConfigMixin):
         tokens = tokens + self.pos_embed(x[:, -2:]).to(tokens.dtype)
         t = self.t_proj(c_noise.reshape(-1).expand(B)).to(tokens.dtype)
         c = self.t_embedder(t) + self.y_embedder(class_labels)
-        for block in self.blocks:
+        cfg = self.config
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == cfg.route_start:
+                keep = route[:, :routed_keep(tokens.shape[1], cfg.route_ratio), None].expand(-1, -1, tokens.shape[2])
+                skipped, tokens = tokens, tokens.gather(1, keep)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, use_reentrant=False)
             else:
                 tokens = block(tokens, c)
+            if route is not None and i == cfg.route_end:
+                tokens = skipped.scatter(1, keep, tokens)
         return self.unpatchify(self.final_layer(tokens, c), H // p, W // p)
+
+
+def check_route(ratio: float, start: int | None, end: int | None, depth: int) -> None:
+    """Refuse a routing that cannot work, naming the config keys."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"model.route_ratio={ratio} must lie in [0, 1)")
+    if ratio > 0 and (start is None or end is None or not 0 <= start <= end < depth):
+        raise ValueError(f"model.route_ratio={ratio} needs 0 <= model.route_start <= model.route_end < depth {depth} "
+                         f"(the first and last block the kept tokens go through alone); got {start}, {end}")
+
+
+def routed_keep(tokens: int, ratio: float) -> int:
+    """Tokens that go through the routed blocks: all but floor(tokens x ratio) (TREAD's count)."""
+    return tokens - int(tokens * ratio)
+
+
+def draw_route(batch: int, tokens: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, T) int64: an independent random permutation of the token indices per sample (its
+    first ``routed_keep`` entries are the kept tokens). Drawn from the training step's generator,
+    so a resumed run draws the same routes; its shape is fixed by T, so compiled graphs stay static."""
+    gen_device = generator.device if generator is not None else device
+    noise = torch.rand(batch, tokens, generator=generator, device=gen_device)
+    return noise.argsort(dim=1).to(device) if device is not None else noise.argsort(dim=1)
