@@ -1,20 +1,29 @@
-"""The paper's claim in miniature, on real data: patch training vs full-latent training.
+"""What does patch training (or token routing) buy? Quality against TRAINING COMPUTE, with seeds.
 
-One run trains the same model twice from the same seed on the embedded Fashion-MNIST latents
-(the demo VAE, 4 x 16 x 16): once on full latents (patch.sizes=[1.0]) and once with the paper's
-latent schedule ({R/2: 0.5, R: 0.5}, batch x R/s). Each gets the same wall-clock TRAINING budget,
-cut into equal chunks; after every chunk both are evaluated at the same point (evaluation time
-excluded): Frechet distance of the demo classifier's features against the held-out test images,
-and the class accuracy of the generated samples. Because resume is exact, training in chunks is
-the same as training in one go.
+Every arm trains on the embedded Fashion-MNIST latents (the demo VAE, 4 x 16 x 16) to the same
+budget of training FLOPs for its model family (3 x forward FLOPs of every patch at its side and
+route setting, counted once per side by ``models.forward_flops``: the count, and so the result,
+does not depend on the machine or its load). At equal FLOP fractions of the budget each run is
+evaluated the same way: FD of the demo classifier's features against the held-out test images,
+and the class accuracy of its samples (same sample indices, noise and guidance every time).
 
-    python benchmarks/bench_quality.py                    # default run (about 42 min on 2 cores)
-    python benchmarks/bench_quality.py --train-fraction 0.1   # the data-efficiency variant
-    python benchmarks/bench_quality.py --quick            # smoke run (< 60 s, figures meaningless)
+Arms (settings fixed before any comparison ran; reasons in BENCHMARKS.md):
+  unet_full, unet_patch, unet_progressive   the demo's ADM U-Net (7.7 M): full latents; the paper's
+                                            {R/2: 0.5, R: 0.5} schedule; the same, small sides first
+  dit_full, dit_patch, dit_route,           a DiT-S/2 of hidden 192, depth 6 (4.2 M, the demo's
+  dit_patch_route                           DiT): full; patches; TREAD routing of half the tokens
+                                            around blocks 1..4; both
+Each arm runs with seeds 0 and 1 (the same seed pair across arms). Results are kept under
+--out per arm and seed, so a killed or time-limited sweep continues where it stopped: rerun it.
 
-Last stdout line: {"fd_full", "fd_patch", "acc_full", "acc_patch", "speedup_to_full_fd", ...}
-where speedup = (time for the full run to reach its final FD) / (time for the patch run to reach
-that FD), interpolated linearly between evaluation points (0 when the patch run never does).
+    python benchmarks/bench_quality.py                            # default sweep (about 3 h, 2 cores)
+    python benchmarks/bench_quality.py --train-fraction 0.1 --budget-scale 4   # 1,000 images, longer
+    python benchmarks/bench_quality.py --quick                    # smoke run (< 60 s, figures meaningless)
+
+Last stdout line: one JSON object with, per arm, the final FD and accuracy (mean and spread =
+max - min over seeds), and ``compute_to_full_final_fd``: the fraction of the family's full-latent
+run's compute at which the arm first reaches that run's final FD (same seed; linear between
+evaluation points; null if never), plus the training seconds per PFLOP measured for each arm.
 """
 
 from __future__ import annotations
@@ -36,6 +45,26 @@ from latent_patch import checkpoint, demo, fsutil  # noqa: E402
 from latent_patch import config as config_mod  # noqa: E402
 
 log = logging.getLogger("bench_quality")
+
+UNET: list[str] = []  # the demo config's model
+DIT = ["model.preset=DiT-S/2", "model.hidden=192", "model.depth=6", "model.heads=3", "model.channels=null",
+       "model.channel_mult=null", "model.num_blocks=null", "model.attn_resolutions=null", "model.head_channels=null"]
+FULL = ["patch.sizes=[1.0]", "patch.probs=[1.0]"]
+PATCH = ["patch.sizes=[0.5,1.0]", "patch.probs=[0.5,0.5]"]
+ROUTE = ["model.route_ratio=0.5", "model.route_start=1", "model.route_end=4"]
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "unet_full": ("unet", UNET + FULL),
+    "unet_patch": ("unet", UNET + PATCH),
+    "unet_progressive": ("unet", UNET + PATCH + ["patch.progressive=true", "patch.progressive_fraction=0.5"]),
+    "dit_full": ("dit", DIT + FULL),
+    "dit_patch": ("dit", DIT + PATCH),
+    "dit_route": ("dit", DIT + FULL + ROUTE),
+    "dit_patch_route": ("dit", DIT + PATCH + ROUTE),
+}
+# Budgets in full-latent training equivalents of each family (x 3 x forward FLOPs of one full
+# latent): about 8 minutes of training per run on the 2-core machine, so 14 runs and their
+# evaluations fit in about 3 hours. The DiT trains about twice as many latents per second.
+BUDGET_FULL_EQUIV = {"unet": 24_000, "dit": 48_000}
 
 
 def subset_source(fraction: float, out: Path) -> str:
@@ -76,13 +105,29 @@ def encode(out: Path, fraction: float, batch_size: int) -> Path:
     if not (shards / "manifest.json").is_file():
         source = demo.tar_spec("train") if fraction >= 1.0 else subset_source(fraction, out)
         run_encode(EncodeConfig(source=source, out=str(shards), vae="demo", resolution=demo.RESOLUTION,
-                                flips="none", shard_size=2500, batch_size=batch_size))
+                                flips="none", shard_size=2500, batch_size=batch_size, progress=False))
     return shards
+
+
+def arm_config(arm: str, seed: int, run_dir: Path, shards: Path, args, extra: list[str] = ()):
+    family, overrides = ARMS[arm]
+    return config_mod.load(config_mod.TrainConfig, args.config, [
+        f"data.shards={shards}", f"run.out_dir={run_dir}", "run.max_train_seconds=0",
+        "run.total_patches=1000000000000", "run.ckpt_every_patches=1000000000000", "run.tensorboard=false",
+        "run.log_every_patches=1000000000000", f"run.seed={seed}", f"data.seed={seed}",
+        *overrides, *args.family_overrides.get(family, []), *args.overrides, *extra])
+
+
+def budget_flops(family: str, cfg, scale: float) -> float:
+    """The family's budget: its full-latent training equivalents x 3 x one full latent's forward FLOPs."""
+    from latent_patch.models import forward_flops
+
+    return BUDGET_FULL_EQUIV[family] * scale * 3 * forward_flops(cfg.model)
 
 
 def evaluate(run_dir: Path, ref, codec, args) -> dict:
     """FD and class accuracy of the latest checkpoint's EMA weights (same indices and noise each time)."""
-    from latent_patch.edm import SamplerConfig
+    from latent_patch.config import SamplerConfig
     from latent_patch.evaluate import evaluate_model
 
     net, cfg, manifest = checkpoint.load_inference_model(run_dir, use_ema=True, device="cpu")
@@ -92,125 +137,153 @@ def evaluate(run_dir: Path, ref, codec, args) -> dict:
     return {"fd": float(m["fd"]), "acc": float(m["class_accuracy"])}
 
 
-def train_chunk(name: str, out: Path, shards: Path, args, chunk_s: float, overrides: list[str]) -> dict:
-    """Train ``chunk_s`` more seconds (resuming exactly), return the progress recorded in metrics.jsonl."""
-    from latent_patch.train import TrainConfig, train
+def run_arm(arm: str, seed: int, out: Path, shards: Path, ref, codec, args) -> list[dict]:
+    """Train and evaluate one arm/seed to its budget, continuing from what ``points.json`` holds."""
+    from latent_patch.train import train
 
-    run_dir = out / name
-    cfg = config_mod.load(TrainConfig, args.config, [
-        f"data.shards={shards}", f"run.out_dir={run_dir}", f"run.max_train_seconds={chunk_s:g}",
-        "run.total_patches=1000000000", "run.ckpt_every_patches=1000000000", "run.tensorboard=false",
-        f"run.seed={args.seed}", *overrides, *args.overrides])
-    resume = "auto" if checkpoint.find_latest(run_dir) else None
-    t0 = time.perf_counter()
-    progress = train(cfg, resume_spec=resume)
-    return {"images": progress.images, "full_equiv": progress.full_equiv, "wall_s": time.perf_counter() - t0}
+    folder = out / arm / f"seed-{seed}"
+    points_file = folder / "points.json"
+    points = fsutil.read_json(points_file) if points_file.is_file() else []
+    cfg = arm_config(arm, seed, folder / "run", shards, args)
+    budget = budget_flops(ARMS[arm][0], cfg, args.budget_scale)
+    for k in range(len(points) + 1, args.evals + 1):
+        target = budget * k / args.evals
+        cfg = arm_config(arm, seed, folder / "run", shards, args, [f"run.total_flops={target:.6g}"])
+        t0 = time.perf_counter()
+        progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(folder / "run") else None)
+        wall = time.perf_counter() - t0
+        point = {"k": k, "fraction": k / args.evals, "train_flops": progress.flops, "budget_flops": budget,
+                 "patches": progress.patches, "full_equiv": progress.full_equiv,
+                 "train_s": (points[-1]["train_s"] if points else 0.0) + wall, **evaluate(folder / "run", ref, codec, args)}
+        points.append(point)
+        fsutil.atomic_write_json(points_file, points)
+        print(f"{arm:16s} seed {seed}  {k}/{args.evals}: {progress.flops / 1e15:7.3f} PFLOP  FD {point['fd']:7.3f}  "
+              f"acc {100 * point['acc']:5.1f}%  ({progress.patches:,} patches, {point['train_s']:.0f} s)", flush=True)
+    return points
 
 
-def time_to_reach(points: list[dict], target: float) -> float | None:
-    """First training time at which the FD curve reaches ``target`` (linear between points)."""
-    prev_t, prev_fd = 0.0, None
+def reach_fraction(points: list[dict], target: float) -> float | None:
+    """First budget fraction at which the FD curve reaches ``target`` (linear between points)."""
+    prev_x, prev_fd = 0.0, None
     for p in points:
+        x = p["train_flops"] / p["budget_flops"]
         if p["fd"] <= target:
             if prev_fd is None or prev_fd == p["fd"]:
-                return p["train_s"]
-            frac = (prev_fd - target) / (prev_fd - p["fd"])
-            return prev_t + frac * (p["train_s"] - prev_t)
-        prev_t, prev_fd = p["train_s"], p["fd"]
+                return x
+            return prev_x + (prev_fd - target) / (prev_fd - p["fd"]) * (x - prev_x)
+        prev_x, prev_fd = x, p["fd"]
     return None
 
 
-def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+def mean_spread(values: list[float]) -> dict:
+    return {"mean": sum(values) / len(values), "spread": max(values) - min(values), "n": len(values)} if values else None
+
+
+def summarize(results: dict[str, dict[int, list[dict]]], evals: int) -> dict:
+    """Per arm: final FD / accuracy over seeds and the compute to reach the full run's final FD."""
+    out = {}
+    for arm, by_seed in results.items():
+        done = {s: pts for s, pts in by_seed.items() if len(pts) == evals}
+        full = results[f"{ARMS[arm][0]}_full"]
+        reach = []
+        for s, pts in done.items():
+            if len(full.get(s, [])) == evals:
+                reach.append(reach_fraction(pts, full[s][-1]["fd"]))
+        secs = [pts[-1]["train_s"] / (pts[-1]["train_flops"] / 1e15) for pts in done.values()]
+        out[arm] = {
+            "seeds_done": sorted(done), "final_fd": mean_spread([p[-1]["fd"] for p in done.values()]),
+            "final_acc": mean_spread([p[-1]["acc"] for p in done.values()]),
+            "compute_to_full_final_fd": (mean_spread(reach) if reach and None not in reach else
+                                         (None if not reach else {"per_seed": reach})),
+            "train_s_per_pflop": mean_spread(secs),
+        }
+    return out
+
+
+def plot(results: dict[str, dict[int, list[dict]]], path: Path, title: str) -> None:
+    """FD against training FLOPs, one panel per model family: mean over seeds, min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
-    for name, pts in curves.items():
-        ts = [p["train_s"] / 60 for p in pts]
-        ax[0].plot(ts, [p["fd"] for p in pts], marker="o", label=name)
-        ax[1].plot(ts, [100 * p["acc"] for p in pts], marker="o", label=name)
-    ax[0].set_ylabel("FD (demo classifier features)")
-    ax[1].set_ylabel("class accuracy of samples (%)")
-    for a in ax:
-        a.set_xlabel("training time (min, evaluation excluded)")
-        a.grid(alpha=0.3)
-        a.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for ax, family in zip(axes, ("unet", "dit")):
+        for arm, by_seed in results.items():
+            runs = [pts for pts in by_seed.values() if pts]
+            if ARMS[arm][0] != family or not runs:
+                continue
+            n = min(len(r) for r in runs)
+            x = [sum(r[i]["train_flops"] for r in runs) / len(runs) / 1e15 for i in range(n)]
+            fds = [[r[i]["fd"] for r in runs] for i in range(n)]
+            ax.plot(x, [sum(f) / len(f) for f in fds], marker="o", label=f"{arm} ({len(runs)} seeds)")
+            ax.fill_between(x, [min(f) for f in fds], [max(f) for f in fds], alpha=0.15)
+        ax.set_xlabel("training PFLOP")
+        ax.set_ylabel("FD (demo classifier features)")
+        ax.set_title(family)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
-RUNS = {
-    "full": ["patch.sizes=[1.0]", "patch.probs=[1.0]"],
-    "patch": ["patch.sizes=[0.5,1.0]", "patch.probs=[0.5,0.5]"],
-}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_out/quality")
+    p.add_argument("--out", default="bench_out/quality-compute")
     p.add_argument("--config", default=str(demo.DEFAULT_CONFIG))
-    p.add_argument("--minutes", type=float, default=12.0, help="training budget of EACH run")
-    p.add_argument("--evals", type=int, default=6, help="evaluation points per run (equal chunks)")
-    p.add_argument("--num-samples", type=int, default=500, help="samples per evaluation")
-    p.add_argument("--steps", type=int, default=12, help="Heun steps per evaluation sample (12 keeps the run in 45 min)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every family's FLOP budget")
+    p.add_argument("--evals", type=int, default=6, help="evaluation points per run, at equal FLOP fractions")
+    p.add_argument("--num-samples", type=int, default=300, help="samples per evaluation")
+    p.add_argument("--steps", type=int, default=12, help="Heun steps per evaluation sample")
     p.add_argument("--cfg-scale", type=float, default=demo.CFG_SCALE, help="guidance (the demo's)")
     p.add_argument("--train-fraction", type=float, default=1.0, help="train on this class-balanced share of the data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default="docs/figures/quality_vs_compute.png")
     p.add_argument("--quick", action="store_true", help="smoke run under 60 s; figures are not meaningful")
-    p.add_argument("overrides", nargs="*", help="training config overrides for both runs, key=value")
+    p.add_argument("overrides", nargs="*", help="training config overrides for every arm, key=value")
     args = p.parse_args()
+    args.family_overrides = {}
     if args.quick:
-        args.minutes, args.evals, args.num_samples, args.steps = 0.12, 2, 100, 6
-        args.overrides = ["model.channels=32", "model.channel_mult=[1,2]", "model.num_blocks=1",
-                          "model.attn_resolutions=[]", *args.overrides]  # the demo U-Net, shrunk
+        args.arms, args.seeds, args.budget_scale, args.evals = "unet_full,unet_patch,dit_route", "0", 0.004, 2
+        args.num_samples, args.steps, args.train_fraction = 60, 4, 0.05
+        args.plot = str(Path(args.out) / "quick.png")
+        args.family_overrides = {"unet": ["model.channels=32", "model.channel_mult=[1,2]", "model.num_blocks=1",
+                                          "model.attn_resolutions=[]"], "dit": ["model.hidden=64", "model.heads=2"]}
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
+    logging.getLogger("latent_patch.train").disabled = True  # the sweep prints one line per evaluation
     out = Path(args.out) / (f"fraction-{args.train_fraction:g}" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    for name in RUNS:  # a fresh comparison every time: no checkpoint from an earlier invocation
-        if (out / name).exists():
-            import shutil
-
-            shutil.rmtree(out / name)
-
-    import torch
 
     from latent_patch.codec import VAECodec
     from latent_patch.fid import Stats, build_extractor, compute_stats
 
-    torch.manual_seed(args.seed)
     shards = encode(out, args.train_fraction, batch_size=256)
     ref_path = out / "ref_test_demo.npz"
     if not ref_path.is_file():
-        compute_stats(demo.tar_spec("test"), build_extractor("demo"), demo.RESOLUTION).save(ref_path)
-    ref = Stats.load(ref_path)
-    codec = VAECodec.load("demo", device="cpu")
-    chunk_s = args.minutes * 60 / args.evals
-    curves: dict[str, list[dict]] = {name: [] for name in RUNS}
-    for k in range(1, args.evals + 1):
-        for name, overrides in RUNS.items():
-            prog = train_chunk(name, out, shards, args, chunk_s, overrides)
-            point = {"train_s": k * chunk_s, **prog, **evaluate(out / name, ref, codec, args)}
-            curves[name].append(point)
-            print(f"{name:5s} after {point['train_s'] / 60:5.1f} min: FD {point['fd']:8.2f}  acc "
-                  f"{100 * point['acc']:5.1f}%  ({point['images']:,} patches, {point['full_equiv']:,.0f} full eq.)",
-                  flush=True)
-    full, patch = curves["full"], curves["patch"]
-    target = full[-1]["fd"]
-    t_full, t_patch = time_to_reach(full, target), time_to_reach(patch, target)
-    speedup = (t_full / t_patch) if t_patch else 0.0
-    plot(curves, out / "fd_vs_time.png", f"Fashion-MNIST latents, train fraction {args.train_fraction:g}")
-    fsutil.atomic_write_json(out / "curves.json", {"curves": curves, "args": vars(args)})
-    print(json.dumps({
-        "fd_full": full[-1]["fd"], "fd_patch": patch[-1]["fd"], "acc_full": full[-1]["acc"],
-        "acc_patch": patch[-1]["acc"], "speedup_to_full_fd": round(speedup, 3),
-        "minutes_per_run": args.minutes, "evals": args.evals, "num_samples": args.num_samples,
-        "train_fraction": args.train_fraction, "plot": str(out / "fd_vs_time.png"), "quick": args.quick,
-    }), flush=True)
+        compute_stats(demo.tar_spec("test"), build_extractor("demo"), demo.RESOLUTION, progress=False).save(ref_path)
+    ref, codec = Stats.load(ref_path), VAECodec.load("demo", device="cpu")
+    arms, seeds = [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
+    results: dict[str, dict[int, list[dict]]] = {a: {} for a in arms}
+    for family in ("unet", "dit"):  # each family's full arm exists as the reference, even if not asked for
+        if any(ARMS[a][0] == family for a in arms) and f"{family}_full" not in results:
+            results[f"{family}_full"] = {}
+    for seed in seeds:  # all arms of a seed first: partial results stay comparable
+        for arm in results:
+            results[arm][seed] = run_arm(arm, seed, out, shards, ref, codec, args)
+    summary = summarize(results, args.evals)
+    plot(results, Path(args.plot), f"Fashion-MNIST latents, train fraction {args.train_fraction:g}: FD vs training compute")
+    fsutil.atomic_write_json(out / "summary.json", {"summary": summary, "results": results, "args": vars(args)})
+    print(json.dumps({"arms": summary, "budget_full_equiv": {k: v * args.budget_scale for k, v in BUDGET_FULL_EQUIV.items()},
+                      "evals": args.evals, "num_samples": args.num_samples, "seeds": seeds,
+                      "train_fraction": args.train_fraction, "plot": args.plot, "quick": args.quick}), flush=True)
 
 
 if __name__ == "__main__":

@@ -348,6 +348,7 @@ class Progress:
     step: int = 0
     patches: int = 0
     full_equiv: float = 0.0
+    flops: float = 0.0  # training FLOPs (3 x forward FLOPs of every patch at its side and route)
 
 
 class RunState(Protocol):
@@ -421,6 +422,7 @@ def save_run(run: RunState) -> Path:
         save_weights(tmp / EMA_FILE, run.ema.state_dict(), meta)
         save_state(tmp / STATE_FILE, {
             "step": step, "patches": run.progress.patches, "full_equiv": run.progress.full_equiv,
+            "flops": run.progress.flops,
             "world_size": run.world_size, "optimizer": run.optimizer.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "schedule_gens": [g.get_state() for g in run.schedule_gens],
@@ -460,7 +462,8 @@ def resume(run: RunState, ckpt: Path) -> None:
     if run.accelerator.scaler is not None and state.get("scaler"):
         run.accelerator.scaler.load_state_dict(state["scaler"])
     patches = state["patches"] if "patches" in state else state["images"]  # "images": before issue 10
-    run.progress = Progress(step=int(state["step"]), patches=int(patches), full_equiv=float(state["full_equiv"]))
+    run.progress = Progress(step=int(state["step"]), patches=int(patches), full_equiv=float(state["full_equiv"]),
+                            flops=float(state.get("flops", 0.0)))
     if int(state["world_size"]) != run.world_size:
         log.warning("checkpoint was written by %d processes, this run has %d: progress and weights resume, "
                     "but data order and random streams restart (seeded from the step), so the continuation "

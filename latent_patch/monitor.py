@@ -149,7 +149,7 @@ def log_window(trainer: Any, w: Window, hist: torch.Tensor) -> dict[str, Any]:
     p, acc = trainer.progress, trainer.accelerator
     n = max(sum(w.sizes.values()), 1)
     rec = {
-        "step": p.step, "patches": p.patches, "full_equiv": round(p.full_equiv, 3),
+        "step": p.step, "patches": p.patches, "full_equiv": round(p.full_equiv, 3), "train_flops": p.flops,
         "loss": float(hist.mean()) if len(hist) else float("nan"),
         "patches_per_s": w.patches / elapsed, "full_equiv_per_s": w.full_equiv / elapsed,
         "lr": trainer.optimizer.param_groups[0]["lr"], "peak_mem_gib": peak_memory_gib(acc.device),

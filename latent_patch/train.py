@@ -36,7 +36,9 @@ from .dist import compile_network, configure_device, resolve_compile, resolve_pr
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
 from .loader import build_loader
-from .models import build_model, check_latents_fit, enable_grad_checkpointing, offset_multiple, patch_multiple
+from .models import (
+    build_model, check_latents_fit, enable_grad_checkpointing, forward_flops, offset_multiple, patch_multiple,
+)
 from .models.dit import draw_route
 from .monitor import (
     NAN_CHECK_EVERY, TrainingError, Window, check_finite_weights, close_logging, crossed, flush_losses, log,
@@ -59,6 +61,7 @@ class StepPlan:
     mult: int
     patches: int  # all ranks, all micro-batches
     full_equiv: float
+    flops: float = 0.0  # training FLOPs of the step, all ranks
     sizes: list[int] = field(default_factory=list)  # every rank's side this step (for the logged mix)
 
 
@@ -86,6 +89,7 @@ class Trainer:
     norm: LatentNorm | None = None  # data.latent_norm=channel; None: the VAE's scaling only
     offset_step: int = 1  # crop offsets are multiples of this (DiT: its patchify; see patches.random_offsets)
     route_ratio: float = 0.0  # DiT token routing (model.route_ratio); 0: every token through every block
+    flops_per_patch: dict[int, float] = field(default_factory=dict)  # training FLOPs of one patch per side
     progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
 
     @property
@@ -162,6 +166,7 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
         gen=gen, accum=accumulation_steps(cfg, world), R=R, C=C,
         scaling_factor=float(vae["scaling_factor"]), shift_factor=float(vae.get("shift_factor") or 0.0),
         manifest=manifest, norm=norm, offset_step=offset_multiple(net), route_ratio=cfg.model.route_ratio or 0.0,
+        flops_per_patch={s: 3 * forward_flops(cfg.model, s, routed=True) for s in schedule.sizes},
     )
 
 
@@ -188,8 +193,10 @@ def plan_step(trainer: Trainer) -> StepPlan:
     per_rank = trainer.cfg.data.batch_size * trainer.accum
     patches = sum(per_rank * m for _, m in draws)
     full_equiv = sum(per_rank * m * (s / trainer.R) ** 2 for s, m in draws)
+    flops = sum(per_rank * m * trainer.flops_per_patch.get(s, 0.0) for s, m in draws)
     size, mult = draws[trainer.rank]
-    return StepPlan(size=size, mult=mult, patches=patches, full_equiv=full_equiv, sizes=[s for s, _ in draws])
+    return StepPlan(size=size, mult=mult, patches=patches, full_equiv=full_equiv, flops=flops,
+                    sizes=[s for s, _ in draws])
 
 
 def next_batch(trainer: Trainer, mult: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -253,6 +260,7 @@ def train_step(trainer: Trainer, plan: StepPlan) -> torch.Tensor:
     p.step += 1
     p.patches += plan.patches
     p.full_equiv += plan.full_equiv
+    p.flops += plan.flops
     update_ema(trainer.ema, trainer.net, ema_beta(trainer.cfg.ema, plan.patches, p.patches))
     return total
 
@@ -352,7 +360,7 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
     run, p, start = cfg.run, trainer.progress, time.perf_counter()
     w = Window(first_step=p.step + 1)
     try:
-        while p.patches < run.total_patches:
+        while p.patches < run.total_patches and not (0 < run.total_flops <= p.flops):
             before = p.patches
             plan = plan_step(trainer)
             w.add(plan, train_step(trainer, plan))
@@ -360,7 +368,7 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
             log_due = crossed(before, p.patches, run.log_every_patches)
             check_due = log_due or len(w.losses) % NAN_CHECK_EVERY == 0
             stop = check_due and out_of_time(trainer, start)
-            last = p.patches >= run.total_patches or stop
+            last = p.patches >= run.total_patches or 0 < run.total_flops <= p.flops or stop
             if check_due and not (log_due or last):
                 flush_losses(trainer.accelerator, w, p.patches)  # long intervals still stop a diverged run soon
             if log_due or last:

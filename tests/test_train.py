@@ -622,3 +622,24 @@ def test_routed_training_resumes_exactly(shards, tmp_path):
     assert sorted(whole) == sorted(split) and len(whole) > 10
     assert all(whole[s]["loss"] == split[s]["loss"] for s in whole)
     assert any(whole[s]["loss"] != plain[s]["loss"] for s in whole if s > 1)
+
+
+def test_flop_budget_counts_each_sides_cost_and_stops_the_run(shards, tmp_path):
+    """run.total_flops: progress in training FLOPs (3 x forward FLOPs of each patch at its side),
+    the same on any machine; the run stops at the first step that reaches it and says so in its log."""
+    from latent_patch.models import forward_flops
+
+    base = ["run.total_patches=100000000", "run.log_every_patches=1", "run.ckpt_every_patches=100000000"]
+    model = tiny_cfg(shards, tmp_path / "x").model
+    cost = {s: 3 * forward_flops(model, s) for s in (4, 8)}
+    assert cost[4] < cost[8] / 2  # a half-side patch costs about a quarter
+    budget = 30 * 16 * cost[8]
+    progress = train(tiny_cfg(shards, tmp_path / "run", *base, f"run.total_flops={budget}"))
+    recs = [metrics(tmp_path / "run")[s] for s in sorted(metrics(tmp_path / "run"))]
+    seen, total = 0, 0.0
+    for rec in recs:
+        (side, share), = rec["size_mix"].items()
+        total += (rec["patches"] - seen) * cost[int(side)]
+        seen = rec["patches"]
+        assert share == 1.0 and rec["train_flops"] == pytest.approx(total)
+    assert progress.flops == pytest.approx(total) and budget <= total < budget + 16 * 2 * cost[4] * 2
