@@ -137,12 +137,16 @@ def evaluate(run_dir: Path, ref, codec, args) -> dict:
     return {"fd": float(m["fd"]), "acc": float(m["class_accuracy"])}
 
 
-def run_arm(arm: str, seed: int, out: Path, shards: Path, ref, codec, args) -> list[dict]:
-    """Train and evaluate one arm/seed to its budget, continuing from what ``points.json`` holds."""
+def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, codec, args) -> list[dict]:
+    """Train and evaluate one arm/seed to its budget, continuing from what ``points.json`` holds.
+
+    Points live in the (committed) results folder, checkpoints in ``out``: without the
+    checkpoint (a fresh checkout) the next target is trained from step 0 with the same seed,
+    which is the same deterministic run, only slower."""
     from latent_patch.train import train
 
     folder = out / arm / f"seed-{seed}"
-    points_file = folder / "points.json"
+    points_file = results / arm / f"seed-{seed}" / "points.json"
     points = fsutil.read_json(points_file) if points_file.is_file() else []
     cfg = arm_config(arm, seed, folder / "run", shards, args)
     budget = budget_flops(ARMS[arm][0], cfg, args.budget_scale)
@@ -232,7 +236,9 @@ def plot(results: dict[str, dict[int, list[dict]]], path: Path, title: str) -> N
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_out/quality-compute")
+    p.add_argument("--out", default="bench_out/quality-compute", help="checkpoints, shards (not kept in git)")
+    p.add_argument("--results", default="benchmarks/results/quality-compute",
+                   help="points.json per arm and seed, summary.json (small; committed as they come)")
     p.add_argument("--config", default=str(demo.DEFAULT_CONFIG))
     p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms")
     p.add_argument("--seeds", default="0,1")
@@ -256,7 +262,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     logging.getLogger("latent_patch.train").disabled = True  # the sweep prints one line per evaluation
-    out = Path(args.out) / (f"fraction-{args.train_fraction:g}" + ("-quick" if args.quick else ""))
+    tag = f"fraction-{args.train_fraction:g}" + ("-quick" if args.quick else "")
+    out, res_dir = Path(args.out) / tag, Path(args.results if not args.quick else args.out) / tag
     out.mkdir(parents=True, exist_ok=True)
 
     from latent_patch.codec import VAECodec
@@ -277,10 +284,10 @@ def main() -> None:
             results[f"{family}_full"] = {}
     for seed in seeds:  # all arms of a seed first: partial results stay comparable
         for arm in results:
-            results[arm][seed] = run_arm(arm, seed, out, shards, ref, codec, args)
+            results[arm][seed] = run_arm(arm, seed, out, res_dir, shards, ref, codec, args)
     summary = summarize(results, args.evals)
     plot(results, Path(args.plot), f"Fashion-MNIST latents, train fraction {args.train_fraction:g}: FD vs training compute")
-    fsutil.atomic_write_json(out / "summary.json", {"summary": summary, "results": results, "args": vars(args)})
+    fsutil.atomic_write_json(res_dir / "summary.json", {"summary": summary, "results": results, "args": vars(args)})
     print(json.dumps({"arms": summary, "budget_full_equiv": {k: v * args.budget_scale for k, v in BUDGET_FULL_EQUIV.items()},
                       "evals": args.evals, "num_samples": args.num_samples, "seeds": seeds,
                       "train_fraction": args.train_fraction, "plot": args.plot, "quick": args.quick}), flush=True)
