@@ -360,7 +360,7 @@ class RunState(Protocol):
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
     loader: Any  # state_dict()/load_state_dict() of its position; None for synthetic data
-    schedule_gens: list[torch.Generator]
+    schedule_gen: torch.Generator
     gen: torch.Generator
     manifest: dict | None
     progress: Progress
@@ -425,7 +425,7 @@ def save_run(run: RunState) -> Path:
             "flops": run.progress.flops,
             "world_size": run.world_size, "optimizer": run.optimizer.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "schedule_gens": [g.get_state() for g in run.schedule_gens],
+            "schedule_gens": [run.schedule_gen.get_state()],  # a list: older runs had one per rank
             "rank_state": rng_state(run),
         })
         write_text(tmp / CONFIG_FILE, yaml.safe_dump(config_mod.to_dict(run.cfg), sort_keys=False))
@@ -464,14 +464,13 @@ def resume(run: RunState, ckpt: Path) -> None:
     patches = state["patches"] if "patches" in state else state["images"]  # "images": before issue 10
     run.progress = Progress(step=int(state["step"]), patches=int(patches), full_equiv=float(state["full_equiv"]),
                             flops=float(state.get("flops", 0.0)))
+    run.schedule_gen.set_state(state["schedule_gens"][0])  # shared by all ranks: any process count continues it
     if int(state["world_size"]) != run.world_size:
-        log.warning("checkpoint was written by %d processes, this run has %d: progress and weights resume, "
-                    "but data order and random streams restart (seeded from the step), so the continuation "
-                    "is not bit-identical", state["world_size"], run.world_size)
+        log.warning("checkpoint was written by %d processes, this run has %d: progress, weights and the patch "
+                    "schedule resume, but data order and per-rank random streams restart (seeded from the step), "
+                    "so the continuation is not bit-identical", state["world_size"], run.world_size)
         reseed(run)
         return
-    for g, s in zip(run.schedule_gens, state["schedule_gens"]):
-        g.set_state(s)
     own = state["rank_state"] if run.rank == 0 else load_state(ckpt / rank_file(run.rank))
     set_rng_state(run, own)
 
@@ -479,7 +478,5 @@ def resume(run: RunState, ckpt: Path) -> None:
 def reseed(run: RunState) -> None:
     """Fresh, step-dependent streams for a resume with another process count (exactness impossible)."""
     s, step = run.cfg.run.seed, run.progress.step
-    for r, g in enumerate(run.schedule_gens):
-        g.manual_seed(derive_seed(s, r, f"schedule@{step}"))
     run.gen.manual_seed(derive_seed(s, run.rank, f"step@{step}"))
     torch.manual_seed(derive_seed(s, run.rank, f"torch@{step}"))

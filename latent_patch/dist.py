@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +29,41 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
-    """Rank/world size as set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK); a plain run is 0 of 1."""
+    """Rank/world size as set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK), else by SLURM's srun
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID: without them ``srun python encode_latents.py`` would
+    repeat all the work on every task); a plain run is 0 of 1."""
+    env = os.environ
+    if "WORLD_SIZE" not in env and "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return DistInfo(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        rank=int(env.get("RANK", 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
     )
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-010,012],cpu01" -> "gpu003"."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: cannot read its first host")
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def adopt_slurm_env() -> None:
+    """Under srun without torchrun, write the torchrun-style variables torch and accelerate read
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR = the job's first node, MASTER_PORT from the job
+    id); a no-op when torchrun's variables are set or SLURM's are absent."""
+    env = os.environ
+    if "WORLD_SIZE" in env or "SLURM_NTASKS" not in env or "SLURM_PROCID" not in env:
+        return
+    info = dist_info()
+    if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
+        env["MASTER_ADDR"] = first_host(env["SLURM_JOB_NODELIST"])
+    if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+        env["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    env.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
 
 
 def init_process_group() -> bool:
@@ -47,6 +77,7 @@ def init_process_group() -> bool:
         return False
     if tdist.is_initialized():
         return True
+    adopt_slurm_env()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)  # local rank, not global rank: multi-node safe

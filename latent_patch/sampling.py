@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import itertools
 import json
 import re
 import sys
@@ -452,11 +453,12 @@ def main_fid(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     src = Path(args.samples)
     npz = src / "samples.npz" if src.is_dir() else src
-    with np.load(npz, allow_pickle=False) as f:
-        resolution = int(f["arr_0"].shape[1])
+    batches = fid.iter_npz_batches(npz, args.batch_size)  # streamed: the images are read once
+    first = next(batches)
+    resolution = int(first[0].shape[1])
     extractor = fid.build_extractor(args.features, inception=args.inception)
     ref = fid.load_reference(args.fid_ref, extractor, resolution, cache_dir=npz.parent, recompute=args.ref_from_images)
-    metrics = fid.score_batches(fid.iter_npz_batches(npz, args.batch_size), extractor, ref, str(args.fid_ref))
+    metrics = fid.score_batches(itertools.chain([first], batches), extractor, ref, str(args.fid_ref))
     fid.write_metrics(npz.parent, metrics)
     print(json.dumps(metrics), flush=True)
     return metrics

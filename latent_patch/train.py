@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from . import checkpoint
 from . import config as config_mod
 from .codec import LatentNorm, draw_latent, latent_norm
 from .config import EMAConfig, OptimConfig, TrainConfig
-from .dist import compile_network, configure_device, resolve_compile, resolve_precision
+from .dist import adopt_slurm_env, compile_network, configure_device, resolve_compile, resolve_precision
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
 from .loader import build_loader
@@ -78,7 +79,7 @@ class Trainer:
     batches: Iterator
     loader: Any  # has state_dict()/load_state_dict(); None for synthetic data (benchmarks)
     schedule: PatchSchedule
-    schedule_gens: list[torch.Generator]  # one per rank, the same on every rank (see plan_step)
+    schedule_gen: torch.Generator  # the patch schedule's draws: the same on every rank (see plan_step)
     gen: torch.Generator  # this rank's generator for crops, noise, sigma, label dropout
     accum: int
     R: int
@@ -101,21 +102,31 @@ class Trainer:
         return self.accelerator.num_processes
 
 
+def split_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) for ``optim.batch_size_global`` on ``world_size``
+    processes: the largest micro-batch up to ``data.batch_size`` that divides the per-process share.
+
+    Why derived: a recipe's global batch must train the same on 8 or 64 GPUs (256 on 16 GPUs is
+    16 each, 1 step); only a global batch that does not split over the processes is refused.
+    """
+    total, cap = cfg.optim.batch_size_global, cfg.data.batch_size
+    if total % world_size:
+        raise TrainingError(f"optim.batch_size_global={total} does not split over {world_size} processes")
+    share = total // world_size
+    micro = max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
+    return micro, share // micro
+
+
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-batches per optimizer step; the global batch must split evenly over processes."""
-    per_step = cfg.data.batch_size * world_size
-    if cfg.optim.batch_size_global % per_step:
-        raise TrainingError(
-            f"optim.batch_size_global={cfg.optim.batch_size_global} is not divisible by "
-            f"data.batch_size={cfg.data.batch_size} x {world_size} processes = {per_step}"
-        )
-    return cfg.optim.batch_size_global // per_step
+    """Micro-batches per optimizer step (see :func:`split_batch`)."""
+    return split_batch(cfg, world_size)[1]
 
 
 def build_accelerator(cfg: TrainConfig, with_trackers: bool = True):
     """Accelerator for DDP over processes/nodes and autocast mixed precision ("auto": bf16 on CUDA)."""
     from accelerate import Accelerator
 
+    adopt_slurm_env()  # srun without torchrun: the same process group as torchrun would make
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mp = resolve_precision(cfg.run.mixed_precision, device_type)
     if mp == "fp16" and device_type != "cuda":
@@ -155,14 +166,14 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
     if resolve_compile(cfg.run.compile, accelerator.device.type):
         prepared = compile_network(prepared, cfg.run.compile_backend, num_shapes=len(schedule.sizes))
     ema.to(accelerator.device)
-    schedule_gens = [torch.Generator().manual_seed(derive_seed(seed, r, "schedule")) for r in range(world)]
+    schedule_gen = torch.Generator().manual_seed(derive_seed(seed, 0, "schedule"))  # rank 0's stream of old
     gen = torch.Generator(accelerator.device).manual_seed(derive_seed(seed, rank, "step"))
     torch.manual_seed(derive_seed(seed, rank, "torch"))  # model dropout, per rank
     random.seed(derive_seed(seed, rank, "python"))
     np.random.seed(derive_seed(seed, rank, "numpy") % 2**32)
     return Trainer(
         cfg=cfg, accelerator=accelerator, net=net, precond=Precond(prepared, cfg.edm.sigma_data), ema=ema,
-        optimizer=optimizer, batches=batches, loader=loader, schedule=schedule, schedule_gens=schedule_gens,
+        optimizer=optimizer, batches=batches, loader=loader, schedule=schedule, schedule_gen=schedule_gen,
         gen=gen, accum=accumulation_steps(cfg, world), R=R, C=C,
         scaling_factor=float(vae["scaling_factor"]), shift_factor=float(vae.get("shift_factor") or 0.0),
         manifest=manifest, norm=norm, offset_step=offset_multiple(net), route_ratio=cfg.model.route_ratio or 0.0,
@@ -182,21 +193,18 @@ def refusal(prefix: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- one optimizer step
 
 def plan_step(trainer: Trainer) -> StepPlan:
-    """Draw this step's patch side for EVERY rank from its own per-rank generator.
+    """Draw this step's patch side, ONE for every rank and micro-batch, from a generator that every
+    rank holds identically (same seed, same draws, no communication).
 
-    Every process holds all ranks' schedule generators, so each knows the global number of
-    patches this step without communicating, and all agree on progress, logging and
-    checkpoint boundaries. Ranks still draw independently (sides may differ across ranks).
+    Why one side for all: DDP waits for the slowest rank, so with independent draws a step was
+    almost always as slow as a full step on 8 ranks and the schedule's saving was lost. The mix of
+    sides over steps is the schedule's, as before; every rank knows the global patch count.
     """
     progress = min(1.0, trainer.progress.patches / max(trainer.cfg.run.total_patches, 1))
-    draws = [trainer.schedule.sample(g, progress) for g in trainer.schedule_gens]
-    per_rank = trainer.cfg.data.batch_size * trainer.accum
-    patches = sum(per_rank * m for _, m in draws)
-    full_equiv = sum(per_rank * m * (s / trainer.R) ** 2 for s, m in draws)
-    flops = sum(per_rank * m * trainer.flops_per_patch.get(s, 0.0) for s, m in draws)
-    size, mult = draws[trainer.rank]
-    return StepPlan(size=size, mult=mult, patches=patches, full_equiv=full_equiv, flops=flops,
-                    sizes=[s for s, _ in draws])
+    size, mult = trainer.schedule.sample(trainer.schedule_gen, progress)
+    n = trainer.cfg.data.batch_size * trainer.accum * mult * trainer.world_size
+    return StepPlan(size=size, mult=mult, patches=n, full_equiv=n * (size / trainer.R) ** 2,
+                    flops=n * trainer.flops_per_patch.get(size, 0.0), sizes=[size] * trainer.world_size)
 
 
 def next_batch(trainer: Trainer, mult: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -307,6 +315,11 @@ def prepare_run(cfg: TrainConfig, resume_spec: str | None) -> tuple[Trainer, Pat
     if ckpt is None and resume_spec in (None, "", "none", "no") and latest is not None:
         raise TrainingError(f"{run_dir} already holds checkpoints (latest {latest.name}): "
                             "pass --resume auto to continue it, or choose another run.out_dir")
+    micro, accum = split_batch(cfg, acc.num_processes)
+    if micro != cfg.data.batch_size:
+        log.info("global batch %d on %d processes: %d per process as %d x %d (data.batch_size %d is the cap)",
+                 cfg.optim.batch_size_global, acc.num_processes, micro * accum, accum, micro, cfg.data.batch_size)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=micro))
     try:  # ShardError is a ValueError; messages name the file
         manifest = open_manifest(cfg.data.shards)
         loader = build_loader(cfg.data, acc.process_index, acc.num_processes, infinite=True)

@@ -215,3 +215,20 @@ def test_inception_path_with_a_local_torchscript_file(tmp_path):
     with torch.no_grad():
         expect = ext.model.base.layers((x - 128) / 128).flatten(1).double().numpy()
     assert np.allclose(feats[1], expect[0], atol=1e-5)
+
+
+def test_npz_streamed_batches_equal_np_load(tmp_path, monkeypatch):
+    """sample.py fid reads samples.npz once, batch by batch (issue 13: it was loaded twice, whole)."""
+    def whole_array_read(self, key):
+        raise AssertionError(f"the whole {key} was loaded")
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", whole_array_read)
+    rng = np.random.default_rng(0)
+    imgs, labels = rng.integers(0, 256, (23, 8, 8, 3), dtype=np.uint8), np.arange(23, dtype=np.int64) % 5
+    np.savez(tmp_path / "s.npz", arr_0=imgs, labels=labels)
+    got = list(fid.iter_npz_batches(tmp_path / "s.npz", batch_size=10))
+    assert [len(b) for b, _ in got] == [10, 10, 3]
+    assert np.array_equal(np.concatenate([b for b, _ in got]), imgs)
+    assert np.array_equal(np.concatenate([lab for _, lab in got]), labels)
+    np.savez(tmp_path / "nolabels.npz", arr_0=imgs)
+    assert (np.concatenate([lab for _, lab in fid.iter_npz_batches(tmp_path / "nolabels.npz")]) == -1).all()
