@@ -59,7 +59,7 @@ import latent_patch.encode as enc  # noqa: E402
 from latent_patch import shards  # noqa: E402
 from latent_patch.codec import VAECodec  # noqa: E402
 from latent_patch.config import EncodeConfig  # noqa: E402
-from latent_patch.encode import choose_parallelism, plan_chunks, run_encode  # noqa: E402
+from latent_patch.encode import choose_parallelism, input_order, plan_chunks, run_encode  # noqa: E402
 from latent_patch.images import Listing, list_source, load_image  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
@@ -166,7 +166,7 @@ def job_plan(cfg: EncodeConfig, n: int) -> list[tuple[int, list[int], bool]]:
     flips, batch_size counts the flipped copies, so a batch holds half as many images)."""
     k = cfg.inputs_per_shard()
     chunk = max(1, cfg.batch_size // 2) if cfg.flips == "both" else cfg.batch_size
-    return plan_chunks(list(range(shards.num_shards_for(n, k))), k, n, chunk)
+    return plan_chunks(list(range(shards.num_shards_for(n, k))), k, input_order(n), chunk)
 
 
 def model_input(n: int, res: int, device: torch.device) -> torch.Tensor:

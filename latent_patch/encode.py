@@ -32,6 +32,7 @@ from . import dist, fsutil, shards
 from .codec import VAECodec
 from .config import EncodeConfig
 from .images import BadImage, Listing, list_source, load_image, to_model_pixels
+from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def job_params(cfg: EncodeConfig, listing: Listing, codec: VAECodec) -> dict:
     The source's location is recorded but not compared (a moved dataset lists the same)."""
     return {"format": shards.FORMAT, "resolution": cfg.resolution, "flips": cfg.flips,
             "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels, "vae": codec.info(),
+            "order": {"shuffle": "permutation", "seed": ORDER_SEED, "spread": "even"},
             "source": {"kind": listing.kind, "num_inputs": len(listing),
                        "listing_sha256": listing.sha256(), "path": listing.path}}
 
@@ -93,12 +95,31 @@ def worker_slot(cfg: EncodeConfig, info: dist.DistInfo) -> tuple[int, int]:
     return cfg.job_index * info.world_size + info.rank, cfg.num_jobs * info.world_size
 
 
-def plan_chunks(shard_ids: list[int], k: int, num_inputs: int,
+ORDER_SEED = 0  # the shards' input order; part of the job's identity (recorded in job.json)
+
+
+def input_order(num_inputs: int, seed: int = ORDER_SEED) -> np.ndarray:
+    """The inputs in shard order: a seeded permutation of the listing, so a shard of a class-sorted
+    source (ImageNet's folders) holds a random mix of classes, not a few. It depends on the listing
+    and the seed only, so shard j holds the same images whatever the split into processes and jobs."""
+    return np.random.default_rng(derive_seed("encode-order", seed, num_inputs) % 2**63).permutation(num_inputs)
+
+
+def shard_span(j: int, num_inputs: int, k: int) -> tuple[int, int]:
+    """Positions [start, stop) of ``input_order`` that shard j holds: the inputs spread evenly over
+    ceil(N / k) shards (sizes differ by at most one, none above k, no small tail shard)."""
+    n_shards = shards.num_shards_for(num_inputs, k)
+    return j * num_inputs // n_shards, (j + 1) * num_inputs // n_shards
+
+
+def plan_chunks(shard_ids: list[int], k: int, order: np.ndarray,
                 chunk: int) -> list[tuple[int, list[int], bool]]:
-    """(shard, input indices, last chunk of its shard) for each batch, never across shards."""
+    """(shard, input indices, last chunk of its shard) for each batch, never across shards;
+    shard j takes positions :func:`shard_span` of ``order`` (see :func:`input_order`)."""
     plan: list[tuple[int, list[int], bool]] = []
     for j in shard_ids:
-        idx = list(range(j * k, min((j + 1) * k, num_inputs)))
+        start, stop = shard_span(j, len(order), k)
+        idx = [int(i) for i in order[start:stop]]
         parts = [idx[i:i + chunk] for i in range(0, len(idx), chunk)] or [[]]
         plan += [(j, p, n == len(parts) - 1) for n, p in enumerate(parts)]
     return plan
@@ -196,7 +217,7 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
     """Encode the shards ``todo`` (each committed atomically as it completes)."""
     k, out = cfg.inputs_per_shard(), Path(cfg.out)
     chunk = max(1, cfg.batch_size // 2) if cfg.flips == "both" else cfg.batch_size
-    plan = plan_chunks(todo, k, len(listing), chunk)
+    plan = plan_chunks(todo, k, input_order(len(listing)), chunk)
     workers, threads = choose_parallelism(cfg, codec.device)
     if codec.device.type == "cpu":
         torch.set_num_threads(threads)
@@ -212,7 +233,7 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
     try:
         for (j, idx, last), batch in zip(plan, loader):
             if builder is None:
-                builder = shards.ShardBuilder(out, j, (j * k, min((j + 1) * k, len(listing))),
+                builder = shards.ShardBuilder(out, j, shard_span(j, len(listing), k),
                                               codec.scaling_factor, codec.shift_factor, jid)
             _add_batch(builder, listing, codec, batch, cfg.flips == "both", done)
             bar.update(len(idx))

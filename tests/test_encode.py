@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from latent_patch import codec as codec_mod
+from latent_patch import encode as enc
 from latent_patch import shards
 from latent_patch.codec import VAECodec
 from latent_patch.config import EncodeConfig
@@ -345,7 +347,8 @@ def test_tar_stream_matches_tarfile_and_reads_with_webdataset(encoded: Path, tmp
     import webdataset as wds
     ds = wds.WebDataset(str(encoded / "shard-000000.tar"), shardshuffle=False, empty_check=False)
     first = next(iter(ds))
-    assert {"latent.npy", "cls", "json"} <= set(first) and first["__key__"].startswith("00000000_")
+    # keys are {listing index:08d}_{stem}; shard 0 holds a random (seeded) part of the listing (issue 13)
+    assert {"latent.npy", "cls", "json"} <= set(first) and re.match(r"\d{8}_\w+$", first["__key__"])
 
 
 # ----------------------------------------------------------------------------- parallelism + bench
@@ -367,7 +370,7 @@ def test_gpu_decode_workers_use_every_core_but_one(monkeypatch, tree) -> None:
     assert enc.choose_parallelism(cfg, gpu) == (3, 2)
     # the loader: pinned on a GPU, and enough batches ahead without flooding /dev/shm
     lst = list_source(tree[0])
-    plan = enc.plan_chunks([0], 8, len(lst), 8)
+    plan = enc.plan_chunks([0], 8, enc.input_order(len(lst)), 8)
     for w in (1, 8, 15, 31):
         dl = enc.make_loader(lst, cfg, plan, w, pin=True)
         assert dl.num_workers == w and dl.pin_memory and not dl.persistent_workers
@@ -435,3 +438,17 @@ def test_bench_encode_counts_encoder_flops_with_attention(tiny_vae_dir) -> None:
     codec = VAECodec.load(str(tiny_vae_dir), device="cpu")
     f32, f64 = bench.encoder_flops(codec, 32), bench.encoder_flops(codec, 64)
     assert f32 > 0 and 4.1 < f64 / f32 < 4.6
+
+
+def test_shards_of_a_class_sorted_source_mix_its_classes(encoded: Path) -> None:
+    """Issue 13: samples go to shards in a seeded permutation of the class-sorted listing, so every
+    shard holds a mix of classes (a block of the sorted listing held one or two)."""
+    classes_per_shard = []
+    for shard in sorted(encoded.glob("shard-*.tar")):
+        with tarfile.open(shard) as tf:
+            labels = {int(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".cls")}
+        classes_per_shard.append(len(labels))
+    assert len(classes_per_shard) == 13 and sum(n >= 2 for n in classes_per_shard) >= 11, classes_per_shard
+    order = enc.input_order(102)
+    assert sorted(order.tolist()) == list(range(102)) and order.tolist() != list(range(102))
+    assert np.array_equal(order, enc.input_order(102))  # a function of the listing size and the seed only
