@@ -90,6 +90,36 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def _group_device() -> torch.device:
+    return default_device() if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank (UTF-8 bytes in a tensor: nothing is pickled); as is alone."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return text
+    dev = _group_device()
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=dev)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    tdist.broadcast(size, src=0)
+    buf = data if tdist.get_rank() == 0 else torch.zeros(int(size.item()), dtype=torch.uint8, device=dev)
+    tdist.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).decode()
+
+
+def same_on_all_ranks(text: str) -> bool:
+    """Do all ranks hold the same ``text``? (its sha256 gathered from every rank; True alone)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return True
+    import hashlib
+
+    dev = _group_device()
+    mine = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8, device=dev)
+    every = [torch.zeros_like(mine) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(every, mine)
+    return all(torch.equal(e, every[0]) for e in every)
+
+
 def destroy() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()

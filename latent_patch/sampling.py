@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -65,17 +66,37 @@ def done_indices(out_dir: str | Path, num_samples: int) -> set[int]:
     return {i for s, e, _ in list_parts(out_dir) for i in range(s, min(e, num_samples))}
 
 
-def write_part(out_dir: str | Path, indices: Sequence[int], images: np.ndarray, labels: np.ndarray) -> Path:
-    """One finished block as an npz (no pickle: plain arrays), made visible by an atomic rename."""
+def identity_hash(identity: dict) -> str:
+    """sha256 of the settings that fix the pixels (``sampling.json``'s identity), as parts carry it."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def out_identity(out_dir: str | Path) -> str | None:
+    """The identity hash recorded in OUT/sampling.json (None before the first run)."""
+    path = Path(out_dir) / "sampling.json"
+    return identity_hash(fsutil.read_json(path).get("identity", {})) if path.is_file() else None
+
+
+def write_part(out_dir: str | Path, indices: Sequence[int], images: np.ndarray, labels: np.ndarray,
+               identity: str = "") -> Path:
+    """One finished block as an npz (no pickle: plain arrays) stamped with the settings' identity
+    hash, made visible by an atomic rename."""
     buf = io.BytesIO()
-    np.savez(buf, images=images, labels=np.asarray(labels, np.int64), indices=np.asarray(indices, np.int64))
+    np.savez(buf, images=images, labels=np.asarray(labels, np.int64), indices=np.asarray(indices, np.int64),
+             identity=np.str_(identity))
     path = Path(out_dir) / "parts" / part_name(indices)
     fsutil.atomic_write_bytes(path, buf.getvalue())
     return path
 
 
-def read_part(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_part(path: Path, identity: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A part's (indices, images, labels); refused when it was written under other settings
+    (a rank that resolved another checkpoint, say), so samples of two models never mix."""
     with np.load(path, allow_pickle=False) as f:
+        stamp = str(f["identity"]) if "identity" in f.files else None
+        if identity and stamp and stamp != identity:
+            raise SettingsMismatch(f"{path}: written under other sampling settings ({stamp[:12]}, OUT has "
+                                   f"{identity[:12]}); delete it and re-run the same command")
         return f["indices"], f["images"], f["labels"]
 
 
@@ -106,7 +127,7 @@ def covering_parts(out_dir: str | Path, num_samples: int) -> list[tuple[Path, in
 
 def read_segment(path: Path, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of indices lo..hi-1 from one part, checked against the part's indices."""
-    idx, imgs, labels = read_part(path)
+    idx, imgs, labels = read_part(path, out_identity(path.parent.parent))
     keep = (idx >= lo) & (idx < hi)
     if not np.array_equal(idx[keep], np.arange(lo, hi)):
         raise RuntimeError(f"{path}: its indices do not match its name")
@@ -195,9 +216,9 @@ def check_settings(out_dir: str | Path, identity: dict) -> None:
 
 # --------------------------------------------------------------------------- the job
 
-def _write_when_done(out_dir: str | Path, indices: list[int], result: Any) -> Path:
+def _write_when_done(out_dir: str | Path, indices: list[int], result: Any, identity: str) -> Path:
     images, labels = result()
-    return write_part(out_dir, indices, images, labels)
+    return write_part(out_dir, indices, images, labels, identity)
 
 
 def generate(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch_size: int,
@@ -205,6 +226,7 @@ def generate(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch
     """Generate this rank's missing samples into ``OUT/parts``; returns how many it made."""
     info = dist.dist_info()
     todo = sorted(set(range(num_samples)) - done_indices(out_dir, num_samples))
+    identity = out_identity(out_dir) or ""
     dist.barrier()  # every rank has listed the parts before any rank adds one: one shared plan
     batches = plan_batches(todo, batch_size, info.rank, info.world_size)
     total = sum(len(b) for b in batches)
@@ -215,7 +237,7 @@ def generate(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch
     writer = fsutil.BackgroundWriter(depth=2, name="sample-parts")
     try:
         for block in batches:
-            writer.submit(_write_when_done, out_dir, list(block), sampler.start(block))
+            writer.submit(_write_when_done, out_dir, list(block), sampler.start(block), identity)
             bar.update(len(block))
     finally:
         writer.close()
@@ -250,6 +272,9 @@ def run_job(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch_
     """
     out = Path(out_dir)
     info = dist.dist_info()
+    if not dist.same_on_all_ranks(json.dumps(identity, sort_keys=True)):  # every rank gets the answer
+        raise SettingsMismatch(f"{out}: the ranks disagree on the sampling settings (checkpoint weights, VAE, "
+                               "sampler...): start every process with the same command and files")
     check_settings(out, identity)  # every rank reads the same file: all fail together, no hang
     dist.barrier()
     if info.is_main:
@@ -362,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     dist.configure_device(device)
     amp = dist.resolve_amp(args.amp, device.type)
     compiled = dist.resolve_compile({"true": True, "false": False}.get(args.compile, args.compile), device.type)
-    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
+    ckpt = Path(_resolved_on_rank0(args.checkpoint))  # one checkpoint for all, even if training publishes one now
     net, cfg, manifest = checkpoint.load_inference_model(ckpt, use_ema=args.weights == "ema", device=device)
     codec = VAECodec.load(_vae_spec(manifest, args.vae), device, args.decode_dtype)
     check_vae_fits(codec, cfg.model.latent_channels)
@@ -392,6 +417,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.fid_ref and dist.dist_info().is_main:
         score_out(out, args.num_samples, args.fid_ref, args.features, args.inception, device, args.ref_from_images)
     return out
+
+
+def _resolved_on_rank0(spec: str) -> str:
+    """Rank 0 resolves "the latest checkpoint" and every rank uses its answer (or its refusal)."""
+    answer = ""
+    if dist.dist_info().is_main:
+        try:
+            answer = "ok:" + str(checkpoint.resolve_checkpoint(spec))
+        except checkpoint.CheckpointError as err:
+            answer = "error:" + str(err)
+    answer = dist.broadcast_text(answer)
+    if answer.startswith("error:"):
+        raise checkpoint.CheckpointError(answer[len("error:"):])
+    return answer[len("ok:"):]
 
 
 def check_vae_fits(codec: Any, latent_channels: int) -> None:

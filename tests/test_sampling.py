@@ -468,3 +468,40 @@ def test_queued_decode_gives_the_pixels_of_a_plain_decode(tmp_path, one_thread):
     images, labels = sampler.start([4, 5, 6])()
     again, labels2 = sampler.images([4, 5, 6])
     assert np.array_equal(images, again) and np.array_equal(labels, labels2) and images.shape == (3, 16, 16, 3)
+
+
+def test_a_part_of_other_settings_is_refused_not_mixed(tmp_path, one_thread):
+    """Issue 13: every part carries the identity hash of the settings it was made with; a part
+    made under others (a rank that resolved another checkpoint) stops the assembly, naming it."""
+    s = make_sampler()
+    out = tmp_path / "out"
+    sampling.run_job(s, out, 8, 4, IDENTITY, save=("npz",), grid=0, progress=False)
+    part = sorted((out / "parts").glob("idx-*.npz"))[1]
+    with np.load(part) as f:
+        assert str(f["identity"]) == sampling.identity_hash(IDENTITY)
+        arrays = {k: f[k] for k in f.files}
+    arrays["identity"] = np.str_(sampling.identity_hash({**IDENTITY, "weights_sha256": "another model"}))
+    np.savez(part, **arrays)
+    with pytest.raises(sampling.SettingsMismatch, match=rf"{part.name}: written under other sampling settings"):
+        sampling.run_job(s, out, 8, 4, IDENTITY, save=("npz",), grid=0, progress=False)
+
+
+def _two_rank_agreement(rank: int, world: int, init: str, results) -> None:
+    import torch.distributed as tdist
+
+    from latent_patch import dist
+
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results[rank] = (dist.broadcast_text(f"checkpoint of rank {rank}"),
+                         dist.same_on_all_ranks("same"), dist.same_on_all_ranks(f"differs {rank}"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_ranks_share_rank0s_checkpoint_and_compare_their_settings(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_agreement, args=(2, f"file://{tmp_path / 'store'}", results), nprocs=2)
+    assert results[0] == results[1] == ("checkpoint of rank 0", True, False)
