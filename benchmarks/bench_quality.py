@@ -254,8 +254,8 @@ def main() -> None:
     args = p.parse_args()
     args.family_overrides = {}
     if args.quick:
-        args.arms, args.seeds, args.budget_scale, args.evals = "unet_full,unet_patch,dit_route", "0", 0.004, 2
-        args.num_samples, args.steps, args.train_fraction = 60, 4, 0.05
+        args.seeds, args.budget_scale, args.evals = "0", 0.003, 2  # every arm, one seed, tiny budgets
+        args.num_samples, args.steps, args.train_fraction = 40, 3, 0.05
         args.plot = str(Path(args.out) / "quick.png")
         args.family_overrides = {"unet": ["model.channels=32", "model.channel_mult=[1,2]", "model.num_blocks=1",
                                           "model.attn_resolutions=[]"], "dit": ["model.hidden=64", "model.heads=2"]}
