@@ -173,14 +173,20 @@ def finish(tmp: Path, keep_last: int = 0) -> Path:
         os.replace(tmp, final)
     fsutil.fsync_dir(final.parent)
     if keep_last > 0:
-        prune(final.parent.parent, keep_last)
+        prune(final.parent.parent, keep_last, keep=final)
     return final
 
 
-def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the ``keep_last`` highest-step complete checkpoints; returns what was removed."""
-    done = list_complete(run_dir)
-    removed = [p for _, p in done[:-keep_last]] if keep_last > 0 else []
+def prune(run_dir: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep_last`` most recently WRITTEN complete checkpoints (their DONE
+    marker's time), never ``keep`` (the one just written); returns what was removed.
+
+    Why recency, not step: after ``--resume PATH`` from an earlier step, the run's new checkpoints
+    have lower steps than the abandoned ones; keeping the highest steps deleted each new one as
+    soon as it was written.
+    """
+    done = sorted(list_complete(run_dir), key=lambda sp: ((sp[1] / DONE).stat().st_mtime_ns, sp[0]))
+    removed = [p for _, p in done[:-keep_last] if p != keep] if keep_last > 0 else []
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed

@@ -193,3 +193,17 @@ def test_a_lone_complete_temp_folder_is_not_promoted(tmp_path):
     tmp = ckpt.begin(tmp_path, 2)
     ckpt.fsutil.atomic_write_json(tmp / ckpt.DONE, {"files": {}})
     assert ckpt.recover(tmp_path) == [] and ckpt.find_latest(tmp_path).name == "step-000000001"
+
+
+def test_pruning_keeps_the_newest_writes_after_a_resume_from_an_earlier_step(tmp_path):
+    """Issue 13: resumed from step 2 of a run that reached 4, the new checkpoints (3', then 4'
+    replacing 4) are kept and the abandoned branch goes, instead of each new one being deleted."""
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, step)
+        time.sleep(0.01)  # distinct write times
+    new = fake_checkpoint(tmp_path, 3, b"branch", keep_last=2)  # same step: replaced, written last
+    assert new.exists() and ckpt.load_state(new / ckpt.STATE_FILE)["blob"] == b"branch"
+    assert [s for s, _ in ckpt.list_complete(tmp_path)] == [3, 4]  # 3' (newest) and 4 (next newest)
+    time.sleep(0.01)
+    fake_checkpoint(tmp_path, 2, b"older step, newest write", keep_last=1)
+    assert [s for s, _ in ckpt.list_complete(tmp_path)] == [2]  # the checkpoint just written survives
