@@ -86,6 +86,29 @@ def shard_order(n: int, seed: int, epoch: int, salt: int = 0) -> list[int]:
     return order
 
 
+INTERLEAVE = 4  # shards a stream reader reads at once, sample by sample
+
+
+def interleave(streams: Iterator[Iterator[Any]], width: int) -> Iterator[Any]:
+    """Round-robin over up to ``width`` streams at a time, the next stream joining as one ends.
+
+    Why: a shard set written in class order (older encodes, other tools) gives each shard a few
+    classes; reading several shards at once mixes them before the shuffle buffer does. Every
+    sample still comes exactly once, in a deterministic order."""
+    active = list(itertools.islice(streams, width))
+    while active:
+        for it in list(active):
+            item = next(it, _END)
+            if item is _END:
+                active.remove(it)
+                active.extend(itertools.islice(streams, 1))
+            else:
+                yield item
+
+
+_END = object()
+
+
 def _shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Sample-level shuffle through a buffer of ``size`` (0 or 1 = no shuffle); flushes at the end."""
     if size <= 1:
@@ -186,8 +209,9 @@ class LatentStream(IterableDataset):
         epochs = itertools.count(self.start_epoch) if self.infinite else [self.start_epoch]
         for epoch in epochs:
             order = shard_order(len(self.refs), self.seed, epoch, self.salt)
-            for p in plan_pieces(counts, order, n_slots)[slot]:
-                yield from read_shard(self.refs[p.shard], decoder, p.start, p.stop)
+            pieces = plan_pieces(counts, order, n_slots)[slot]
+            yield from interleave((read_shard(self.refs[p.shard], decoder, p.start, p.stop) for p in pieces),
+                                  INTERLEAVE)
 
     def __iter__(self) -> Iterator[Batch]:
         slot, n_slots = self._slot()
