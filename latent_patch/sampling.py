@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -72,9 +73,15 @@ def identity_hash(identity: dict) -> str:
 
 
 def out_identity(out_dir: str | Path) -> str | None:
-    """The identity hash recorded in OUT/sampling.json (None before the first run)."""
+    """The identity hash recorded in OUT/sampling.json (None before the first run); read once per
+    version of the file, not once per part (assembling 50k samples reads hundreds of parts)."""
     path = Path(out_dir) / "sampling.json"
-    return identity_hash(fsutil.read_json(path).get("identity", {})) if path.is_file() else None
+    return _identity_of(str(path), path.stat().st_mtime_ns) if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _identity_of(path: str, mtime_ns: int) -> str:
+    return identity_hash(fsutil.read_json(path).get("identity", {}))
 
 
 def write_part(out_dir: str | Path, indices: Sequence[int], images: np.ndarray, labels: np.ndarray,
