@@ -150,6 +150,9 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
     points = fsutil.read_json(points_file) if points_file.is_file() else []
     cfg = arm_config(arm, seed, folder / "run", shards, args)
     budget = budget_flops(ARMS[arm][0], cfg, args.budget_scale)
+    if points and abs(points[0]["budget_flops"] - budget) > 1e-6 * budget:
+        raise SystemExit(f"{points_file}: its points were trained to a budget of {points[0]['budget_flops']:.6g} FLOPs, "
+                         f"this run's is {budget:.6g} (another --budget-scale or model?); use another --results/--out")
     for k in range(len(points) + 1, args.evals + 1):
         target = budget * k / args.evals
         cfg = arm_config(arm, seed, folder / "run", shards, args, [f"run.total_flops={target:.6g}"])
