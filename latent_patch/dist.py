@@ -16,6 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+# Collective timeout of every process group we make (NCCL's default is 10 min): a first step can
+# follow a long checkpoint load or compile on one rank. Long waits by design (the latent cache's
+# build, encode listings) poll files instead of sitting in a collective.
+GROUP_TIMEOUT = datetime.timedelta(hours=2)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -81,7 +86,7 @@ def init_process_group() -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)  # local rank, not global rank: multi-node safe
-    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
+    tdist.init_process_group(backend=backend, timeout=GROUP_TIMEOUT)
     return True
 
 

@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import os
+import secrets
+import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +21,24 @@ import numpy as np
 
 
 def tmp_path(path: str | Path) -> Path:
-    """The temporary sibling used while ``path`` is written (unique per process, ends in .tmp)."""
+    """The temporary sibling used while ``path`` is written: ``.NAME.HOST~PID~RANDOM.tmp``.
+
+    Why all three: containers reuse process ids (two nodes' pid 1 writing one shared file would
+    collide), and the host and pid let a later writer judge whether the writer is still alive.
+    """
     p = Path(path)
-    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    return p.with_name(f".{p.name}.{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}.tmp")
+
+
+def tmp_writer(tmp: str | Path, name: str) -> tuple[str | None, int | None]:
+    """(host, pid) of the writer of temporary ``tmp`` of file ``name`` (host None: an old pid-only name)."""
+    tag = Path(tmp).name[len(name) + 2: -len(".tmp")]
+    if tag.isdigit():
+        return None, int(tag)
+    parts = tag.split("~")
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None, None
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -97,7 +114,7 @@ def remove_stale_tmp(directory: str | Path) -> int:
 
 
 def remove_dead_writers_tmp(path: str | Path) -> int:
-    """Delete ``path``'s temporaries (``.NAME.PID.tmp``) left by processes that no longer exist.
+    """Delete ``path``'s temporaries (see :func:`tmp_path`) left by this host's processes that no longer exist.
 
     Why: a writer killed between writing its temporary and renaming it leaves the temporary
     behind, and the file's next writer has a different PID. Live writers' temporaries (several
@@ -107,8 +124,8 @@ def remove_dead_writers_tmp(path: str | Path) -> int:
     p = Path(path)
     n = 0
     for tmp in p.parent.glob(f".{p.name}.*.tmp"):
-        pid = tmp.name[len(p.name) + 2: -len(".tmp")]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        host, pid = tmp_writer(tmp, p.name)
+        if pid is None or (host is not None and host != socket.gethostname()) or pid == os.getpid() or _alive(pid):
             continue
         tmp.unlink(missing_ok=True)
         n += 1

@@ -30,12 +30,11 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from . import dist
+from . import latent_cache
 from .config import DataConfig
-from .fsutil import atomic_write_json, commit, read_json, sha256_file, tmp_path
+from .fsutil import sha256_file
 from .seeds import derive_seed
 from .shards import (
     SampleDecoder, ShardError, ShardRef, manifest_file, open_manifest, read_shard, refs_from_manifest, refs_from_urls,
@@ -423,62 +422,38 @@ def read_all(refs: Sequence[ShardRef], info: DatasetInfo, out: np.ndarray, num_w
     return labels
 
 
-def _cache_files(path: Path) -> tuple[Path, Path, Path]:
-    return path, path.with_name(path.name + ".labels.npy"), path.with_name(path.name + ".json")
-
-
-def _open_cache(path: Path, digest: str, shape: tuple) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached arrays, memory-mapped, when their sidecar matches this manifest; else None."""
-    lat_p, lab_p, meta_p = _cache_files(path)
-    if not meta_p.is_file() or read_json(meta_p).get("manifest_sha256") != digest:
-        return None
-    lat = np.load(lat_p, mmap_mode="c", allow_pickle=False)  # copy-on-write: writable view, shared pages
-    lab = np.load(lab_p, allow_pickle=False)
-    if lat.shape != shape or lat.dtype != _F16 or lab.shape != shape[:1] or lab.dtype != np.int64:
-        return None
-    return lat, lab
-
-
-def build_cache(path: Path, refs: Sequence[ShardRef], info: DatasetInfo, digest: str, num_workers: int = 0) -> None:
-    """Write the memory-map cache: arrays under temporary names, renamed, sidecar last.
-
-    The sidecar (manifest digest) is the completeness marker, so a killed build is redone.
-    """
-    lat_p, lab_p, meta_p = _cache_files(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_lat, tmp_lab = tmp_path(lat_p), tmp_path(lab_p)
-    shape = (info.num_samples, 2, *info.latent_shape)
-    out = np.lib.format.open_memmap(tmp_lat, mode="w+", dtype=_F16, shape=shape)
-    labels = read_all(refs, info, out, num_workers)
-    out.flush()
-    del out
-    with open(tmp_lab, "wb") as f:
-        np.save(f, labels, allow_pickle=False)
-    commit(tmp_lat, lat_p)
-    commit(tmp_lab, lab_p)
-    atomic_write_json(meta_p, {"manifest_sha256": digest, "shape": list(shape)})
+def iter_shards(refs: Sequence[ShardRef], info: DatasetInfo, todo: Sequence[int],
+                num_workers: int = 0) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(shard index, its first row in manifest order, latents, labels) for the shards ``todo``."""
+    offsets = np.cumsum([0] + [r.num_samples for r in refs])
+    ds = torch.utils.data.Subset(_ShardArrays(refs, info.latent_shape, info.num_classes), list(todo))
+    for j, lat, lab in DataLoader(ds, batch_size=None, num_workers=num_workers):
+        yield j, int(offsets[j]), lat.numpy(), lab.numpy()
 
 
 def load_arrays(refs: Sequence[ShardRef], info: DatasetInfo, cache: Path | None = None,
                 manifest_digest: str = "", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """All samples as tensors (N, 2, C, h, w) float16 and (N,) int64, from the cache if valid.
+    """All samples as tensors (N, 2, C, h, w) float16 and (N,) int64, from the cache if given.
 
-    With a cache, one process per node (local rank 0) builds it while the others wait at a
-    barrier, then every rank maps the same file, so the OS page cache holds one copy per node.
+    With a cache, the first process to take its lock builds it (or continues a killed build)
+    and every other process polls for it (``latent_cache``: no collective, so no timeout), then
+    every process maps the same file: the OS page cache holds one copy per node.
     """
     shape = (info.num_samples, 2, *info.latent_shape)
     if cache is None:
         out = np.empty(shape, _F16)
         labels = read_all(refs, info, out, num_workers)
         return torch.from_numpy(out), torch.from_numpy(labels)
-    first = not (tdist.is_available() and tdist.is_initialized()) or dist.dist_info().local_rank == 0
-    if first and _open_cache(cache, manifest_digest, shape) is None:
-        build_cache(cache, refs, info, manifest_digest, num_workers)
-    dist.barrier()
-    arrays = _open_cache(cache, manifest_digest, shape)
-    if arrays is None:
-        raise ShardError(f"{cache}: cache missing or stale after it was built")
-    return torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])
+    lat, lab = latent_cache.ensure(cache, manifest_digest, shape, len(refs),
+                                   lambda todo: iter_shards(refs, info, todo, num_workers))
+    return torch.from_numpy(lat), torch.from_numpy(lab)
+
+
+def cache_path(cfg: DataConfig) -> Path | None:
+    """``data.cache`` as a path: "auto" is ``latents-cache.npy`` beside the manifest; None is no cache."""
+    if cfg.cache is None:
+        return None
+    return manifest_file(cfg.shards).parent / "latents-cache.npy" if cfg.cache == "auto" else Path(cfg.cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,7 +479,7 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     if cfg.in_memory:
         if cfg.urls:
             raise ValueError("data.in_memory reads the manifest's shards; data.urls is for streaming only")
-        cache = None if cfg.cache is None else (root / "latents-cache.npy" if cfg.cache == "auto" else Path(cfg.cache))
+        cache = cache_path(cfg)
         digest = sha256_file(mpath) if cache is not None else ""
         lat, lab = load_arrays(refs_from_manifest(manifest, root), info, cache, digest, cfg.num_workers)
         return MemoryLoader(info, lat, lab, cfg.batch_size, rank, world_size, cfg.seed, infinite, pin)

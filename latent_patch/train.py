@@ -29,14 +29,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, dist
 from . import config as config_mod
 from .codec import LatentNorm, draw_latent, latent_norm
 from .config import EMAConfig, OptimConfig, TrainConfig
 from .dist import adopt_slurm_env, compile_network, configure_device, resolve_compile, resolve_precision
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
-from .loader import build_loader
+from .loader import build_loader, cache_path
 from .models import (
     build_model, check_latents_fit, enable_grad_checkpointing, forward_flops, offset_multiple, patch_multiple,
 )
@@ -125,6 +125,7 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
 def build_accelerator(cfg: TrainConfig, with_trackers: bool = True):
     """Accelerator for DDP over processes/nodes and autocast mixed precision ("auto": bf16 on CUDA)."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     adopt_slurm_env()  # srun without torchrun: the same process group as torchrun would make
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,6 +137,8 @@ def build_accelerator(cfg: TrainConfig, with_trackers: bool = True):
         mixed_precision=mp,
         log_with="tensorboard" if (with_trackers and cfg.run.tensorboard) else None,
         project_dir=cfg.run.out_dir,
+        # as dist.init_process_group: a first collective may wait on a slow first checkpoint load
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=dist.GROUP_TIMEOUT)],
     )
     configure_device(acc.device)
     return acc
@@ -417,14 +420,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None,
                         help="'auto' = latest complete checkpoint of run.out_dir (fresh start if none); "
                              "or a checkpoint / run folder")
+    parser.add_argument("--build-cache", action="store_true",
+                        help="only build data.cache (in-memory mode) and exit: one process, before the GPU job")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 run.out_dir=runs/x")
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.load(TrainConfig, args.config, args.overrides)
     except config_mod.ConfigError as err:
         parser.error(str(err))
+    if args.build_cache and not (cfg.data.in_memory and cfg.data.cache is not None):
+        parser.error(f"--build-cache needs data.in_memory=true and a data.cache (got in_memory={cfg.data.in_memory}, "
+                     f"cache={cfg.data.cache})")
     setup_logging(None, True)  # console now; prepare_run adds RUN/log.txt
     try:
+        if args.build_cache:
+            build_loader(cfg.data, infinite=False)
+            log.info("cache ready: %s", cache_path(cfg.data))
+            return 0
         train(cfg, args.resume)
     except (TrainingError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as err:
         # ValueError covers ShardError, ConfigError and malformed files (read_json names them)
