@@ -248,6 +248,24 @@ def _deep_merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
+def differences(old: Mapping, new: Mapping, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """``key.sub: old -> new`` for every leaf that differs, dotted through nested dicts.
+
+    Why: a refusal that prints two whole settings dicts hides the one value that changed;
+    ``skip`` names dotted keys that may differ (a moved source folder, say).
+    """
+    diffs: list[str] = []
+    for key in sorted(set(old) | set(new), key=str):
+        name, a, b = f"{prefix}{key}", old.get(key), new.get(key)
+        if name in skip:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += differences(a, b, f"{name}.", skip)
+        elif a != b:
+            diffs.append(f"{name}: {'(absent)' if key not in old else repr(a)} -> {'(absent)' if key not in new else repr(b)}")
+    return diffs
+
+
 def save(obj: Any, path: str | Path) -> None:
     """Write a config as YAML (used to store the resolved config beside checkpoints)."""
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))

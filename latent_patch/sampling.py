@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import checkpoint, dist, fid, fsutil
+from . import config as config_mod
 from .codec import VAECodec, make_decoder, model_norm
 from .config import SamplerConfig
 from .edm import AUTHORS_IMAGENET256, ImageSampler, plan_batches
@@ -214,11 +215,9 @@ def check_settings(out_dir: str | Path, identity: dict) -> None:
     old = fsutil.read_json(path).get("identity", {})
     new = json.loads(json.dumps(identity))
     if old != new:
-        diffs = [f"{k}: {old.get(k)!r} (in {path.name}) vs {new.get(k)!r} (now)"
-                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         raise SettingsMismatch(
-            f"{out_dir} already holds samples made with different settings; " + "; ".join(diffs)
-            + f". Use another --out, or delete {out_dir} to start over.")
+            f"{out_dir} already holds samples made with different settings ({path.name} -> now: "
+            + "; ".join(config_mod.differences(old, new)) + f"). Use another --out, or delete {out_dir} to start over.")
 
 
 # --------------------------------------------------------------------------- the job

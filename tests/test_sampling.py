@@ -196,8 +196,15 @@ def test_job_layout_and_settings_guard(tmp_path, one_thread):
     meta = json.loads((out / "sampling.json").read_text())
     assert meta["identity"]["seed"] == 7 and meta["num_samples"] == 13
     # other settings into the same OUT: refused with the differing key named
-    with pytest.raises(sampling.SettingsMismatch, match="seed"):
+    with pytest.raises(sampling.SettingsMismatch, match="seed") as err:
         sampling.run_job(s, out, 13, 4, {**IDENTITY, "seed": 8}, progress=False)
+    assert "seed: 7 -> 8" in str(err.value) and "model" not in str(err.value)
+    # a nested change is named by its dotted key alone, not by two whole dicts
+    changed = {**IDENTITY, "sampler": {**IDENTITY["sampler"], "steps": IDENTITY["sampler"]["steps"] + 1}}
+    with pytest.raises(sampling.SettingsMismatch) as err:
+        sampling.run_job(s, out, 13, 4, changed, progress=False)
+    steps = IDENTITY["sampler"]["steps"]
+    assert f"(sampling.json -> now: sampler.steps: {steps} -> {steps + 1})" in str(err.value)
     # a larger N with the same settings reuses the 13 done samples and only adds the rest
     sampling.run_job(s, out, 16, 5, IDENTITY, save=("npz",), grid=0, progress=False)
     arr16, _ = load_npz(out)
