@@ -125,14 +125,15 @@ def remove_dead_writers_tmp(path: str | Path) -> int:
     n = 0
     for tmp in p.parent.glob(f".{p.name}.*.tmp"):
         host, pid = tmp_writer(tmp, p.name)
-        if pid is None or (host is not None and host != socket.gethostname()) or pid == os.getpid() or _alive(pid):
+        if pid is None or (host is not None and host != socket.gethostname()) or pid == os.getpid() or pid_alive(pid):
             continue
         tmp.unlink(missing_ok=True)
         n += 1
     return n
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (PIDs mean nothing on another one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -4,7 +4,8 @@ pixels), and PNG grids of generated images (previews, sample grids, the demo's c
 A source is listed once, deterministically (sorted, hidden files ignored), into a :class:`Listing`:
 one entry per input with a stable index, a source id, a label and where its bytes live. The index
 is what makes the encoding reproducible and splittable: shard ``j`` is a fixed block of indices
-whatever the number of processes. Decoding never raises for a bad input; it raises
+whatever the number of processes. The encoder lists once per output folder and shares the result
+(:meth:`Listing.to_record`, :func:`source_identity`; see ``encode.shared_listing``). Decoding never raises for a bad input; it raises
 :class:`BadImage` with a human-readable reason, which the encoder records and moves on.
 
 Source kinds (auto-detected by :func:`list_source`):
@@ -18,24 +19,31 @@ Source kinds (auto-detected by :func:`list_source`):
 
 from __future__ import annotations
 
+import bz2
 import csv
 import glob
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import re
+import shutil
 import tarfile
+import uuid
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, atomic_write_json, commit
 
 # PIL's own hard limit (it raises DecompressionBombError above this); our default matches it, and
 # a higher --max-pixels still meets PIL's guard (reported as a skip reason all the same).
@@ -95,6 +103,46 @@ class Listing:
             h.update(f"{label}\t{src}\n".encode())
         return h.hexdigest()
 
+    def to_record(self, root: str | Path) -> dict:
+        """The listing as plain JSON data (no pickle), to be read back by :meth:`from_record`.
+
+        Tar locations are ``[tar number, offset, size]`` into ``tars`` (one path per tar, not per
+        input); a tar inside ``root`` (an unpacked copy in the output folder) is stored relative
+        to it, so the folder can move. ``tar_sizes`` lets a reader check the copies are still whole.
+        """
+        root = os.path.abspath(root)
+        tars: list[str] = []
+        number: dict[str, int] = {}
+        locs: list[list[int] | None] | None = None
+        if self.locations is not None:
+            locs = []
+            for loc in self.locations:
+                if loc is None:
+                    locs.append(None)
+                    continue
+                if loc[0] not in number:
+                    number[loc[0]] = len(tars)
+                    tars.append(loc[0])
+                locs.append([number[loc[0]], loc[1], loc[2]])
+        inside = [os.path.commonpath([root, os.path.abspath(t)]) == root for t in tars]
+        return {"kind": self.kind, "path": self.path, "base": self.base, "sources": self.sources,
+                "labels": self.labels, "class_names": self.class_names,
+                "tars": [os.path.relpath(t, root) if i else t for t, i in zip(tars, inside)],
+                "tar_sizes": [os.path.getsize(t) for t in tars], "locations": locs,
+                "problems": [[i, r] for i, r in sorted(self.problems.items())],
+                "warnings": self.warnings}
+
+    @classmethod
+    def from_record(cls, rec: dict, root: str | Path) -> "Listing":
+        """Inverse of :meth:`to_record`; relative tar paths are taken from ``root``."""
+        tars = [os.path.join(os.path.abspath(root), t) for t in rec["tars"]]
+        locs = rec["locations"]
+        return cls(rec["kind"], rec["path"], rec["base"], rec["sources"], rec["labels"],
+                   rec["class_names"],
+                   locations=None if locs is None else [
+                       None if x is None else (tars[x[0]], x[1], x[2]) for x in locs],
+                   problems={int(i): r for i, r in rec["problems"]}, warnings=rec["warnings"])
+
 
 # ----------------------------------------------------------------------------- listing
 
@@ -107,30 +155,70 @@ def _looks_like_tars(spec: str) -> bool:
     return "{" in spec or any(c in spec for c in "*?[") or spec.endswith((".tar", ".tar.gz", ".tgz"))
 
 
-def list_source(spec: str | Path, labels: str | Path | None = None) -> Listing:
-    """List a source, detecting its kind: tars, class tree, or flat folder + ``labels`` file."""
-    spec = str(spec)
+def _source_kind(spec: str, labels: str | Path | None) -> tuple[str, str]:
+    """(kind, what its lister reads) for ``spec``; raises for a missing or unusable source."""
     if _looks_like_tars(spec) and not os.path.isdir(spec):
         if labels is not None:
             raise ValueError(f"--labels {labels}: only for a flat folder; tar samples carry .cls")
-        return list_tars(spec)
+        return "tars", spec
     root = Path(spec)
     if not root.exists():
         raise FileNotFoundError(f"--source {spec}: no such file or folder")
     if not root.is_dir():
         raise ValueError(f"--source {spec}: not a folder and not a .tar / brace pattern")
     entries = _visible(os.listdir(root))
-    subdirs = [e for e in entries if (root / e).is_dir()]
     if labels is not None:
-        return list_flat(root, labels)
-    if subdirs:
-        return list_class_tree(root)
+        return "flat", spec
+    if any((root / e).is_dir() for e in entries):
+        return "class_tree", spec
     if entries and all(e.endswith((".tar", ".tar.gz", ".tgz")) for e in entries):
-        return list_tars(str(root / "*.t*"))
+        return "tars", str(root / "*.t*")
     raise ValueError(
         f"--source {spec}: a folder of files without class subfolders needs --labels FILE "
         "(e.g. LOC_val_solution.csv or 'filename label' lines)"
     )
+
+
+def list_source(spec: str | Path, labels: str | Path | None = None,
+                unpack_dir: str | Path | None = None) -> Listing:
+    """List a source, detecting its kind: tars, class tree, or flat folder + ``labels`` file.
+
+    ``unpack_dir``: where compressed tars are unpacked, once (see :func:`list_tars`)."""
+    kind, target = _source_kind(str(spec), labels)
+    if kind == "tars":
+        return list_tars(target, unpack_dir)
+    if kind == "flat":
+        return list_flat(target, labels)
+    return list_class_tree(target)
+
+
+def _stamp(path: str | Path) -> list:
+    st = os.stat(path)
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def source_identity(spec: str | Path, labels: str | Path | None = None) -> dict:
+    """What a saved listing of ``spec`` must match to be reused, at about one stat per class
+    folder or tar instead of one per image: the source and label file (real paths), the kind, and
+    a ``stamp`` of what the lister reads (size and mtime of the root and class folders, of every
+    tar, of the label file). Adding, removing or renaming a file changes its folder's mtime.
+    Raises what :func:`list_source` raises for a missing or unusable source."""
+    spec = str(spec)
+    kind, target = _source_kind(spec, labels)
+    if kind == "tars":
+        stamp = [_stamp(p) for p in expand_tar_spec(target)]
+    else:
+        root = Path(target)
+        stamp = [_stamp(root)]
+        if kind == "class_tree":
+            stamp += [_stamp(root / e) for e in _visible(os.listdir(root)) if (root / e).is_dir()]
+    if labels is not None:
+        if not Path(labels).is_file():
+            raise FileNotFoundError(f"--labels {labels}: no such file")
+        stamp.append(_stamp(labels))
+    return {"source": os.path.realpath(spec),
+            "labels": None if labels is None else os.path.realpath(labels),
+            "kind": kind, "stamp": stamp}
 
 
 def _regular_files(folder: Path, prefix: str, notes: list[dict[str, str]]) -> list[str]:
@@ -268,14 +356,14 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def _tar_samples(path: str) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """Group the members of one tar into (key, {ext: member}) in file order."""
+def _tar_samples(path: str, shown: str | None = None) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """Group the members of one tar into (key, {ext: member}) in file order (errors name ``shown``)."""
     samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
     try:
         with tarfile.open(path) as tf:
             members = [m for m in tf.getmembers() if m.isfile()]
     except (tarfile.TarError, OSError) as err:
-        raise ValueError(f"{path}: not a readable tar file ({err})") from None
+        raise ValueError(f"{shown or path}: not a readable tar file ({err})") from None
     for m in members:
         key, ext = _split_key(m.name)
         if not samples or samples[-1][0] != key:
@@ -305,48 +393,109 @@ def _tar_class_names(first_tar: str, top: int) -> list[str]:
     return [str(i) for i in range(top + 1)]
 
 
+_COMPRESSIONS = ((b"\x1f\x8b", gzip), (b"BZh", bz2), (b"\xfd7zXZ\x00", lzma))  # magic, module
 _UNPACKED: dict[str, str] = {}
 
 
-def _seekable_tar(path: str) -> str:
-    """An uncompressed copy of a compressed tar (.tar.gz, .tgz, ...), made once per process.
-
-    Inputs are read later by byte offset, which only an uncompressed tar allows; the copy lives
-    in the system temp folder (as large as the unpacked tar) and is removed at exit. Plain tars
-    are used in place.
-    """
+def _decompressor(path: str):
+    """gzip.open / bz2.open / lzma.open for a compressed file (by its magic bytes), else None."""
     with open(path, "rb") as f:
         magic = f.read(6)
-    if not (magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00"):
+    return next((mod.open for m, mod in _COMPRESSIONS if magic.startswith(m)), None)
+
+
+def unpack_tar(path: str, dest: str | Path) -> Path:
+    """Decompress the compressed tar ``path`` to ``dest`` (a seekable tar), unless done already.
+
+    Inputs are read later by byte offset, which only an uncompressed tar allows. The copy is
+    written under a temporary name and renamed, then ``dest.done`` records the source's size and
+    mtime: a copy with a matching marker is kept (a re-run does not unpack again), anything else
+    (a killed unpack, a changed source) is unpacked again.
+    """
+    dest = Path(dest)
+    marker = dest.with_name(dest.name + ".done")
+    st = os.stat(path)
+    want = {"source": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        done = json.loads(marker.read_text())
+        if {k: done.get(k) for k in want} == want and dest.stat().st_size == done["unpacked_size"]:
+            return dest
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    marker.unlink(missing_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with _decompressor(path)(path, "rb") as src, open(tmp, "wb") as dst:
+            while True:
+                try:
+                    block = src.read(1 << 24)
+                except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:
+                    raise ValueError(f"{path}: not a readable compressed tar file ({err})") from None
+                if not block:
+                    break
+                dst.write(block)
+        commit(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(marker, {**want, "unpacked_size": dest.stat().st_size})
+    return dest
+
+
+def _seekable_tar(path: str, unpack_dir: str | Path | None = None, number: int = 0) -> str:
+    """``path`` itself for a plain tar; for a compressed one (.tar.gz, .tgz, ...) its unpacked copy
+    ``unpack_dir/{number:05d}-NAME.tar`` (see :func:`unpack_tar`), or without ``unpack_dir`` a copy
+    made once per process in the system temp folder, removed at exit."""
+    if _decompressor(path) is None:
         return path
+    if unpack_dir is not None:
+        name = re.sub(r"\.(tar\.)?(gz|bz2|xz)$|\.(tgz|tbz2?|txz|tar)$", "", os.path.basename(path))
+        return str(unpack_tar(path, Path(unpack_dir) / f"{number:05d}-{name}.tar"))
     if path not in _UNPACKED:
         import atexit
-        import shutil
         import tempfile
 
         folder = tempfile.mkdtemp(prefix="latent_patch_tar_")
         atexit.register(shutil.rmtree, folder, True)
-        out = os.path.join(folder, "unpacked.tar")
-        try:
-            with tarfile.open(path) as src, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dst:
-                for m in src:
-                    dst.addfile(m, src.extractfile(m) if m.isfile() else None)
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise ValueError(f"{path}: not a readable compressed tar file ({err})") from None
-        _UNPACKED[path] = out
+        _UNPACKED[path] = str(unpack_tar(path, os.path.join(folder, "unpacked.tar")))
     return _UNPACKED[path]
 
 
-def list_tars(spec: str) -> Listing:
-    """One input per webdataset sample; its image member is read by offset (no re-scan)."""
+def _prune(folder: Path, keep: set[str]) -> None:
+    """Remove every entry of ``folder`` not named in ``keep`` (the folder too once empty)."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    if not keep:
+        folder.rmdir()
+
+
+def list_tars(spec: str, unpack_dir: str | Path | None = None) -> Listing:
+    """One input per webdataset sample; its image member is read by offset (no re-scan).
+
+    Compressed tars are unpacked into ``unpack_dir`` (kept across runs, see :func:`unpack_tar`;
+    whatever else is in that folder is removed: the caller must own it, as ``encode`` does under
+    its lock) or, without it, into a per-process temporary copy."""
     paths = expand_tar_spec(spec)
     sources: list[str] = []
     labels: list[int] = []
     locs: list[tuple[str, int, int] | None] = []
     problems: dict[int, str] = {}
-    for original in paths:
-        path = _seekable_tar(original)
-        for key, members in _tar_samples(path):
+    unpacked = Path(unpack_dir) if unpack_dir is not None else None
+    if unpacked is not None and unpacked.is_dir():  # a killed unpack's partial copy, before the next
+        _prune(unpacked, {p.name for p in unpacked.iterdir() if not p.name.endswith(".tmp")})
+    keep: set[str] = set()
+    for number, original in enumerate(paths):
+        path = _seekable_tar(original, unpacked, number)
+        if path != original and unpacked is not None:
+            keep |= {Path(path).name, Path(path).name + ".done"}
+        for key, members in _tar_samples(path, original if path != original else None):
             i = len(sources)
             img_ext = _pick(members, IMAGE_EXTS)
             sources.append(f"{Path(original).name}/{key}.{img_ext or 'noimage'}")
@@ -358,6 +507,8 @@ def list_tars(spec: str) -> Listing:
                 problems[i] = "no image member in this sample"
             elif label is None:
                 problems[i] = "no valid .cls member in this sample"
+    if unpacked is not None:
+        _prune(unpacked, keep)  # copies of tars no longer in the source
     if not sources:
         raise ValueError(f"--source {spec}: the tar shards hold no samples")
     top = max(labels, default=-1)
@@ -474,8 +625,13 @@ def safe_stem(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", Path(source).stem)
 
 
-def save_grid(images: np.ndarray, path: str | Path, per_row: int | None = None) -> Path:
-    """uint8 NHWC images -> one PNG, ``per_row`` per row (default: as square as possible), atomically."""
+def save_grid(images: np.ndarray, path: str | Path, per_row: int | None = None,
+              row_labels: Sequence[str] | None = None) -> Path:
+    """uint8 NHWC images -> one PNG, ``per_row`` per row (default: as square as possible), atomically.
+
+    ``row_labels`` writes one label per row in a white margin on the left (a per-class grid says
+    which class each row is, so nobody has to look up classes.txt).
+    """
     n, h, w, c = images.shape
     cols = per_row or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -483,7 +639,26 @@ def save_grid(images: np.ndarray, path: str | Path, per_row: int | None = None) 
     for k in range(n):
         r, q = divmod(k, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[k]
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if row_labels is not None:
+        picture = _label_rows(picture.convert("RGB"), list(row_labels)[:rows], h)
     buf = io.BytesIO()
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG")
+    picture.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def _label_rows(grid: Image.Image, labels: list[str], row_height: int) -> Image.Image:
+    """``grid`` with a white margin on its left holding ``labels[r]`` level with row ``r``."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(grid)
+    margin = 8 + max((int(draw.textlength(t, font=font)) for t in labels), default=0)
+    out = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        top, bottom = draw.textbbox((0, 0), text, font=font)[1::2]
+        draw.text((4, r * row_height + (row_height - (bottom - top)) // 2 - top), text, fill="black", font=font)
+    return out

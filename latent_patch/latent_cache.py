@@ -3,15 +3,14 @@
 Why a module of its own: at ImageNet scale the cache is ~42 GB, built from ~50 GB of shards, and
 every process of every node wants it at start. Three things must hold there:
 
-- **Once.** Whoever creates ``<cache>.lock`` (``O_EXCL``) builds; every other process, on any
-  node that sees the same file system, polls for the finished cache. A cache on node-local disk
-  is built once per node, the same way. No collective runs while waiting, so no NCCL timeout can
-  kill a job whose first start spends an hour here (``train_latent.py --build-cache`` builds it
-  ahead of the GPU job).
+- **Once.** Whoever takes ``<cache>.lock`` builds; every other process, on any node that sees
+  the same file system, polls for the finished cache (:func:`filelock.do_once`). A cache on
+  node-local disk is built once per node, the same way. No collective runs while waiting, so no
+  NCCL timeout can kill a job whose first start spends an hour here (``train_latent.py
+  --build-cache`` builds it ahead of the GPU job).
 - **Resumable.** The build writes into fixed names (``<cache>.partial``, ``<cache>.labels.partial``)
   and records finished shards in ``<cache>.partial.json`` after flushing them, so a build killed
-  at 90 % continues from there. The lock holder refreshes the lock's mtime; a lock not refreshed
-  for ``STALE_S`` seconds belongs to a dead builder and is taken over by one waiter.
+  at 90 % continues from there: a dead builder's lock is taken over by one waiter.
 - **Trusted.** The sidecar ``<cache>.json`` (the manifest's sha256 and the shape) is written last:
   a cache without it, or of another manifest, is never used.
 """
@@ -20,23 +19,18 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from . import filelock
 from .fsutil import atomic_write_json, fsync_dir, read_json
 
 log = logging.getLogger(__name__)
 
 F16 = np.dtype("<f2")
-HEARTBEAT_S = 15.0  # the builder refreshes its lock this often
-STALE_S = 300.0  # a lock older than this has no live builder (20 missed heartbeats)
-POLL_S = 2.0  # how often a waiting process looks for the finished cache
-REPORT_S = 60.0  # how often a waiting process says what it waits for
 FLUSH_S = 30.0  # the builder records its finished shards this often (what a killed build keeps)
 
 # (shard indices to read) -> yields (shard index, first row, latents (n, 2, C, h, w), labels (n,))
@@ -70,65 +64,6 @@ def open_cache(path: str | Path, digest: str, shape: tuple) -> tuple[np.ndarray,
     if lat.shape != tuple(shape) or lat.dtype != F16 or lab.shape != tuple(shape[:1]) or lab.dtype != np.int64:
         return None
     return lat, lab
-
-
-class Lock:
-    """An ``O_EXCL`` lock file with a heartbeat; ``acquire`` breaks a lock whose owner stopped beating."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.owner = f"{socket.gethostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self) -> bool:
-        """True if this process now holds the lock (after removing a stale one)."""
-        self._break_if_stale()
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(self.owner + "\n")
-        self._thread = threading.Thread(target=self._beat, name="cache-lock", daemon=True)
-        self._thread.start()
-        return True
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:  # broken by a waiter who judged us dead: nothing to refresh
-                return
-
-    def holder(self) -> str:
-        try:
-            return self.path.read_text().strip() or "?"
-        except FileNotFoundError:
-            return "nobody"
-
-    def _break_if_stale(self) -> None:
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age < STALE_S:
-            return
-        # rename first: of several waiters judging the same lock stale, exactly one succeeds
-        grave = self.path.with_name(f"{self.path.name}.stale-{socket.gethostname()}-{os.getpid()}")
-        try:
-            os.replace(self.path, grave)
-        except FileNotFoundError:
-            return
-        log.warning("%s: lock of %s not refreshed for %.0f s: its builder is gone, taking over",
-                    self.path, grave.read_text().strip() or "?", age)
-        grave.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.path.unlink(missing_ok=True)
 
 
 def _progress(files: CacheFiles, digest: str, shape: tuple, num_shards: int) -> set[int]:
@@ -187,26 +122,21 @@ def ensure(path: str | Path, digest: str, shape: tuple, num_shards: int, read: S
     Waiting polls the sidecar, so it can last as long as the build does (``timeout_s``: None is
     no limit) without any collective; a builder that died is replaced by one of the waiters.
     """
-    files, lock = CacheFiles(path), None
-    started = last_report = time.monotonic()
-    while True:
-        arrays = open_cache(path, digest, shape)
-        if arrays is not None:
-            return arrays
-        lock = Lock(files.lock)
-        if lock.acquire():
-            try:
-                if open_cache(path, digest, shape) is None:  # it may have finished between the looks
-                    build(path, digest, shape, num_shards, read)
-            finally:
-                lock.release()
-            continue
-        now = time.monotonic()
-        if timeout_s is not None and now - started > timeout_s:
-            raise TimeoutError(f"{files.latents}: still being built by {lock.holder()} after {timeout_s:.0f} s")
-        if now - last_report >= REPORT_S:
-            state = read_json(files.progress) if files.progress.is_file() else {}
-            log.info("waiting for %s, built by %s (%d of %d shards so far)", files.latents, lock.holder(),
-                     len(state.get("done", [])), num_shards)
-            last_report = now
-        time.sleep(POLL_S)
+    files = CacheFiles(path)
+    files.latents.parent.mkdir(parents=True, exist_ok=True)  # the lock lives there
+
+    def ready() -> tuple[np.ndarray, np.ndarray] | None:
+        return open_cache(path, digest, shape)
+
+    def work() -> tuple[np.ndarray, np.ndarray] | None:
+        build(path, digest, shape, num_shards, read)
+        return ready()
+
+    def progress() -> str:
+        try:
+            done = len(read_json(files.progress).get("done", []))
+        except (OSError, ValueError):  # not flushed yet
+            done = 0
+        return f"{done} of {num_shards} shards so far"
+
+    return filelock.do_once(files.lock, ready, work, f"the cache {files.latents}", timeout_s, progress)

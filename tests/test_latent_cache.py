@@ -5,6 +5,7 @@ collide. Each process here is a real OS process: the lock is a file, not a threa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latent_patch import fsutil, latent_cache, loader
+from latent_patch import filelock, fsutil, latent_cache, loader
 from latent_patch.config import DataConfig
 from tests.test_loader import COUNTS, SHAPE, write_shards
 
@@ -29,10 +30,10 @@ N = sum(COUNTS)
 BUILDER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from latent_patch import latent_cache, loader
+    from latent_patch import filelock, latent_cache, loader
     from latent_patch.config import DataConfig
-    latent_cache.POLL_S, latent_cache.HEARTBEAT_S, latent_cache.FLUSH_S = 0.05, 0.1, 0.0
-    latent_cache.STALE_S = float(os.environ.get("STALE_S", "300"))
+    filelock.POLL_S, filelock.HEARTBEAT_S, latent_cache.FLUSH_S = 0.05, 0.1, 0.0
+    filelock.STALE_S = float(os.environ.get("STALE_S", "300"))
     original = loader.read_shard
     def read_shard(ref, *args, **kw):
         Path(sys.argv[2], f"read-{os.getpid()}-{Path(ref.url).stem}").touch()
@@ -105,13 +106,13 @@ def test_killed_build_is_continued_by_a_waiter_from_its_last_flushed_shard(shard
 
 def test_a_live_builders_lock_is_waited_for_not_broken(shards, monkeypatch):
     files = latent_cache.CacheFiles(shards / "latents-cache.npy")
-    files.lock.write_text("node-7 pid 12 at now\n")  # fresh mtime: a live builder elsewhere
-    monkeypatch.setattr(latent_cache, "POLL_S", 0.05)
+    files.lock.write_text(json.dumps({"host": "node-7", "pid": 12, "token": "t"}))  # a live builder elsewhere
+    monkeypatch.setattr(filelock, "POLL_S", 0.05)
     info = loader.DatasetInfo.from_manifest(loader.open_manifest(loader.manifest_file(shards)))
-    with pytest.raises(TimeoutError, match="still being built by node-7 pid 12"):
+    with pytest.raises(TimeoutError, match="not ready after 0.5 s; .*latents-cache.npy.lock is held by node-7 pid 12"):
         latent_cache.ensure(files.latents, "digest", (N, 2, *SHAPE), len(COUNTS),
                             lambda todo: loader.iter_shards([], info, todo), timeout_s=0.5)
-    assert files.lock.read_text().startswith("node-7")
+    assert json.loads(files.lock.read_text())["host"] == "node-7"
 
 
 def test_a_stale_cache_of_another_manifest_is_rebuilt(shards):
