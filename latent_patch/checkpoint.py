@@ -11,19 +11,31 @@ Layout of a run folder ``RUN/``::
         rank-00001.pt ...   RNG + loader state of every other rank (multi-process runs)
         config.yaml         the resolved TrainConfig
         manifest.json       copy of the shards' manifest (VAE id, class names) for the sampler
-        DONE                JSON {file name: size in bytes}, written last
+        DONE                JSON {"files": {file name: size in bytes}, "seq": write number},
+                            written last
 
 A checkpoint is written into ``checkpoints/.tmp-step-.../``, DONE is written after every other
 file is flushed, and only then is the folder renamed to ``step-...``. A crash at any instant thus
 leaves either no ``step-...`` folder or a complete one; DONE's sizes additionally catch a
 checkpoint damaged later (truncated copy, full disk on a sync) with an error naming the file.
-"Latest" always means the highest step number among complete folders, never mtime or size.
+
+"Latest" means the run's newest write, not the highest step: after ``--resume PATH`` from step
+1000 while an abandoned 5000 exists, the run's 1500 and 2000 are newer than 5000, and ``--resume
+auto``, ``sample.py RUN`` and ``keep_last`` pruning go by that. DONE's ``seq`` (one more than
+the highest among the complete checkpoints when it was finished) records the order; it survives
+copies, which mtimes do not. Markers without one (older code) order by step, below every numbered
+one. Never by size.
+
+Loading maps the files instead of reading them into each process's memory (``copy_weights``,
+``load_state``): the ranks of a node share one copy of the pages through the page cache, and
+every tensor goes straight into its module or optimizer, on the training device.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import pickle  # only for its exception class: nothing here unpickles (torch.load weights_only=True)
 import re
@@ -36,7 +48,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
@@ -91,9 +103,30 @@ def list_complete(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def write_seq(ckpt: Path) -> int | None:
+    """The write sequence number in a checkpoint's DONE marker; None for a marker without one
+    (written by code before sequence numbers) or one that cannot be read (``verify`` names it)."""
+    try:
+        seq = fsutil.read_json(Path(ckpt) / DONE).get("seq")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def by_recency(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, folder), oldest write first (DONE's ``seq``; markers without
+    one by step, before every numbered one)."""
+    keyed = []
+    for step, p in list_complete(run_dir):
+        seq = write_seq(p)
+        keyed.append(((0, step) if seq is None else (1, seq, step), step, p))
+    return [(step, p) for _, step, p in sorted(keyed)]
+
+
 def find_latest(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step number, or None; half-written ones are ignored."""
-    done = list_complete(run_dir)
+    """The run's most recently written complete checkpoint (see ``by_recency``), or None;
+    half-written ones are ignored."""
+    done = by_recency(run_dir)
     return done[-1][1] if done else None
 
 
@@ -150,17 +183,21 @@ def write_text(path: Path, text: str) -> None:
 
 
 def finish(tmp: Path, keep_last: int = 0) -> Path:
-    """Flush every file, write DONE (file sizes) last, rename the folder into place, prune old ones.
+    """Flush every file, write DONE (file sizes, write number) last, rename the folder into place,
+    prune old ones.
 
     Returns the final folder. An existing folder of the same step (a run resumed from an earlier
-    checkpoint re-reaching it) is replaced only after the new one is complete.
+    checkpoint re-reaching it) is replaced only after the new one is complete. The write number is
+    one more than the highest of the run's complete checkpoints (rank 0 is the only writer).
     """
     sizes = {}
     for f in sorted(tmp.iterdir()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
         sizes[f.name] = f.stat().st_size
-    fsutil.atomic_write_json(tmp / DONE, {"files": sizes})
+    seqs = [write_seq(p) for _, p in list_complete(tmp.parent.parent)]
+    seq = 1 + max((s for s in seqs if s is not None), default=0)
+    fsutil.atomic_write_json(tmp / DONE, {"files": sizes, "seq": seq})
     final = tmp.with_name(tmp.name[len(".tmp-"):])
     if final.exists():
         trash = final.with_name(f".old-{final.name}")
@@ -178,14 +215,15 @@ def finish(tmp: Path, keep_last: int = 0) -> Path:
 
 
 def prune(run_dir: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
-    """Delete all but the ``keep_last`` most recently WRITTEN complete checkpoints (their DONE
-    marker's time), never ``keep`` (the one just written); returns what was removed.
+    """Delete all but the ``keep_last`` most recently WRITTEN complete checkpoints (``by_recency``:
+    DONE's write number, not its mtime, which a copy resets), never ``keep`` (the one just
+    written); returns what was removed.
 
     Why recency, not step: after ``--resume PATH`` from an earlier step, the run's new checkpoints
     have lower steps than the abandoned ones; keeping the highest steps deleted each new one as
     soon as it was written.
     """
-    done = sorted(list_complete(run_dir), key=lambda sp: ((sp[1] / DONE).stat().st_mtime_ns, sp[0]))
+    done = by_recency(run_dir)
     removed = [p for _, p in done[:-keep_last] if p != keep] if keep_last > 0 else []
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
@@ -255,7 +293,9 @@ def verify(ckpt: Path) -> dict[str, int]:
 
 
 def load_weights(ckpt: Path, name: str = MODEL_FILE) -> dict[str, torch.Tensor]:
-    """Read a safetensors file of the checkpoint, naming the file when it cannot be read."""
+    """Read a safetensors file of the checkpoint, naming the file when it cannot be read.
+
+    For a module, ``copy_weights`` loads without holding the weights a second time."""
     path = ckpt / name
     try:
         return load_file(str(path), device="cpu")
@@ -263,10 +303,38 @@ def load_weights(ckpt: Path, name: str = MODEL_FILE) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read weights ({err})") from err
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """Read a state.pt / rank file with weights_only=True (no arbitrary code), naming the file on failure."""
+def copy_weights(module: torch.nn.Module, ckpt: Path, name: str = MODEL_FILE) -> None:
+    """Load a safetensors file of the checkpoint into ``module`` (strict, as ``load_into``), one
+    tensor at a time from the memory-mapped file straight into the parameter on its device.
+
+    Why not ``load_into(module, load_weights(...))``: that holds every tensor of the file at once
+    before copying; here the only host memory is the file's pages in the page cache, which every
+    process of a node loading the same checkpoint shares.
+    """
+    path = ckpt / name
+    own = module.state_dict()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            check_fits(own, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, path)
+            with torch.no_grad():
+                for key, dst in own.items():
+                    dst.copy_(f.get_tensor(key))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read weights ({err})") from err
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a state.pt / rank file with weights_only=True (no arbitrary code), naming the file on failure.
+
+    The file is memory-mapped (``mmap=True``, private: writes to a tensor never reach the file), so
+    its tensors are views of the page cache, shared by the processes of a node, not copies in each
+    process. A tensor loaded into a CPU optimizer stays such a view until the first step writes it;
+    ``Optimizer.load_state_dict`` copies each one to a GPU parameter's device.
+    """
+    # someone made mappings shared (torch.serialization.set_default_mmap_options): read, never map
+    mapped = torch.serialization.get_default_mmap_options() == mmap.MAP_PRIVATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing from the checkpoint") from None
     except pickle.UnpicklingError as err:  # only raised here, never executed: weights_only refuses objects
@@ -287,10 +355,16 @@ def read_manifest(ckpt: Path) -> dict | None:
 
 def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Strict load that turns key/shape mismatches into an error saying the model config differs."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    bad_shape = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
+    check_fits(module.state_dict(), {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    module.load_state_dict(tensors, strict=True)
+
+
+def check_fits(own: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], source: Path) -> None:
+    """Refuse weights (``shapes``: name -> shape in the file) whose names or shapes differ from a
+    module's state dict ``own``, naming what differs: a checkpoint of another model config."""
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
+    bad_shape = [k for k in own if k in shapes and tuple(own[k].shape) != tuple(shapes[k])]
     if missing or unexpected or bad_shape:
         detail = []
         if missing:
@@ -299,12 +373,11 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
             detail.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
         if bad_shape:
             k = bad_shape[0]
-            detail.append(f"shape of {k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}")
+            detail.append(f"shape of {k}: file {tuple(shapes[k])} vs model {tuple(own[k].shape)}")
         raise CheckpointError(
             f"{source}: weights do not fit this model (a checkpoint of another model config?): "
             + "; ".join(detail)
         )
-    module.load_state_dict(tensors, strict=True)
 
 
 def load_config(ckpt: Path) -> TrainConfig:
@@ -328,9 +401,9 @@ def load_inference_model(
     verify(ckpt)
     cfg = load_config(ckpt)
     net = build_model(cfg.model)
-    name = EMA_FILE if use_ema else MODEL_FILE
-    load_into(net, load_weights(ckpt, name), ckpt / name)
-    net.to(device).eval().requires_grad_(False)
+    net.to(device)
+    copy_weights(net, ckpt, EMA_FILE if use_ema else MODEL_FILE)
+    net.eval().requires_grad_(False)
     return net, cfg, read_manifest(ckpt)
 
 
@@ -363,7 +436,7 @@ class RunState(Protocol):
     cfg: TrainConfig
     accelerator: Any
     net: torch.nn.Module
-    ema: torch.nn.Module
+    ema: torch.nn.Module | None  # None on a rank that never reads the EMA: it neither loads nor updates one
     optimizer: torch.optim.Optimizer
     loader: Any  # state_dict()/load_state_dict() of its position; None for synthetic data
     schedule_gen: torch.Generator
@@ -458,24 +531,36 @@ def check_same_model(ckpt: Path, cfg: TrainConfig) -> None:
 
 
 def resume(run: RunState, ckpt: Path) -> None:
-    """Restore weights, EMA, optimizer, scaler, counters and every RNG / loader position from ``ckpt``."""
+    """Restore weights, EMA, optimizer, scaler, counters and every RNG / loader position from ``ckpt``.
+
+    What each rank needs, and no process holds a second copy: every rank takes the weights and the
+    whole AdamW state (DDP keeps it on each rank), the EMA only where ``run.ema`` exists; the files
+    are mapped (see ``copy_weights``, ``load_state``), so a node reads each page once, and every
+    tensor is copied straight to the training device.
+    """
     verify(ckpt)
     check_same_model(ckpt, run.cfg)
     state = load_state(ckpt / STATE_FILE)
-    load_into(run.net, load_weights(ckpt, MODEL_FILE), ckpt / MODEL_FILE)
-    load_into(run.ema, load_weights(ckpt, EMA_FILE), ckpt / EMA_FILE)
-    run.optimizer.load_state_dict(state["optimizer"])
+    copy_weights(run.net, ckpt, MODEL_FILE)
+    if run.ema is not None:
+        copy_weights(run.ema, ckpt, EMA_FILE)
+    run.optimizer.load_state_dict(state["optimizer"])  # per tensor to its parameter's device
     if run.accelerator.scaler is not None and state.get("scaler"):
         run.accelerator.scaler.load_state_dict(state["scaler"])
     patches = state["patches"] if "patches" in state else state["images"]  # "images": before issue 10
     run.progress = Progress(step=int(state["step"]), patches=int(patches), full_equiv=float(state["full_equiv"]),
                             flops=float(state.get("flops", 0.0)))
     run.schedule_gen.set_state(state["schedule_gens"][0])  # shared by all ranks: any process count continues it
+    if run.loader is not None and hasattr(run.loader, "seek"):
+        run.loader.seek(run.progress.patches)  # where the run's sample count puts the data; a saved position refines it
     if int(state["world_size"]) != run.world_size:
-        log.warning("checkpoint was written by %d processes, this run has %d: progress, weights and the patch "
-                    "schedule resume, but data order and per-rank random streams restart (seeded from the step), "
-                    "so the continuation is not bit-identical", state["world_size"], run.world_size)
+        log.warning("checkpoint was written by %d processes, this run has %d: progress, weights, the patch "
+                    "schedule and the data position resume, but per-rank random streams restart (seeded from the "
+                    "step), so the continuation is not bit-identical", state["world_size"], run.world_size)
         reseed(run)
+        loader_state = state["rank_state"].get("loader")  # rank 0's: a loader position is the same on every rank
+        if loader_state is not None and run.loader is not None and hasattr(run.loader, "load_state_dict"):
+            run.loader.load_state_dict(loader_state)
         return
     own = state["rank_state"] if run.rank == 0 else load_state(ckpt / rank_file(run.rank))
     set_rng_state(run, own)

@@ -3,15 +3,17 @@
 Two ways to read the shards (``shards/``; format in docs/design.md):
 
 - **Streaming** (:class:`StreamLoader`): tar shards are read member by member in DataLoader
-  workers, shuffled by shard order and a sample buffer, split across ranks and workers by
-  *sample ranges*, so an exact pass yields every sample once whatever the shard sizes.
-  (webdataset's split_by_node / split_by_worker deal whole shards, which leaves ranks with
-  unequal or empty shares; the manifest's per-shard counts let us cut evenly instead.
+  workers. Each pass is cut into a fixed number of *sample ranges* (``data.stream_slots``
+  streams, each with its own shuffle buffer), so a pass yields every sample once whatever the
+  shard sizes; ranks and workers deal the streams out, and the position (each stream's count)
+  is the same on every rank, so a run resumes exactly under any world size. (webdataset's
+  split_by_node / split_by_worker deal whole shards, which leaves ranks with unequal or empty
+  shares; the manifest's per-shard counts let us cut evenly instead.
   webdataset still opens the user's own URLs, ``pipe:`` included, through ``gopen``.)
 - **In memory** (:class:`MemoryLoader`): every sample is read once into one contiguous
   ``(N, 2, C, h, w)`` float16 array (optionally a memory-mapped ``.npy`` cache shared by all
   ranks of a node); batches are random gathers, in an order that is a pure function of
-  ``(seed, epoch)`` so a run resumes at exactly the same batch.
+  ``(seed, epoch)`` and the run's sample count, so a run resumes exactly under any world size.
 
 Samples are decoded by ``shards.reader`` (nothing is ever unpickled). The posterior sample
 ``mean + std * eps`` is drawn on the training device by ``codec.draw_latent``, never here: on
@@ -20,6 +22,7 @@ the CPU ``randn`` would cost more than all the reading.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import random
@@ -53,35 +56,45 @@ class Piece(NamedTuple):
     stop: int | None
 
 
-def plan_pieces(counts: Sequence[int | None], order: Sequence[int], n_slots: int) -> list[list[Piece]]:
-    """Split one pass over the shards (in ``order``) among ``n_slots`` readers.
+def slot_pieces(counts: Sequence[int | None], order: Sequence[int], slot: int, n_slots: int) -> list[Piece]:
+    """Reader ``slot``'s share of one pass over the shards (in ``order``), of ``n_slots`` readers.
 
     With known counts the concatenated samples are cut into ``n_slots`` contiguous ranges of
-    ``floor``/``ceil(total / n_slots)`` samples, so readers differ by at most one sample however
-    uneven the shards are. With unknown counts (user URLs) whole shards are dealt round-robin
-    and readers may differ by a whole shard.
+    ``floor``/``ceil(total / n_slots)`` samples (:func:`slot_sizes`), so readers differ by at most
+    one sample however uneven the shards are. With unknown counts (user URLs) whole shards are
+    dealt round-robin and readers may differ by a whole shard.
     """
-    plan: list[list[Piece]] = [[] for _ in range(n_slots)]
     if any(c is None for c in counts):
-        for i, j in enumerate(order):
-            plan[i % n_slots].append(Piece(j, 0, None))
-        return plan
+        return [Piece(j, 0, None) for i, j in enumerate(order) if i % n_slots == slot]
     total = sum(counts)
-    bounds = [s * total // n_slots for s in range(n_slots + 1)]
-    pos = 0
+    lo, hi = slot * total // n_slots, (slot + 1) * total // n_slots
+    pieces, pos = [], 0
     for j in order:
         a, b = pos, pos + counts[j]
-        for s in range(n_slots):
-            lo, hi = max(a, bounds[s]), min(b, bounds[s + 1])
-            if lo < hi:
-                plan[s].append(Piece(j, lo - a, hi - a))
+        if max(a, lo) < min(b, hi):
+            pieces.append(Piece(j, max(a, lo) - a, min(b, hi) - a))
         pos = b
-    return plan
+        if pos >= hi:
+            break
+    return pieces
 
 
-def shard_order(n: int, seed: int, epoch: int, salt: int = 0) -> list[int]:
+def plan_pieces(counts: Sequence[int | None], order: Sequence[int], n_slots: int) -> list[list[Piece]]:
+    """Split one pass over the shards (in ``order``) among ``n_slots`` readers (:func:`slot_pieces`)."""
+    return [slot_pieces(counts, order, s, n_slots) for s in range(n_slots)]
+
+
+def slot_sizes(counts: Sequence[int | None], n_slots: int) -> list[int] | None:
+    """Samples per pass of each of ``n_slots`` readers (the same every pass); None when counts are unknown."""
+    if any(c is None for c in counts):
+        return None
+    total = sum(counts)
+    return [(s + 1) * total // n_slots - s * total // n_slots for s in range(n_slots)]
+
+
+def shard_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
-    random.Random(derive_seed("shards", seed, epoch, salt)).shuffle(order)
+    random.Random(derive_seed("shards", seed, epoch)).shuffle(order)
     return order
 
 
@@ -162,60 +175,115 @@ def _batches(samples: Iterator[tuple[np.ndarray, int]], shape: tuple, batch_size
 # Streaming
 
 
-class LatentStream(IterableDataset):
-    """Batches from tar shards for one rank; each DataLoader worker reads its own slice.
+def slot_samples(refs: Sequence[ShardRef], decoder: SampleDecoder, seed: int, slot: int, n_slots: int, buffer: int,
+                 start_pass: int = 0, skip: int = 0, infinite: bool = True) -> Iterator[tuple[np.ndarray, int]]:
+    """Stream ``slot`` of ``n_slots``: its samples pass after pass (one pass unless ``infinite``),
+    from ``skip`` samples into pass ``start_pass``.
 
-    Reader slot = ``rank * num_workers + worker`` of ``world_size * num_workers``: every rank
-    must use the same ``num_workers`` for the exact split to hold. A pass ("epoch") permutes
-    the shards with ``(seed, epoch, salt)`` and hands each slot a contiguous sample range; the
-    infinite mode runs pass after pass (each sample once per pass across all slots), with the
-    shuffle buffer carried across pass boundaries.
+    Pass ``e`` of a stream is its :func:`slot_pieces` of that pass's shard order (seeded by
+    ``(seed, e)``), read INTERLEAVE shards at a time, through a shuffle buffer of ``buffer``
+    samples seeded by ``(seed, e, slot)`` and flushed at the end of the pass. Nothing here
+    depends on ranks, workers or batches, so a stream is the same sequence in any layout.
+    Skipping reads and discards (at most one pass of this stream).
     """
+    counts = [r.num_samples for r in refs]
+    for e in itertools.count(start_pass) if infinite else [start_pass]:
+        pieces = slot_pieces(counts, shard_order(len(refs), seed, e), slot, n_slots)
+        rng = random.Random(derive_seed("stream", seed, e, slot))
+        reads = (read_shard(refs[p.shard], decoder, p.start, p.stop) for p in pieces)
+        n = 0
+        for item in itertools.islice(_shuffled(interleave(reads, INTERLEAVE), buffer, rng), skip, None):
+            n += 1
+            yield item
+        if infinite and n == skip == 0:  # would spin forever
+            raise ShardError(f"stream {slot} of {n_slots}: its {len(pieces)} shard(s) of pass {e} hold no sample")
+        skip = 0
+
+
+def slot_readable(counts: Sequence[int | None], n_slots: int) -> list[bool]:
+    """Which streams get any sample in a pass (with unknown counts: any shard)."""
+    sizes = slot_sizes(counts, n_slots)
+    return [v < len(counts) for v in range(n_slots)] if sizes is None else [n > 0 for n in sizes]
+
+
+def deal_order(seed: int, n_slots: int) -> list[int]:
+    """The streams in the order a reader deals them when their counts tie: a fixed shuffle, since
+    neighbouring streams hold neighbouring parts of the shard order (index order would fill a
+    batch from one region of it). Depends on the seed and the number of streams only."""
+    order = list(range(n_slots))
+    random.Random(derive_seed("deal", seed, n_slots)).shuffle(order)
+    return order
+
+
+def reader_streams(order: Sequence[int], readable: Sequence[bool], world_size: int, workers: int, rank: int,
+                   reader: int) -> list[int]:
+    """The streams reader ``reader`` of rank ``rank`` deals, in ``order``: stream ``v`` belongs to
+    rank ``v % world_size`` and, within it, to reader ``(v // world_size) % workers``."""
+    return [v for v in order if readable[v] and v % world_size == rank and (v // world_size) % workers == reader]
+
+
+def _dealt(streams: Sequence[Iterator[Any]], taken: Sequence[int]) -> Iterator[Any]:
+    """Samples one at a time from the stream that has given the fewest (counting from ``taken``;
+    ties go to the earliest in ``streams``); a stream that ends drops out. See :func:`dealt_counts`."""
+    heap = [(t, k) for k, t in enumerate(taken)]
+    heapq.heapify(heap)
+    while heap:
+        t, k = heap[0]
+        item = next(streams[k], _END)
+        if item is _END:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (t + 1, k))
+            yield item
+
+
+def dealt_counts(taken: Sequence[int], n: int) -> list[int]:
+    """The counts after :func:`_dealt` gave ``n`` more samples from streams that do not end: the
+    lowest counts are raised to a common level, then the earliest streams at it take one more."""
+    if not taken or n <= 0:
+        return list(taken)
+
+    def cost(level: int) -> int:
+        return sum(max(0, level - t) for t in taken)
+
+    lo, hi = min(taken), min(taken) + n  # the highest level that n samples reach
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= n else (lo, mid - 1)
+    out, extra = [max(t, lo) for t in taken], n - cost(lo)
+    for k, t in enumerate(out):
+        if extra and t == lo:
+            out[k], extra = t + 1, extra - 1
+    return out
+
+
+class LatentStream(IterableDataset):
+    """Batches of one rank, dealt from its streams; DataLoader worker ``w`` is the rank's reader
+    ``(w + rotation) % num_workers`` (see :class:`StreamLoader`); every rank must use the same
+    ``num_workers``. ``starts[v]`` is (pass, samples into it) where stream ``v`` goes on,
+    ``taken[v]`` its count so far (the dealing evens counts out)."""
 
     def __init__(self, refs: Sequence[ShardRef], latent_shape: Sequence[int], num_classes: int | None,
-                 batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 2000, infinite: bool = True, start_epoch: int = 0, salt: int = 0):
+                 batch_size: int, rank: int, world_size: int, seed: int, n_slots: int, slot_buffer: int,
+                 starts: Sequence[tuple[int, int]], taken: Sequence[int], rotation: int = 0, infinite: bool = True):
         super().__init__()
         self.refs = list(refs)
         self.shape = tuple(latent_shape)
         self.num_classes = num_classes
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.shuffle_buffer, self.infinite = seed, shuffle_buffer, infinite
-        self.start_epoch, self.salt = start_epoch, salt
-
-    def _slot(self) -> tuple[int, int]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * nw + wid, self.world_size * nw
-
-    def _check_feedable(self, n_slots: int) -> None:
-        """An infinite reader with nothing to read would spin forever: refuse it up front."""
-        counts = [r.num_samples for r in self.refs]
-        if any(c is None for c in counts):
-            if len(self.refs) < n_slots:
-                raise ShardError(f"{len(self.refs)} shard URLs for {n_slots} readers (ranks x workers): "
-                                 "give at least one shard per reader or use fewer workers")
-        elif sum(counts) < n_slots:
-            raise ShardError(f"{sum(counts)} samples for {n_slots} readers (ranks x workers): use fewer workers")
-
-    def samples(self) -> Iterator[tuple[np.ndarray, int]]:
-        """This slot's samples, before shuffling: pass after pass (infinite) or one pass."""
-        slot, n_slots = self._slot()
-        if self.infinite:
-            self._check_feedable(n_slots)
-        decoder = SampleDecoder(self.shape, self.num_classes)
-        counts = [r.num_samples for r in self.refs]
-        epochs = itertools.count(self.start_epoch) if self.infinite else [self.start_epoch]
-        for epoch in epochs:
-            order = shard_order(len(self.refs), self.seed, epoch, self.salt)
-            pieces = plan_pieces(counts, order, n_slots)[slot]
-            yield from interleave((read_shard(self.refs[p.shard], decoder, p.start, p.stop) for p in pieces),
-                                  INTERLEAVE)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.n_slots, self.slot_buffer, self.infinite = n_slots, slot_buffer, infinite
+        self.starts, self.taken, self.rotation = list(starts), list(taken), rotation
 
     def __iter__(self) -> Iterator[Batch]:
-        slot, n_slots = self._slot()
-        rng = random.Random(derive_seed("samples", self.seed, self.start_epoch, self.salt, slot, n_slots))
-        yield from _batches(_shuffled(self.samples(), self.shuffle_buffer, rng), self.shape, self.batch_size)
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        readable = slot_readable([r.num_samples for r in self.refs], self.n_slots)
+        mine = reader_streams(deal_order(self.seed, self.n_slots), readable, self.world_size, nw, self.rank,
+                              (wid + self.rotation) % nw)
+        decoder = SampleDecoder(self.shape, self.num_classes)
+        streams = [slot_samples(self.refs, decoder, self.seed, v, self.n_slots, self.slot_buffer, *self.starts[v],
+                                infinite=self.infinite) for v in mine]
+        yield from _batches(_dealt(streams, [self.taken[v] for v in mine]), self.shape, self.batch_size)
 
 
 @dataclass
@@ -236,55 +304,178 @@ class DatasetInfo:
 class StreamLoader:
     """Iterable of :class:`Batch` from shards through a DataLoader (workers read, main gets batches).
 
-    Exact mode (``infinite=False``): one iteration is one pass in which every sample of the set
-    is yielded exactly once across all ranks and workers. Ranks get ``floor`` or ``ceil`` of
-    ``N / world_size`` samples (shard sizes do not matter: readers split by sample ranges), so
-    ranks may end with a different number of batches, each reader's last batch being partial;
-    a distributed evaluation must therefore all-reduce sums/counts rather than assume equal
-    steps. Each new iteration is the next pass, reshuffled.
+    Streams. Each pass over the shard set (shard order seeded by ``(seed, pass)``) is cut into
+    ``slots`` (``data.stream_slots``) contiguous ranges of ``floor``/``ceil(N / slots)``
+    samples; stream ``v`` reads its range of pass after pass, through its own shuffle buffer
+    (``shuffle_buffer // slots`` samples, seeded by ``(seed, pass, v)``). A stream's sequence
+    depends on the seed, the shard set, ``slots`` and ``shuffle_buffer`` only, never on ranks,
+    workers or batch size (:func:`slot_samples`). Rank ``r`` owns the streams ``v % world_size ==
+    r``, split among its readers (DataLoader workers) by ``(v // world_size) % num_workers``; a
+    reader fills its batches one sample at a time from the stream it has taken fewest from. Every
+    rank yields as many batches per optimizer step, so after ``m`` batches each stream's count
+    is a function of ``m`` and the layout, the same on every rank (:meth:`position`), and their
+    sum is the run's sample count (``Progress.patches`` in training: one patch per sample).
 
-    Resume is APPROXIMATE in streaming mode: ``state_dict()`` records the samples this rank was
-    given; loading it restarts at the pass that count falls in, with a reshuffled order (salted
-    by the count), so some samples of that pass repeat and some are skipped. Use the in-memory
-    mode when exact resumption matters.
+    Exact mode (``infinite=False``): one iteration is one pass in which every sample of the set
+    is yielded exactly once across all ranks and workers; a rank gets its streams' samples (about
+    ``N / world_size``, whatever the shard sizes), so ranks may end with a different number of
+    batches, each reader's last batch being partial; a distributed evaluation must therefore
+    all-reduce sums/counts rather than assume equal steps. Each new iteration is the next pass.
+
+    Resume (infinite mode), the guarantee: ``state_dict()`` is each stream's count, identical on
+    every rank; after ``load_state_dict()`` each stream skips exactly that many samples, under ANY
+    world size, ``num_workers`` or batch size with ``world_size * num_workers <= slots`` (more
+    readers are refused). So the samples drawn before the checkpoint and after the resume are
+    exactly what an uninterrupted reading of the same streams gives: no sample repeats and none
+    is skipped (each pass of the streams holds every sample once). Only the order in which the
+    continuation deals the streams depends on the new layout; with the same layout and batch size
+    it is the uninterrupted run's, bit for bit. Kept fixed for this: the seed, the shard set, ``slots`` and
+    ``shuffle_buffer`` (another ``shuffle_buffer`` or shard set keeps the counts but warns: the
+    continuation is approximate). Skipping reads and discards at most one pass of each stream,
+    spread over the readers.
+
+    User URLs (``data.urls``, no per-shard counts): streams get whole shards (every ``slots``-th
+    of the pass's order, so a set of fewer shards than ``slots`` leaves streams empty) and a
+    stream's pass size is unknown, so a resume restarts the streams at the start of the pass the
+    run's sample count falls in (counted with the manifest's ``num_samples``): nothing of that
+    pass is skipped, but what the run drew of it before comes again.
+
+    A state this loader cannot continue exactly (the per-rank salted loader of older versions, an
+    in-memory position, another ``slots``) warns and keeps the position :meth:`seek` gave: the
+    run's sample count dealt evenly over the streams, approximate for the current pass.
     """
 
     def __init__(self, info: DatasetInfo, refs: Sequence[ShardRef], batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
-                 infinite: bool = True, pin_memory: bool = False):
+                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 16384, num_workers: int = 0,
+                 infinite: bool = True, pin_memory: bool = False, slots: int = 64):
         self.info, self.refs = info, list(refs)
         self.latent_shape, self.num_classes, self.vae = info.latent_shape, info.num_classes, info.vae
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer, self.num_workers, self.infinite = shuffle_buffer, num_workers, infinite
         self.pin_memory = pin_memory
-        self.samples_seen = 0
-        self.passes = 0
+        self.slots = slots
+        self.slot_buffer = shuffle_buffer // max(slots, 1)
+        self._counts = [r.num_samples for r in self.refs]
+        self._sizes = None if slots < 1 else slot_sizes(self._counts, slots)
+        self._check_layout()
+        self._readable = slot_readable(self._counts, slots)
+        self._order = deal_order(seed, slots)
+        self.taken = [0] * slots  # each stream's count when the batches below began
+        self.rotation = 0  # DataLoader worker w is reader (w + rotation) % workers
+        self.batches = 0  # batches this rank yielded since (every rank yields as many)
+        self.passes = 0  # exact mode: passes done
+        self._url_pass = 0  # unknown counts: the pass the streams start at
+
+    @property
+    def workers(self) -> int:
+        """Readers per rank: the DataLoader's workers, or the main process when there are none."""
+        return max(1, self.num_workers)
+
+    def _check_layout(self) -> None:
+        """Refuse more readers than streams, and (infinite mode) a reader with nothing to read,
+        which would spin forever."""
+        readers = self.world_size * self.workers
+        if self.slots < 1 or readers > self.slots:
+            raise ValueError(
+                f"data.stream_slots={self.slots} streams cannot feed {self.world_size} rank(s) x {self.workers} "
+                f"reader(s) = {readers} readers: use fewer data.num_workers, or start the run with "
+                f"data.stream_slots >= {readers} (it fixes the sample order, so it stays for the whole run)")
+        if not self.infinite:
+            return
+        readable, order = slot_readable(self._counts, self.slots), deal_order(self.seed, self.slots)
+        for r in range(self.world_size):
+            for w in range(self.workers):
+                if not reader_streams(order, readable, self.world_size, self.workers, r, w):
+                    what = (f"{len(self.refs)} shard URLs" if self._sizes is None
+                            else f"{sum(self._counts)} samples")
+                    raise ShardError(f"{what} in data.stream_slots={self.slots} streams leave reader {w} of rank {r} "
+                                     f"({readers} readers) with nothing to read: use fewer workers")
+
+    def position(self) -> list[int]:
+        """Samples the whole run has taken from each stream so far: the same on every rank."""
+        taken = list(self.taken)
+        if not self.infinite or not self.batches:
+            return taken
+        W = self.workers
+        for w in range(W):  # DataLoader worker w made batches w, w + W, ...
+            made = (self.batches - w + W - 1) // W
+            for r in range(self.world_size):
+                mine = reader_streams(self._order, self._readable, self.world_size, W, r, (w + self.rotation) % W)
+                for v, t in zip(mine, dealt_counts([taken[v] for v in mine], made * self.batch_size)):
+                    taken[v] = t
+        return taken
+
+    def _starts(self) -> list[tuple[int, int]]:
+        """(pass, samples into it) of each stream at its count."""
+        if self._sizes is None:
+            return [(self._url_pass, 0)] * self.slots
+        return [divmod(t, n) if n else (0, 0) for t, n in zip(self.taken, self._sizes)]
 
     def _dataset(self) -> LatentStream:
-        counts = [r.num_samples for r in self.refs]
-        total = None if any(c is None for c in counts) else sum(counts)
-        if self.infinite:
-            epoch, salt = (self.samples_seen * self.world_size // total if total else 0), self.samples_seen
+        if self.infinite:  # the batches so far folded into the counts; worker 0 goes on as the next reader
+            self.taken, self.rotation = self.position(), (self.rotation + self.batches) % self.workers
+            self.batches = 0
+            starts, taken, rotation = self._starts(), self.taken, self.rotation
         else:
-            epoch, salt = self.passes, 0
+            starts, taken, rotation = [(self.passes, 0)] * self.slots, [0] * self.slots, 0
         return LatentStream(self.refs, self.latent_shape, self.num_classes, self.batch_size, self.rank,
-                            self.world_size, self.seed, self.shuffle_buffer, self.infinite, epoch, salt)
+                            self.world_size, self.seed, self.slots, self.slot_buffer, starts, taken, rotation,
+                            self.infinite)
 
     def __iter__(self) -> Iterator[Batch]:
         loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory)
         for batch in loader:
-            self.samples_seen += len(batch.label)
+            self.batches += 1
             yield batch
         self.passes += 1
 
-    def state_dict(self) -> dict[str, int]:
-        """Best-effort position (plain ints); see the class docstring: resume is approximate."""
-        return {"samples_seen": self.samples_seen, "passes": self.passes}
+    def state_dict(self) -> dict[str, Any]:
+        """The streams' position (ints and a list of ints), identical on every rank."""
+        taken = self.position()
+        known = self._sizes is not None
+        return {"kind": "streams", "slots": self.slots, "taken": taken, "samples": sum(taken),
+                "rotation": (self.rotation + self.batches) % self.workers, "world_size": self.world_size,
+                "num_workers": self.workers, "seed": self.seed, "slot_buffer": self.slot_buffer,
+                "num_samples": sum(self._counts) if known else -1, "num_shards": len(self.refs),
+                "passes": self.passes}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.samples_seen = int(state["samples_seen"])
-        self.passes = int(state.get("passes", 0))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "taken" not in state:
+            warnings.warn(f"loader state {sorted(state)} is not a stream position (an older checkpoint's, or in-memory "
+                          f"mode's): the streams go on where the run's sample count puts them "
+                          f"({sum(self.taken):,} samples), so this pass is approximate")
+            return
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"loader state has seed {state['seed']}, this loader uses seed {self.seed}")
+        taken = [int(t) for t in state["taken"]]
+        if int(state["slots"]) != self.slots or len(taken) != self.slots:
+            warnings.warn(f"loader state of {state['slots']} streams, data.stream_slots is {self.slots}: the sample "
+                          f"order changed; the new streams go on where the run's {sum(taken):,} samples put them, "
+                          "so this pass is approximate")
+            self.seek(sum(taken))
+            return
+        now = {"slot_buffer": self.slot_buffer, "num_shards": len(self.refs),
+               "num_samples": sum(self._counts) if self._sizes is not None else -1}
+        changed = [k for k, v in now.items() if k in state and int(state[k]) != v]
+        if changed:
+            warnings.warn(f"loader state of another {', '.join(changed)} (data.shuffle_buffer or the shard set "
+                          "changed): the streams differ, so the continuation is approximate")
+        same = int(state.get("world_size", 0)) == self.world_size and int(state.get("num_workers", 0)) == self.workers
+        self.taken, self.batches, self.passes = taken, 0, int(state.get("passes", 0))
+        self.rotation = int(state.get("rotation", 0)) % self.workers if same else 0
+        self._url_pass = sum(taken) // self.info.num_samples if self.info.num_samples > 0 else 0
+
+    def seek(self, samples: int) -> None:
+        """Put the streams where ``samples`` drawn by the whole run leave them when dealt evenly
+        (as one reader from the start deals them): what a resume starts from before it loads the
+        saved position, and keeps when that cannot be used."""
+        mine = [v for v in self._order if self._readable[v]]
+        self.taken = [0] * self.slots
+        for v, t in zip(mine, dealt_counts([0] * len(mine), int(samples))):
+            self.taken[v] = t
+        self.rotation, self.batches = 0, 0
+        self._url_pass = int(samples) // self.info.num_samples if self.info.num_samples > 0 else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,13 +494,19 @@ def _as_items(a: np.ndarray, lead: int) -> np.ndarray:
 class MemoryLoader:
     """Random batches gathered from one in-RAM (or memory-mapped) ``(N, 2, C, h, w)`` array.
 
-    Order is stateless: epoch ``e`` is ``randperm(N)`` from a generator seeded with
-    ``(seed, e)``, and rank ``r`` takes the strided slice ``perm[r::world_size]``, so the ranks'
-    samples are disjoint and together cover each epoch once. The position is just
-    ``(epoch, cursor)`` within this rank's slice, so ``state_dict()`` / ``load_state_dict()``
-    resume at exactly the next batch. Infinite mode lets a batch run over into the next epoch
-    (nothing is dropped); exact mode yields the rest of the current epoch (last batch partial)
-    and then moves on to the next epoch, so the next iteration is the following pass.
+    Order is stateless: epoch ``e`` is ``randperm(N)`` from a generator seeded with ``(seed, e)``,
+    the epochs follow each other as one sequence ``perm_0 ++ perm_1 ++ ...``, and rank ``r`` of
+    ``world_size`` takes every ``world_size``-th element of it, from element ``G + r`` on, where
+    ``G`` is the run's position: the samples drawn by all ranks so far.
+
+    Resume, the guarantee: every rank draws as many samples per optimizer step, so what the ranks
+    drew together is exactly the sequence's first ``G`` elements. ``state_dict()`` is ``G`` (as
+    epoch and offset, identical on every rank) and ``load_state_dict()`` (or :meth:`seek` with
+    the run's sample count) continues at element ``G`` under ANY world size: no sample repeats
+    and none is skipped, and with the same world size the batches are the uninterrupted run's,
+    bit for bit. Infinite mode runs over epoch boundaries (nothing is dropped); exact mode yields
+    this rank's share of the rest of the current epoch (last batch partial) and then moves on to
+    the next epoch, so the next iteration is the following pass.
     """
 
     def __init__(self, info: DatasetInfo, latents: torch.Tensor, labels: torch.Tensor, batch_size: int,
@@ -325,31 +522,55 @@ class MemoryLoader:
         self._halves = _as_items(latents.numpy().reshape(-1, *latents.shape[2:]), 1)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.infinite, self.pin_memory = infinite, pin_memory
-        self.epoch, self.cursor = 0, 0
-        self._slice_epoch, self._slice = -1, torch.empty(0, dtype=torch.int64)
+        self.n = len(latents)
+        self.start, self.taken = 0, 0  # the run's position when this rank began counting; its samples since
+        self._perms: dict[int, torch.Tensor] = {}
 
-    def epoch_indices(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for ``epoch``: a pure function of (seed, epoch, rank, world)."""
-        if epoch != self._slice_epoch:
+    def position(self) -> int:
+        """Samples drawn by all ranks so far (each rank drew ``taken`` since ``start``)."""
+        return self.start + self.world_size * self.taken
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s permutation: a pure function of (seed, epoch)."""
+        perm = self._perms.get(epoch)
+        if perm is None:
             g = torch.Generator().manual_seed(derive_seed("memory", self.seed, epoch))
-            perm = torch.randperm(len(self.latents), generator=g)
-            self._slice, self._slice_epoch = perm[self.rank :: self.world_size].contiguous(), epoch
-        return self._slice
+            perm = torch.randperm(self.n, generator=g)
+            if len(self._perms) >= 2:
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = perm
+        return perm
+
+    def _next(self) -> int:
+        """Where in the sequence this rank's next sample is."""
+        return self.start + self.rank + self.world_size * self.taken
+
+    def _left_in_epoch(self) -> int:
+        """This rank's samples still to come in the current epoch (exact mode)."""
+        if self.n == 0:
+            return 0
+        end = (self.start // self.n + 1) * self.n
+        return max(0, -(-(end - self._next()) // self.world_size))
 
     def _take(self, n: int) -> torch.Tensor:
         """Up to ``n`` next indices, advancing the position (across epochs in infinite mode)."""
-        parts = []
-        while n > 0:
-            idx = self.epoch_indices(self.epoch)
-            part = idx[self.cursor : self.cursor + n]
-            parts.append(part)
-            self.cursor += len(part)
-            n -= len(part)
-            if self.cursor >= len(idx) and self.infinite:
-                self.epoch, self.cursor = self.epoch + 1, 0
-            elif self.cursor >= len(idx):
-                break
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if not self.infinite:
+            n = min(n, self._left_in_epoch())
+        if n <= 0 or self.n == 0:
+            return torch.empty(0, dtype=torch.int64)
+        pos = self._next() + self.world_size * torch.arange(n)
+        self.taken += n
+        first, last = int(pos[0]) // self.n, int(pos[-1]) // self.n
+        if first == last:
+            return self.epoch_order(first)[pos - first * self.n]
+        out, epochs = torch.empty(n, dtype=torch.int64), pos // self.n
+        for e in range(first, last + 1):
+            sel = epochs == e
+            out[sel] = self.epoch_order(e)[pos[sel] - e * self.n]
+        return out
+
+    def _next_epoch(self) -> None:
+        self.start, self.taken = (self.start // self.n + 1) * self.n if self.n else 0, 0
 
     def gather(self, idx: torch.Tensor) -> Batch:
         """Rows ``idx`` as a batch whose mean and std are contiguous blocks of one (2, B, ...) tensor.
@@ -368,30 +589,38 @@ class MemoryLoader:
         return Batch(out[0], out[1], self.labels.index_select(0, idx))
 
     def __iter__(self) -> Iterator[Batch]:
-        if not self.infinite and 0 < len(self.epoch_indices(self.epoch)) <= self.cursor:
-            self.epoch, self.cursor = self.epoch + 1, 0  # the previous pass was finished
+        if not self.infinite and self.taken > 0 and self._left_in_epoch() == 0:
+            self._next_epoch()  # the previous pass was finished
         while True:
             idx = self._take(self.batch_size)
             if len(idx) == 0:
                 break
             yield self.gather(idx)
-            if not self.infinite and self.cursor >= len(self.epoch_indices(self.epoch)):
+            if not self.infinite and self._left_in_epoch() == 0:
                 break
         if not self.infinite:
-            self.epoch, self.cursor = self.epoch + 1, 0
+            self._next_epoch()
 
     def state_dict(self) -> dict[str, int]:
-        """Exact position as plain ints, for the training checkpoint."""
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world_size": self.world_size}
+        """The run's position as plain ints, identical on every rank, for the training checkpoint."""
+        epoch, offset = divmod(self.position(), self.n) if self.n else (0, 0)
+        return {"epoch": epoch, "offset": offset, "seed": self.seed, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "epoch" not in state:
+            warnings.warn(f"loader state {sorted(state)} is not an in-memory position (a streaming run's?): the "
+                          f"loader goes on where the run's sample count puts it ({self.position():,} samples)")
+            return
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"loader state has seed {state['seed']}, this loader uses seed {self.seed}")
-        cursor, ws = int(state["cursor"]), int(state.get("world_size", self.world_size))
-        if ws != self.world_size:  # strided slices differ: keep the epoch, map the progress
-            warnings.warn(f"loader state from world size {ws}, now {self.world_size}: resume is approximate")
-            cursor = cursor * ws // self.world_size
-        self.epoch, self.cursor = int(state["epoch"]), cursor
+        if "offset" in state:
+            self.seek(int(state["epoch"]) * self.n + int(state["offset"]))
+        else:  # older versions: this rank's cursor into perm[rank::world_size]; every rank's was the same
+            self.seek(int(state["epoch"]) * self.n + int(state["cursor"]) * int(state.get("world_size", 1)))
+
+    def seek(self, samples: int) -> None:
+        """Continue after the first ``samples`` elements of the sequence (all ranks' draws so far)."""
+        self.start, self.taken = int(samples), 0
 
 
 class _ShardArrays(Dataset):
@@ -485,4 +714,4 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
         return MemoryLoader(info, lat, lab, cfg.batch_size, rank, world_size, cfg.seed, infinite, pin)
     refs = refs_from_urls(cfg.urls) if cfg.urls else refs_from_manifest(manifest, root)
     return StreamLoader(info, refs, cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle_buffer,
-                        cfg.num_workers, infinite, pin)
+                        cfg.num_workers, infinite, pin, cfg.stream_slots)

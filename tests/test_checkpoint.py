@@ -1,8 +1,9 @@
-"""latent_patch.checkpoint: atomic folders with DONE last, latest by step number, pruning, damage errors."""
+"""latent_patch.checkpoint: atomic folders with DONE last, latest = newest write, pruning, damage errors."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -33,10 +34,11 @@ def test_finish_renames_and_lists_sizes(tmp_path):
     assert ckpt.load_state(final / ckpt.STATE_FILE)["step"] == 7
 
 
-def test_latest_is_by_step_number_not_mtime_or_size(tmp_path):
-    ten = fake_checkpoint(tmp_path, 10, b"small")
-    nine = fake_checkpoint(tmp_path, 9, b"much bigger" * 1000)  # written later, larger
-    os.utime(ten, (time.time() - 1000, time.time() - 1000))
+def test_latest_is_the_newest_write_not_mtime_or_size(tmp_path):
+    nine = fake_checkpoint(tmp_path, 9, b"much bigger" * 1000)
+    ten = fake_checkpoint(tmp_path, 10, b"small")  # written later, smaller, then given an old mtime
+    for p in (ten, ten / ckpt.DONE):
+        os.utime(p, (time.time() - 1000, time.time() - 1000))
     assert ckpt.find_latest(tmp_path) == ten
     # half-written later ones: a folder without DONE, a writer's temp folder, a stray name
     (tmp_path / "checkpoints" / "step-000000011").mkdir()
@@ -46,7 +48,64 @@ def test_latest_is_by_step_number_not_mtime_or_size(tmp_path):
     assert ckpt.find_latest(tmp_path) == ten
     assert [s for s, _ in ckpt.list_complete(tmp_path)] == [9, 10]
     assert ckpt.resolve_resume("auto", tmp_path) == ten
-    assert nine.exists()
+    assert nine.exists() and [ckpt.write_seq(nine), ckpt.write_seq(ten)] == [1, 2]
+
+
+def _old_format(folder: Path) -> Path:
+    """Rewrite a checkpoint's DONE as code before write sequence numbers wrote it (sizes only)."""
+    done = ckpt.fsutil.read_json(folder / ckpt.DONE)
+    ckpt.fsutil.atomic_write_json(folder / ckpt.DONE, {"files": done["files"]})
+    return folder
+
+
+def _copy_run(src: Path, dst: Path, newest_marker: int) -> None:
+    """``cp -r`` of a run folder (mtimes reset), after which the marker of step ``newest_marker``
+    has the newest mtime (copy order, a later rsync, a touch): mtimes say nothing about the run."""
+    shutil.copytree(src, dst, copy_function=shutil.copy)
+    future = time.time() + 1000
+    os.utime(dst / "checkpoints" / ckpt.ckpt_name(newest_marker) / ckpt.DONE, (future, future))
+
+
+def test_latest_after_a_resume_from_an_earlier_step_is_the_runs_newest_write(tmp_path):
+    """Issue 13: resumed from step 1000 while the abandoned branch's 5000 exists, the run wrote
+    1500 and 2000: --resume auto and sample.py (a run folder -> its latest) take 2000, also after
+    the run folder was copied."""
+    run = tmp_path / "run"
+    for step in (1000, 5000):
+        fake_checkpoint(run, step)
+    for step in (1500, 2000):
+        fake_checkpoint(run, step, b"branch")
+    newest = run / "checkpoints" / ckpt.ckpt_name(2000)
+    assert ckpt.find_latest(run) == newest
+    assert ckpt.resolve_resume("auto", run) == newest == ckpt.resolve_checkpoint(run)
+    assert [s for s, _ in ckpt.list_complete(run)] == [1000, 1500, 2000, 5000]  # still by step
+    _copy_run(run, tmp_path / "copy", newest_marker=5000)
+    assert ckpt.find_latest(tmp_path / "copy").name == ckpt.ckpt_name(2000)
+
+
+def test_pruning_a_copied_run_keeps_its_own_newest_writes(tmp_path):
+    """keep_last counts the run's writes (DONE's sequence number), not DONE's mtime: a run resumed
+    from 1000 past an abandoned 5000, then copied with cp -r, keeps 1500 and the new 2000."""
+    src = tmp_path / "src"
+    for step in (1000, 5000):
+        fake_checkpoint(src, step)
+    fake_checkpoint(src, 1500, b"branch")
+    run = tmp_path / "run"
+    _copy_run(src, run, newest_marker=5000)
+    new = fake_checkpoint(run, 2000, b"branch", keep_last=2)
+    assert [s for s, _ in ckpt.list_complete(run)] == [1500, 2000]
+    assert ckpt.find_latest(run) == new and ckpt.write_seq(new) == 4
+
+
+def test_markers_without_a_sequence_number_count_as_older_than_numbered_ones(tmp_path):
+    """Checkpoints of code before sequence numbers order by step (as that code did), below every
+    numbered one: the first write of new code after them is the latest."""
+    for step in (3, 7):
+        _old_format(fake_checkpoint(tmp_path, step))
+    assert ckpt.find_latest(tmp_path).name == ckpt.ckpt_name(7)
+    five = fake_checkpoint(tmp_path, 5, keep_last=2)
+    assert ckpt.find_latest(tmp_path) == five and ckpt.write_seq(five) == 1
+    assert [s for s, _ in ckpt.list_complete(tmp_path)] == [5, 7]  # 3 pruned: the lowest old step
 
 
 def test_keep_last_prunes_lowest_steps(tmp_path):
@@ -174,7 +233,8 @@ def test_kill_between_the_two_renames_of_a_replacement_is_recovered(tmp_path):
     root = tmp_path / "checkpoints"
     tmp = ckpt.begin(tmp_path, 2)
     ckpt.save_state(tmp / ckpt.STATE_FILE, {"blob": b"new"})
-    ckpt.fsutil.atomic_write_json(tmp / ckpt.DONE, {"files": {ckpt.STATE_FILE: (tmp / ckpt.STATE_FILE).stat().st_size}})
+    ckpt.fsutil.atomic_write_json(tmp / ckpt.DONE, {"files": {ckpt.STATE_FILE: (tmp / ckpt.STATE_FILE).stat().st_size},
+                                                   "seq": 3})  # as finish() writes it
     final.rename(root / ".old-step-000000002")  # SIGKILL here
     assert ckpt.find_latest(tmp_path).name == "step-000000001"
     assert ckpt.recover(tmp_path) == ["published step-000000002, whose replacement a kill interrupted"]
@@ -200,10 +260,8 @@ def test_pruning_keeps_the_newest_writes_after_a_resume_from_an_earlier_step(tmp
     replacing 4) are kept and the abandoned branch goes, instead of each new one being deleted."""
     for step in (1, 2, 3, 4):
         fake_checkpoint(tmp_path, step)
-        time.sleep(0.01)  # distinct write times
     new = fake_checkpoint(tmp_path, 3, b"branch", keep_last=2)  # same step: replaced, written last
     assert new.exists() and ckpt.load_state(new / ckpt.STATE_FILE)["blob"] == b"branch"
     assert [s for s, _ in ckpt.list_complete(tmp_path)] == [3, 4]  # 3' (newest) and 4 (next newest)
-    time.sleep(0.01)
     fake_checkpoint(tmp_path, 2, b"older step, newest write", keep_last=1)
     assert [s for s, _ in ckpt.list_complete(tmp_path)] == [2]  # the checkpoint just written survives
