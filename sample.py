@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 sample.py --checkpoint RUN --out OUT ...   (same images, split 8 ways)
     python sample.py fid-ref --source FOLDER_OR_SHARDS --out ref.npz [--features demo|inception]
     python sample.py fid --samples OUT --fid-ref ref.npz [--features demo|inception]
+    python sample.py export --checkpoint RUN --out DIR    (a diffusers LatentPatchPipeline folder)
 
 A thin entry point: the job and the commands live in latent_patch/sampling.py, the metrics in
 latent_patch/fid.py.
@@ -36,6 +37,10 @@ def _dispatch(argv: list[str]) -> None:
         from latent_patch.sampling import main_fid
 
         main_fid(argv[1:])
+    elif argv[:1] == ["export"]:
+        from latent_patch.sampling import main_export
+
+        main_export(argv[1:])
     else:
         from latent_patch.sampling import main as sample_main
 

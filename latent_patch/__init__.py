@@ -17,3 +17,15 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+__all__ = ["LatentPatchPipeline", "__version__"]
+
+
+def __getattr__(name: str):
+    """``from latent_patch import LatentPatchPipeline`` without importing diffusers' pipelines (~5 s)
+    on every ``import latent_patch``: the pipeline module loads on first use."""
+    if name == "LatentPatchPipeline":
+        from .pipeline import LatentPatchPipeline
+
+        return LatentPatchPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
