@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from latent_patch.codec import DEFAULT_VAE
-from latent_patch.config import EncodeConfig
+from latent_patch.config import EncodeConfig, HelpFormatter
 from latent_patch.encode import run_encode, verify
 from latent_patch.images import DEFAULT_MAX_PIXELS
 
@@ -32,9 +32,14 @@ def _int_at_least(lo: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", help="class-folder tree (e.g. ImageNet train), flat folder + "
-                   "--labels, or webdataset tars (path, 'a-{000..009}.tar', glob, folder of tars)")
+    p = argparse.ArgumentParser(prog="encode_latents.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--source", help="class-folder tree (e.g. ImageNet train), flat folder + "
+                   "--labels, or webdataset tars (path, 'a-{000..009}.tar', glob, folder of tars); "
+                   "required unless --verify")
+    what.add_argument("--verify", action="store_true",
+                      help="instead of encoding: only check the shards in --out against its manifest.json")
     p.add_argument("--out", default="shards/",
                    help="output folder for shard-*.tar + manifest.json (default: shards/)")
     p.add_argument("--vae", default=DEFAULT_VAE,
@@ -67,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"skip images with more pixels, a decompression-bomb guard (default: "
                    f"{DEFAULT_MAX_PIXELS}, PIL's own hard limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--verify", action="store_true",
-                   help="only check the shards in --out against its manifest.json")
     return p
 
 
@@ -81,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError, KeyError) as err:
             print(f"encode_latents.py: error: {args.out}: cannot verify ({err})", file=sys.stderr)
             return 1
-    if not args.source:
-        parser.error("--source is required (unless --verify)")
     if args.job_index >= args.num_jobs:
         parser.error(f"--job-index {args.job_index} must be < --num-jobs {args.num_jobs}")
     if args.flips == "both" and args.shard_size < 2:

@@ -114,7 +114,7 @@ def arm_config(arm: str, seed: int, run_dir: Path, shards: Path, args, extra: li
     return config_mod.load(config_mod.TrainConfig, args.config, [
         f"data.shards={shards}", f"run.out_dir={run_dir}", "run.max_train_seconds=0",
         "run.total_patches=1000000000000", "run.ckpt_every_patches=1000000000000", "run.tensorboard=false",
-        "run.log_every_patches=1000000000000", f"run.seed={seed}", f"data.seed={seed}",
+        "run.log_every_patches=1000000000000", "run.progress=false", f"run.seed={seed}", f"data.seed={seed}",
         *overrides, *args.family_overrides.get(family, []), *args.overrides, *extra])
 
 
@@ -249,12 +249,14 @@ def main() -> None:
     p.add_argument("--evals", type=int, default=6, help="evaluation points per run, at equal FLOP fractions")
     p.add_argument("--num-samples", type=int, default=300, help="samples per evaluation")
     p.add_argument("--steps", type=int, default=12, help="Heun steps per evaluation sample")
-    p.add_argument("--cfg-scale", type=float, default=demo.CFG_SCALE, help="guidance (the demo's)")
+    p.add_argument("--cfg-scale", type=float, help="guidance (default: the demo config's sampler.cfg_scale)")
     p.add_argument("--train-fraction", type=float, default=1.0, help="train on this class-balanced share of the data")
     p.add_argument("--plot", default="docs/figures/quality_vs_compute.png")
     p.add_argument("--quick", action="store_true", help="smoke run under 60 s; figures are not meaningful")
     p.add_argument("overrides", nargs="*", help="training config overrides for every arm, key=value")
     args = p.parse_args()
+    if args.cfg_scale is None:
+        args.cfg_scale = config_mod.load(config_mod.TrainConfig, args.config).sampler.cfg_scale
     args.family_overrides = {}
     if args.quick:
         args.seeds, args.budget_scale, args.evals = "0", 0.003, 2  # every arm, one seed, tiny budgets

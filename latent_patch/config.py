@@ -12,6 +12,7 @@ training). Every count of progress is in PATCHES seen (a patch of any side is on
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import types
@@ -248,6 +249,24 @@ def _deep_merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every entry point: required options say so, and every set default is shown.
+
+    argparse's own ArgumentDefaultsHelpFormatter also prints "(default: None)" for options
+    whose default is decided later (by the run, the device): those stay as their help says.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)".strip()
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        shown = not unset and action.option_strings
+        if shown and "default" not in text and "%(default)" not in text:
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
 def differences(old: Mapping, new: Mapping, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
     """``key.sub: old -> new`` for every leaf that differs, dotted through nested dicts.
 
@@ -328,7 +347,13 @@ class DataConfig:
     batch_size: int = 256
     in_memory: bool = False
     cache: str | None = None
-    shuffle_buffer: int = 2000
+    # streaming: samples held for shuffling by the whole run, split evenly over the stream_slots
+    # streams (each shuffles through shuffle_buffer // stream_slots); a reader holds only its share
+    shuffle_buffer: int = 16384
+    # streaming: how many fixed sample streams a pass is cut into (ranks x workers deal them out).
+    # Fixed for a run (it decides the sample order); ranks x num_workers may not exceed it, and any
+    # layout up to it resumes exactly (loader.StreamLoader)
+    stream_slots: int = 256
     num_workers: int = 2
     seed: int = 0
     verify: bool = False
@@ -478,6 +503,7 @@ class RunConfig:
     compile_backend: str = "inductor"
     grad_checkpointing: bool = False  # same as model.grad_checkpointing (either enables it)
     tensorboard: bool = True
+    progress: bool = True  # a console progress bar on rank 0 (patches/s, full-image equivalents/s, loss, ETA)
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:
@@ -516,6 +542,9 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the sampler this run recommends for its checkpoints: sample.py's and the exported pipeline's
+    # defaults (their flags / call arguments override), so the settings travel with the model
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     RENAMED: ClassVar[dict[str, str]] = {
         "run.total_images": "run.total_patches",

@@ -10,8 +10,11 @@ It runs the same stages a GPU user runs on ImageNet, on the Fashion-MNIST images
   4. sample a class-balanced set, score FD and accuracy  (sampling.py, as sample.py does)
   5. a report: metrics.json, a grid per class, the training curve
 
+The training budget is a number of patches (``run.total_patches`` in configs/demo.yaml), not
+minutes: the same command gives the same figures on any machine; only the time differs.
+
 Every stage resumes: re-running the command after an interruption continues where it stopped.
-A re-run with other settings (config, overrides, minutes, VAE, sampler) never mixes old outputs
+A re-run with other settings (config, overrides, VAE, sampler) never mixes old outputs
 with new settings: the outputs of the first changed stage and of every later one are moved to
 ``OUT/superseded-STAMP/`` (nothing is deleted) and redone.
 """
@@ -35,7 +38,6 @@ DATA = ASSETS / "fashion_mnist"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 RESOLUTION = 64
-CFG_SCALE = 3.0  # guidance of the demo's samples: 88% class accuracy vs 77% at 1.5 (BENCHMARKS.md)
 
 log = logging.getLogger("latent_patch.demo")
 
@@ -116,11 +118,13 @@ def retire_changed(out: Path, settings: dict[str, dict]) -> Path | None:
     return dest
 
 
-def train_config(out: Path, config: Path, overrides: Sequence[str], minutes: float):
-    """The resolved TrainConfig of the demo run (shards and run folder inside ``out``)."""
+def train_config(out: Path, config: Path, overrides: Sequence[str], steps: int | None = None,
+                 cfg_scale: float | None = None):
+    """The resolved TrainConfig of the demo run (shards and run folder inside ``out``); ``steps`` and
+    ``cfg_scale`` (when given) replace the config's recommended sampler, which the run then carries."""
+    sampler = [f"sampler.{k}={v}" for k, v in (("steps", steps), ("cfg_scale", cfg_scale)) if v is not None]
     return config_mod.load(config_mod.TrainConfig, config, [
-        f"data.shards={out / 'shards'}", f"run.out_dir={out / 'run'}",
-        f"run.max_train_seconds={minutes * 60:g}", *overrides])
+        f"data.shards={out / 'shards'}", f"run.out_dir={out / 'run'}", *sampler, *overrides])
 
 
 def train_stage(out: Path, cfg):
@@ -129,26 +133,29 @@ def train_stage(out: Path, cfg):
     from .train import train
 
     run_dir = out / "run"
-    minutes = cfg.run.max_train_seconds / 60
     done = run_dir / "demo_trained.json"
-    if done.is_file():  # the budget is per invocation: a re-run must not train another budget
+    if done.is_file():
         log.info("[3/5] training: %s (already trained)", run_dir)
         return cfg
-    log.info("[3/5] training %s for up to %.1f min (or %s patches) -> %s", cfg.model.preset, minutes,
-             f"{cfg.run.total_patches:,}", run_dir)
+    log.info("[3/5] training %s for %s patches -> %s (a progress bar with the time left follows)",
+             describe_model(cfg.model), f"{cfg.run.total_patches:,}", run_dir)
     progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(run_dir) else None)
     fsutil.atomic_write_json(done, {"patches": progress.patches, "full_equiv": progress.full_equiv})
 
 
-def sample_stage(out: Path, num_samples: int, steps: int, cfg_scale: float, ref: Path, vae: str = "demo") -> Path:
-    """Stage 4: class-balanced samples from the EMA weights, scored with the demo classifier."""
+def sample_stage(out: Path, num_samples: int, sampler, ref: Path, vae: str = "demo") -> Path:
+    """Stage 4: class-balanced samples from the EMA weights, scored with the demo classifier.
+
+    The sampler is the run's recommended one (``cfg.sampler``), passed explicitly so that a run
+    trained before a re-run changed it still samples with this invocation's settings."""
     from .sampling import main as sample_main
 
     samples = out / "samples"
-    log.info("[4/5] sampling %d images (%d Heun steps, guidance %.2g) -> %s", num_samples, steps, cfg_scale, samples)
+    log.info("[4/5] sampling %d images (%d %s steps, guidance %.2g) -> %s", num_samples, sampler.steps,
+             sampler.method, sampler.cfg_scale, samples)
     sample_main(["--checkpoint", str(out / "run"), "--out", str(samples), "--num-samples", str(num_samples),
-                 "--steps", str(steps), "--cfg-scale", str(cfg_scale), "--batch-size", "100", "--vae", vae,
-                 "--save", "npz", "--grid", "100", "--fid-ref", str(ref), "--features", "demo"])
+                 "--steps", str(sampler.steps), "--cfg-scale", str(sampler.cfg_scale), "--batch-size", "100",
+                 "--vae", vae, "--save", "npz", "--grid", "100", "--fid-ref", str(ref), "--features", "demo"])
     return samples
 
 
@@ -162,7 +169,7 @@ def class_grid(samples: Path, class_names: list[str], per_class: int, path: Path
     for c in range(len(class_names)):
         picks = np.flatnonzero(labels == c)[:per_class]
         cells[c, :len(picks)] = images[picks]
-    return save_grid(cells.reshape(-1, *images.shape[1:]), path, per_class)
+    return save_grid(cells.reshape(-1, *images.shape[1:]), path, per_class, row_labels=class_names)
 
 
 def training_curve(run_dir: Path, path: Path) -> Path | None:
@@ -206,6 +213,7 @@ def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Pa
     """Stage 5: metrics.json (FD, class accuracy, timings) plus the grid and curve PNGs."""
     from .shards import open_manifest
 
+    log.info("[5/5] report -> %s", out / "metrics.json")
     scored = fsutil.read_json(samples / "metrics.json")
     names = open_manifest(out / "shards")["class_names"]
     grid = class_grid(samples, names, 10, out / "grid_per_class.png")
@@ -217,7 +225,8 @@ def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Pa
         "model": describe_model(cfg.model), "model_params": count_weights(out / "run"),
         "patches_seen": last["patches"], "full_image_equivalents": last["full_equiv"],
         "final_loss": last["loss"], "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "grid_per_class": str(grid), "training_curve": str(curve) if curve else None,
+        "grid_per_class": str(grid), "grid_rows": names, "training_curve": str(curve) if curve else None,
+        "sampler": {"steps": cfg.sampler.steps, "method": cfg.sampler.method, "cfg_scale": cfg.sampler.cfg_scale},
         "samples_npz": str(samples / "samples.npz"),
     }
     path = out / "metrics.json"
@@ -226,14 +235,15 @@ def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m latent_patch.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m latent_patch.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=config_mod.HelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (resumes when it exists)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (minutes of training steps)")
     p.add_argument("--num-samples", type=int, default=500, help="samples for FD and class accuracy")
-    p.add_argument("--steps", type=int, default=18, help="Heun steps for sampling")
-    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance weight")
-    p.add_argument("--encode-batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's sampler.steps)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance weight (default: the config's sampler.cfg_scale)")
+    p.add_argument("--encode-batch-size", type=int, default=256, help="images per VAE call while encoding")
     p.add_argument("--vae", default="demo", help="VAE spec: the shipped demo VAE, or a folder / hub id")
     p.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     return p
@@ -244,11 +254,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = train_config(out, Path(args.config), args.overrides, args.minutes)
+    cfg = train_config(out, Path(args.config), args.overrides, args.steps, args.cfg_scale)
+    train_settings = config_mod.to_dict(cfg)
+    sampler = train_settings.pop("sampler")  # a changed guidance re-samples, it does not retrain
     retire_changed(out, {
         "encode": {"vae": args.vae},
-        "train": config_mod.to_dict(cfg),
-        "sample": {"num_samples": args.num_samples, "steps": args.steps, "cfg_scale": args.cfg_scale},
+        "train": train_settings,
+        "sample": {"num_samples": args.num_samples, **sampler},
     })
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -258,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     seconds["reference"], t = time.perf_counter() - t, time.perf_counter()
     train_stage(out, cfg)
     seconds["train"], t = time.perf_counter() - t, time.perf_counter()
-    samples = sample_stage(out, args.num_samples, args.steps, args.cfg_scale, ref, args.vae)
+    samples = sample_stage(out, args.num_samples, cfg.sampler, ref, args.vae)
     seconds["sample"] = time.perf_counter() - t
     path = report_stage(out, samples, cfg, seconds)
     m = fsutil.read_json(path)

@@ -125,6 +125,15 @@ def same_on_all_ranks(text: str) -> bool:
     return all(torch.equal(e, every[0]) for e in every)
 
 
+def sum_over_ranks(value: int) -> int:
+    """``value`` summed over every rank (itself alone): totals for a job's summary line."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_group_device())
+    tdist.all_reduce(t)
+    return int(t.item())
+
+
 def destroy() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()

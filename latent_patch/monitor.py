@@ -143,24 +143,32 @@ def check_finite_weights(net: torch.nn.Module, step: int, patches_seen: int) -> 
         )
 
 
-def log_window(trainer: Any, w: Window, hist: torch.Tensor) -> dict[str, Any]:
-    """One console line, one metrics.jsonl record and the tensorboard scalars of this interval."""
+def log_window(trainer: Any, w: Window, hist: torch.Tensor, bar: TrainBar | None = None) -> dict[str, Any]:
+    """One console line, one metrics.jsonl record and the tensorboard scalars of this interval.
+
+    With ``bar`` (the run's last, shorter interval) the rates are the whole invocation's: a rate
+    over one or two steps says more about which patch side they drew than about the run.
+    """
     elapsed = max(time.perf_counter() - w.start - w.paused, 1e-9)
+    patches, full_equiv = w.patches, w.full_equiv
+    if bar is not None:
+        elapsed, patches, full_equiv = max(bar.train_seconds(), 1e-9), bar.patches, bar.full_equiv
     p, acc = trainer.progress, trainer.accelerator
     n = max(sum(w.sizes.values()), 1)
     rec = {
         "step": p.step, "patches": p.patches, "full_equiv": round(p.full_equiv, 3), "train_flops": p.flops,
         "loss": float(hist.mean()) if len(hist) else float("nan"),
-        "patches_per_s": w.patches / elapsed, "full_equiv_per_s": w.full_equiv / elapsed,
+        "patches_per_s": patches / elapsed, "full_equiv_per_s": full_equiv / elapsed,
+        "rate_over": "run" if bar is not None else "window",
         "lr": trainer.optimizer.param_groups[0]["lr"], "peak_mem_gib": peak_memory_gib(acc.device),
         "size_mix": {str(s): c / n for s, c in sorted(w.sizes.items())}, "time": time.time(),
     }
     if acc.is_main_process:
         mix = " ".join(f"{s}:{100 * f:.0f}%" for s, f in rec["size_mix"].items())
         log.info(
-            "step %d | %s patches (%s full) | loss %.4f | %.0f patches/s %.0f full/s | lr %.2e | mem %.2f GiB | sizes %s",
+            "step %d | %s patches (%s full) | loss %.4f | %.0f patches/s %.0f full/s%s | lr %.2e | mem %.2f GiB | sizes %s",
             p.step, human(p.patches), human(p.full_equiv), rec["loss"], rec["patches_per_s"],
-            rec["full_equiv_per_s"], rec["lr"], rec["peak_mem_gib"], mix,
+            rec["full_equiv_per_s"], " (run average)" if bar is not None else "", rec["lr"], rec["peak_mem_gib"], mix,
         )
         with open(Path(trainer.cfg.run.out_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -168,6 +176,44 @@ def log_window(trainer: Any, w: Window, hist: torch.Tensor) -> dict[str, Any]:
     if trainer.cfg.run.tensorboard:
         acc.log({f"train/{k}": v for k, v in scalars.items()}, step=p.step)
     return rec
+
+
+class TrainBar:
+    """The console progress bar of rank 0: budget done, patches/s, full-image equivalents/s, loss, ETA.
+
+    Use it inside ``logging_redirect_tqdm`` (train.train does) so log lines print above the bar.
+
+    It counts what the step plans say (host integers), so updating it costs no device sync; the
+    loss shown is the last logged one. The budget that binds (FLOPs or patches) is the bar's total.
+    """
+
+    def __init__(self, run: Any, progress: Any, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.by_flops = run.total_flops > 0
+        total = run.total_flops / 1e12 if self.by_flops else run.total_patches
+        done = progress.flops / 1e12 if self.by_flops else progress.patches
+        self.bar = tqdm(total=total, initial=done, disable=not enabled, unit=" TFLOP" if self.by_flops else " patches",
+                        unit_scale=not self.by_flops, dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
+                        desc="training")
+        self.start, self.paused, self.full_equiv, self.patches = time.perf_counter(), 0.0, 0.0, 0
+        self.loss = float("nan")
+
+    def update(self, plan: Any) -> None:
+        self.patches += plan.patches
+        self.full_equiv += plan.full_equiv
+        step = plan.flops / 1e12 if self.by_flops else plan.patches
+        self.bar.total = max(self.bar.total, self.bar.n + step)  # the last step may overshoot the budget
+        self.bar.update(step)
+        seconds = max(self.train_seconds(), 1e-9)
+        self.bar.set_postfix_str(f"{self.full_equiv / seconds:.0f} full/s, loss {self.loss:.4f}", refresh=False)
+
+    def train_seconds(self) -> float:
+        """Seconds of training in this invocation (checkpoints, previews and evaluations excluded)."""
+        return time.perf_counter() - self.start - self.paused
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def human(n: float) -> str:

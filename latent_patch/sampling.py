@@ -292,13 +292,24 @@ def run_job(sampler: ImageSampler, out_dir: str | Path, num_samples: int, batch_
             "batch_size": batch_size, "world_size": info.world_size, **(record or {})})
     dist.barrier()
     t0 = time.perf_counter()
-    made = generate(sampler, out, num_samples, batch_size, progress)
+    made = dist.sum_over_ranks(generate(sampler, out, num_samples, batch_size, progress))
     seconds = time.perf_counter() - t0
     dist.barrier()
     assemble(out, num_samples, save, grid)
-    if info.is_main and progress:
-        print(f"rank 0 made {made} images in {seconds:.1f} s; samples in {out}", flush=True)
+    if info.is_main:  # one summary line, progress bar or not
+        print(summary_line(out, num_samples, made, seconds, info.world_size, save, grid), flush=True)
     return out
+
+
+def summary_line(out: Path, num_samples: int, made: int, seconds: float, world: int,
+                 save: Sequence[str], grid: int) -> str:
+    """What the job made, where, and its rate over the whole run (not over one batch)."""
+    files = [name for name, on in (("samples.npz", "npz" in save), ("images/", "png" in save),
+                                   ("grid.png", grid > 0)) if on]
+    rate = f"{made / seconds:.2f} samples/s" if made and seconds > 0 else "nothing left to make"
+    kept = f", {num_samples - made} already there" if made < num_samples else ""
+    return (f"sampling done: {num_samples} samples in {out} ({', '.join(files) or 'parts/ only'}); "
+            f"this run made {made} in {seconds:.1f} s on {world} process{'es' if world > 1 else ''} ({rate}{kept})")
 
 
 # --------------------------------------------------------------------------- command line
@@ -317,8 +328,10 @@ def weights_fingerprint(path: Path) -> str:
     return fsutil.sha256_file(path)
 
 
-def sampler_from_args(args: argparse.Namespace) -> SamplerConfig:
-    base = AUTHORS_IMAGENET256 if args.preset == "authors" else SamplerConfig()
+def sampler_from_args(args: argparse.Namespace, recommended: SamplerConfig | None = None) -> SamplerConfig:
+    """The flags over a base: ``--preset`` if given, else the run's recommended sampler, else EDM's."""
+    bases = {"authors": AUTHORS_IMAGENET256, "edm": SamplerConfig(), None: recommended or SamplerConfig()}
+    base = bases[args.preset]
     overrides = {k: v for k, v in {
         "steps": args.steps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho,
         "S_churn": args.S_churn, "S_min": args.S_min, "S_max": args.S_max, "S_noise": args.S_noise,
@@ -339,17 +352,18 @@ def _float_pair(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py", description=(
+    p = argparse.ArgumentParser(prog="sample.py", formatter_class=config_mod.HelpFormatter, description=(
         "Sample a trained model for FID (resumable, any number of processes). "
-        "Other commands: `sample.py fid-ref ...` (reference statistics), `sample.py fid ...` (score a folder)."))
+        "Other commands: `sample.py fid-ref ...` (reference statistics), `sample.py fid ...` (score a folder), "
+        "`sample.py export ...` (a diffusers pipeline folder)."))
     p.add_argument("--checkpoint", required=True, help="run folder (latest complete checkpoint) or checkpoint folder")
     p.add_argument("--out", required=True, help="output folder (parts/, samples.npz, images/, grid.png, *.json)")
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=50_000, help="samples to make (50,000 for FID)")
+    p.add_argument("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per sampler batch (per process)")
     p.add_argument("--classes", type=_int_list, default=None, help="comma-separated class list to cycle through")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--weights", choices=["ema", "model"], default="ema")
+    g.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     g.add_argument("--no-ema", dest="weights", action="store_const", const="model", help="same as --weights model")
     p.add_argument("--vae", default=None, help="VAE spec (hub id, folder, 'demo'); default: the manifest's")
     p.add_argument("--decode-dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp16 on GPU, fp32 on CPU")
@@ -358,28 +372,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast for the network (default auto: bf16 on a GPU, none on the CPU)")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                    help="torch.compile the network, one static graph (default auto: on a GPU only)")
-    s = p.add_argument_group("sampler (defaults: EDM 18-step Heun; --preset authors: 256 steps, churn 40, w 1.3)")
-    s.add_argument("--preset", choices=["edm", "authors"], default="edm")
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--method", choices=["heun", "euler"], default=None)
-    s.add_argument("--sigma-min", type=float, default=None)
-    s.add_argument("--sigma-max", type=float, default=None)
-    s.add_argument("--rho", type=float, default=None)
-    s.add_argument("--S-churn", "--s-churn", dest="S_churn", type=float, default=None)
-    s.add_argument("--S-min", "--s-min", dest="S_min", type=float, default=None)
-    s.add_argument("--S-max", "--s-max", dest="S_max", type=float, default=None)
-    s.add_argument("--S-noise", "--s-noise", dest="S_noise", type=float, default=None)
-    s.add_argument("--cfg-scale", type=float, default=None, help="guidance weight w (1 = no guidance, one pass)")
+    s = p.add_argument_group(
+        "sampler (defaults: the run's recommended sampler, its config's `sampler` section; EDM's 18-step Heun "
+        "without guidance if it has none)")
+    s.add_argument("--preset", choices=["edm", "authors"], default=None,
+                   help="base settings instead of the run's: edm (18-step Heun, w 1) or authors (256 steps, churn 40, "
+                        "w 1.3); the flags below override either")
+    s.add_argument("--steps", type=int, default=None, help="time steps (EDM: 18)")
+    s.add_argument("--method", choices=["heun", "euler"], default=None, help="ODE step (EDM: heun)")
+    s.add_argument("--sigma-min", type=float, default=None, help="lowest noise level (EDM: 0.002)")
+    s.add_argument("--sigma-max", type=float, default=None, help="highest noise level (EDM: 80)")
+    s.add_argument("--rho", type=float, default=None, help="time-step spacing exponent (EDM: 7)")
+    s.add_argument("--S-churn", "--s-churn", dest="S_churn", type=float, default=None,
+                   help="stochasticity (EDM: 0, deterministic)")
+    s.add_argument("--S-min", "--s-min", dest="S_min", type=float, default=None, help="churn from this sigma (EDM: 0)")
+    s.add_argument("--S-max", "--s-max", dest="S_max", type=float, default=None, help="churn up to this sigma (EDM: inf)")
+    s.add_argument("--S-noise", "--s-noise", dest="S_noise", type=float, default=None,
+                   help="noise inflation of churn (EDM: 1)")
+    s.add_argument("--cfg-scale", type=float, default=None, help="guidance weight w (1 = no guidance, one pass; EDM: 1)")
     s.add_argument("--cfg-interval", type=_float_pair, default=None, help="LO,HI: guide only where LO <= sigma <= HI")
     o = p.add_argument_group("outputs and scoring")
     o.add_argument("--save", default="npz,png", help="comma list of npz, png")
     o.add_argument("--grid", type=int, default=64, help="samples in grid.png (0: none)")
     o.add_argument("--fid-ref", default=None, help="stats npz, ADM reference npz, image folder or tar shards")
-    o.add_argument("--features", default="inception", choices=["inception", "demo"])
+    o.add_argument("--features", default="inception", choices=["inception", "demo"],
+                   help="FID features: Inception-v3 (the standard) or the demo classifier's")
     o.add_argument("--inception", default=None, help="Inception TorchScript file (default /tmp/inception-2015-12-05.pt)")
     o.add_argument("--ref-from-images", action="store_true",
                    help="featurise an ADM reference npz's arr_0 instead of using its stored mu/sigma")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line still prints)")
     return p
 
 
@@ -399,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     check_vae_fits(codec, cfg.model.latent_channels)
     vae = (manifest or {}).get("vae", {})
     scale, shift = vae.get("scaling_factor", codec.scaling_factor), vae.get("shift_factor", codec.shift_factor)
-    sampler_cfg = sampler_from_args(args)
+    sampler_cfg = sampler_from_args(args, cfg.sampler)
     sampler = ImageSampler(net, sigma_data=cfg.edm.sigma_data, latent_channels=cfg.model.latent_channels,
                            latent_size=cfg.model.latent_size, num_classes=cfg.model.num_classes,
                            sampler=sampler_cfg,
@@ -471,13 +492,14 @@ def add_extractor_args(p: argparse.ArgumentParser) -> None:
 
 def main_ref(argv: Sequence[str] | None = None) -> Path:
     """``sample.py fid-ref``: reference statistics of real images, as an npz with mu and sigma."""
-    p = argparse.ArgumentParser(prog="sample.py fid-ref", description=main_ref.__doc__)
+    p = argparse.ArgumentParser(prog="sample.py fid-ref", description=main_ref.__doc__,
+                                formatter_class=config_mod.HelpFormatter)
     p.add_argument("--source", required=True, help="image folder, folder of image tar shards, or one tar")
     p.add_argument("--out", required=True, help="output .npz (mu, sigma, provenance)")
     p.add_argument("--resolution", type=int, default=None,
                    help="ADM-crop every image to this size first (use the generated resolution)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="images per feature-extractor call")
     add_extractor_args(p)
     args = p.parse_args(argv)
     extractor = fid.build_extractor(args.features, inception=args.inception)
@@ -488,12 +510,31 @@ def main_ref(argv: Sequence[str] | None = None) -> Path:
     return Path(args.out)
 
 
+def main_export(argv: Sequence[str] | None = None) -> Path:
+    """``sample.py export``: a run (its latest checkpoint) or a checkpoint as a diffusers pipeline folder
+    (``LatentPatchPipeline``: model_index.json, denoiser/, vae/; see latent_patch/pipeline.py)."""
+    p = argparse.ArgumentParser(prog="sample.py export", description=main_export.__doc__,
+                                formatter_class=config_mod.HelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run folder (latest complete checkpoint) or checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (an earlier export there is replaced)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
+    p.add_argument("--vae", default=None, help="VAE spec (hub id, folder, 'demo'); default: the manifest's")
+    args = p.parse_args(argv)
+    from .pipeline import export_pipeline  # diffusers' pipeline machinery: only for this command
+
+    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
+    out = export_pipeline(ckpt, args.out, use_ema=args.weights == "ema", vae=args.vae)
+    print(json.dumps({"out": str(out), "checkpoint": str(ckpt), "weights": args.weights}), flush=True)
+    return out
+
+
 def main_fid(argv: Sequence[str] | None = None) -> dict:
     """``sample.py fid``: score an existing sample folder (OUT with samples.npz) or npz file."""
-    p = argparse.ArgumentParser(prog="sample.py fid", description=main_fid.__doc__)
+    p = argparse.ArgumentParser(prog="sample.py fid", description=main_fid.__doc__,
+                                formatter_class=config_mod.HelpFormatter)
     p.add_argument("--samples", required=True, help="sampling OUT folder or a samples .npz")
     p.add_argument("--fid-ref", required=True, help="stats npz, ADM reference npz, image folder or tar shards")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="images per feature-extractor call")
     add_extractor_args(p)
     args = p.parse_args(argv)
     src = Path(args.samples)

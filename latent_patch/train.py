@@ -20,7 +20,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, dist
 from . import config as config_mod
@@ -42,8 +45,8 @@ from .models import (
 )
 from .models.dit import draw_route
 from .monitor import (
-    NAN_CHECK_EVERY, TrainingError, Window, check_finite_weights, close_logging, crossed, flush_losses, log,
-    log_window, setup_logging, trim_log,
+    NAN_CHECK_EVERY, TrainBar, TrainingError, Window, check_finite_weights, close_logging, crossed, flush_losses,
+    log, log_window, setup_logging, trim_log,
 )
 from .patches import PatchSchedule, random_crops
 from .seeds import derive_seed
@@ -74,7 +77,7 @@ class Trainer:
     accelerator: Any
     net: torch.nn.Module  # the raw network (its parameters are the optimizer's)
     precond: Precond  # Precond around the accelerate-prepared (DDP / compiled / autocast) network
-    ema: torch.nn.Module
+    ema: torch.nn.Module | None  # None on a rank that never reads it (see build_trainer)
     optimizer: torch.optim.Optimizer
     batches: Iterator
     loader: Any  # has state_dict()/load_state_dict(); None for synthetic data (benchmarks)
@@ -161,14 +164,18 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
             enable_grad_checkpointing(net)
     with refusal("patch: "):  # a side that does not fit R or the model's patchify
         schedule = PatchSchedule(cfg.patch, R, multiple_of=patch_multiple(net))
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    # the EMA is read by rank 0 (checkpoints, previews) and, when FID runs, by every rank (each
+    # samples its share, so all hold the same EMA); other ranks hold none: no copy, load or update
+    needs_ema = accelerator.is_main_process or cfg.eval.fid_every_patches > 0
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if needs_ema else None
     cuda = accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay, fused=True if cuda else None)
     prepared, optimizer = accelerator.prepare(net, optimizer)
     if resolve_compile(cfg.run.compile, accelerator.device.type):
         prepared = compile_network(prepared, cfg.run.compile_backend, num_shapes=len(schedule.sizes))
-    ema.to(accelerator.device)
+    if ema is not None:
+        ema.to(accelerator.device)
     schedule_gen = torch.Generator().manual_seed(derive_seed(seed, 0, "schedule"))  # rank 0's stream of old
     gen = torch.Generator(accelerator.device).manual_seed(derive_seed(seed, rank, "step"))
     torch.manual_seed(derive_seed(seed, rank, "torch"))  # model dropout, per rank
@@ -272,7 +279,8 @@ def train_step(trainer: Trainer, plan: StepPlan) -> torch.Tensor:
     p.patches += plan.patches
     p.full_equiv += plan.full_equiv
     p.flops += plan.flops
-    update_ema(trainer.ema, trainer.net, ema_beta(trainer.cfg.ema, plan.patches, p.patches))
+    if trainer.ema is not None:
+        update_ema(trainer.ema, trainer.net, ema_beta(trainer.cfg.ema, plan.patches, p.patches))
     return total
 
 
@@ -375,11 +383,16 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
     start_outputs(trainer, ckpt)
     run, p, start = cfg.run, trainer.progress, time.perf_counter()
     w = Window(first_step=p.step + 1)
+    bar = TrainBar(run, p, enabled=run.progress and trainer.accelerator.is_main_process)
+    console = contextlib.ExitStack()  # log lines print above the bar, not through it
+    if not bar.bar.disable:
+        console.enter_context(logging_redirect_tqdm(loggers=[log]))
     try:
         while p.patches < run.total_patches and not (0 < run.total_flops <= p.flops):
             before = p.patches
             plan = plan_step(trainer)
             w.add(plan, train_step(trainer, plan))
+            bar.update(plan)
             # the host reads device values only at check points: log points and every NAN_CHECK_EVERY steps
             log_due = crossed(before, p.patches, run.log_every_patches)
             check_due = log_due or len(w.losses) % NAN_CHECK_EVERY == 0
@@ -388,7 +401,9 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
             if check_due and not (log_due or last):
                 flush_losses(trainer.accelerator, w, p.patches)  # long intervals still stop a diverged run soon
             if log_due or last:
-                log_window(trainer, w, flush_losses(trainer.accelerator, w, p.patches))
+                short = last and not log_due  # the run's tail: rates over the whole run, not its last steps
+                bar.loss = log_window(trainer, w, flush_losses(trainer.accelerator, w, p.patches),
+                                      bar if short else None)["loss"]
                 w = Window(first_step=p.step + 1)
             paused = time.perf_counter()
             if crossed(before, p.patches, run.ckpt_every_patches) or last:
@@ -400,13 +415,20 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
             if evaluator.enabled and (crossed(before, p.patches, cfg.eval.fid_every_patches) or last):
                 evaluator(trainer)
             w.paused += time.perf_counter() - paused
+            bar.paused += time.perf_counter() - paused
             if stop:
                 log.info("run.max_train_seconds=%g used up: stopping here; --resume auto continues",
                          run.max_train_seconds)
                 break
     finally:
+        bar.close()
+        console.close()
         trainer.accelerator.end_training()
-    log.info("done: %d steps, %s patches, %s full-image equivalents", p.step, f"{p.patches:,}", f"{p.full_equiv:,.0f}")
+    seconds = bar.train_seconds()
+    log.info("training done: step %d, %s patches (%s full-image equivalents) in %s; this run trained %s patches in "
+             "%.0f s (%.1f patches/s, %.1f full/s, checkpoints and evaluations excluded); checkpoints in %s",
+             p.step, f"{p.patches:,}", f"{p.full_equiv:,.0f}", run.out_dir, f"{bar.patches:,}", seconds,
+             bar.patches / max(seconds, 1e-9), bar.full_equiv / max(seconds, 1e-9), Path(run.out_dir) / checkpoint.CKPT_DIR)
     for handler in log.handlers:
         handler.flush()
     return p
@@ -415,17 +437,18 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``train_latent.py --config CONFIG [--resume auto|PATH] [key=value ...]``."""
     parser = argparse.ArgumentParser(
-        description="Train a Patch Diffusion denoiser on pre-encoded latents (works under torchrun / accelerate launch).")
+        prog="train_latent.py", formatter_class=config_mod.HelpFormatter, description="Train a Patch Diffusion denoiser on pre-encoded latents (works under torchrun / accelerate launch).")
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", default=None,
                         help="'auto' = latest complete checkpoint of run.out_dir (fresh start if none); "
                              "or a checkpoint / run folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (same as run.progress=false)")
     parser.add_argument("--build-cache", action="store_true",
                         help="only build data.cache (in-memory mode) and exit: one process, before the GPU job")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 run.out_dir=runs/x")
     args = parser.parse_args(argv)
     try:
-        cfg = config_mod.load(TrainConfig, args.config, args.overrides)
+        cfg = config_mod.load(TrainConfig, args.config, [*args.overrides, *(["run.progress=false"] if args.no_progress else [])])
     except config_mod.ConfigError as err:
         parser.error(str(err))
     if args.build_cache and not (cfg.data.in_memory and cfg.data.cache is not None):
@@ -439,8 +462,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         train(cfg, args.resume)
     except (TrainingError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as err:
-        # ValueError covers ShardError, ConfigError and malformed files (read_json names them)
-        log.error("%s", err)  # a refusal with its reason, not a traceback
+        # ValueError covers ShardError, ConfigError and malformed files (read_json names them).
+        # One line like every entry point's refusals (argparse's format), also kept in RUN/log.txt.
+        for handler in log.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None))
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
         close_logging()

@@ -175,3 +175,37 @@ def test_saved_config_with_old_keys_is_migrated(tmp_path):
     with pytest.raises(config.ConfigError, match="was renamed"):  # not as a user's config ...
         config.load(TrainConfig, tmp_path / "config.yaml")
     assert config.load_saved(TrainConfig, tmp_path / "config.yaml") == cfg  # ... but as a saved one
+
+
+def _entry_point_parsers():
+    import importlib.util
+    from pathlib import Path
+
+    from latent_patch import demo, sampling, train
+
+    spec = importlib.util.spec_from_file_location("encode_cli", Path(__file__).resolve().parents[1] / "encode_latents.py")
+    encode_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(encode_cli)
+    helps = {"encode_latents.py": encode_cli.build_parser().format_help(), "sample.py": sampling.build_parser().format_help(),
+             "demo": demo.build_parser().format_help()}
+    for name, fn in (("sample.py fid-ref", sampling.main_ref), ("sample.py fid", sampling.main_fid),
+                     ("train_latent.py", train.main)):
+        try:
+            fn(["--help"])
+        except SystemExit:
+            pass
+    return encode_cli, helps
+
+
+def test_every_help_marks_required_and_shows_defaults(capsys):
+    encode_cli, helps = _entry_point_parsers()
+    helps["others"] = capsys.readouterr().out
+    assert "(--source SOURCE | --verify)" in helps["encode_latents.py"]
+    flat = {k: " ".join(v.split()) for k, v in helps.items()}
+    assert "--num-samples NUM_SAMPLES samples to make (50,000 for FID) (default: 50000)" in flat["sample.py"]
+    assert "--seed SEED sample i's noise and label come from (seed, i) (default: 0)" in flat["sample.py"]
+    assert "(default: 64)" in flat["sample.py"].split("--batch-size BATCH_SIZE")[-1][:80]
+    assert "folder (required)" in flat["sample.py"]  # --checkpoint
+    assert "--config CONFIG YAML config (see configs/) (required)" in flat["others"]
+    for name, text in flat.items():  # no option hides its set default
+        assert "(default: None)" not in text and "(default: False)" not in text, name

@@ -169,14 +169,36 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, one_thread_per_module):
     and writes its report; a re-run resumes; other sampler settings redo only the samples."""
     from latent_patch import demo
 
-    small = ["--minutes", "0.05", "--num-samples", "20", "--steps", "2", "model.channels=32",
-             "model.channel_mult=[1,2]", "model.num_blocks=1", "model.attn_resolutions=[]"]
+    small = ["--num-samples", "20", "--steps", "2", "run.total_patches=640", "run.log_every_patches=128",
+             "model.channels=32", "model.channel_mult=[1,2]", "model.num_blocks=1", "model.attn_resolutions=[]"]
     out = tmp_path / "demo_out"
     path = demo.main(["--out", str(out), *small])
     m = json.loads(path.read_text())
-    assert m["num_samples"] == 20 and 0 <= m["class_accuracy"] <= 1 and np.isfinite(m["fd"])
-    assert m["model"].startswith("adm-tiny (") and m["model_params"] > 0 and m["patches_seen"] > 0
-    assert Image.open(m["grid_per_class"]).size == (10 * 64, 10 * 64) and Path(m["training_curve"]).is_file()
+    assert m["num_samples"] == 20 and m["model"].startswith("adm-tiny (") and m["model_params"] > 0
+    assert 640 <= m["patches_seen"] < 640 + 4 * 64  # the budget is patches: the first step at or past it stops
+    # FD and accuracy recomputed here from samples.npz, the classifier and the reference npz
+    from scipy import linalg
+
+    from latent_patch.fid import build_extractor
+
+    with np.load(m["samples_npz"], allow_pickle=False) as f:
+        images, labels = f["arr_0"], f["labels"]
+    feats, preds = build_extractor("demo").features_and_predictions(images)
+    assert m["class_accuracy"] == pytest.approx(float(np.mean(preds == labels)))
+    with np.load(out / "ref_test_demo.npz", allow_pickle=False) as f:
+        mu_r, sigma_r = f["mu"], f["sigma"]
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    fd = float(np.sum((mu - mu_r) ** 2) + np.trace(sigma) + np.trace(sigma_r) - 2 * np.trace(linalg.sqrtm(sigma @ sigma_r).real))
+    assert m["fd"] == pytest.approx(fd, rel=1e-4)
+    grid = Image.open(m["grid_per_class"]).convert("L")
+    assert grid.size[1] == 10 * 64 and grid.size[0] > 10 * 64  # a labelled row per class
+    margin = np.asarray(grid)[:, : grid.size[0] - 10 * 64]
+    assert all((margin[r * 64:(r + 1) * 64] < 128).any() for r in range(10))  # each row's label is drawn
+    assert m["grid_rows"] == (demo.DATA / "classes.txt").read_text().splitlines()
+    curve = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(curve) >= 5 and Path(m["training_curve"]).is_file()  # a curve, not two points
+    run_cfg = (out / "run" / "config.yaml").read_text()
+    assert "cfg_scale: 3.0" in run_cfg and m["sampler"]["cfg_scale"] == 3.0  # the run carries its sampler
     trained = (out / "run" / "demo_trained.json").read_text()
     demo.main(["--out", str(out), *small])  # same settings: nothing retrained, nothing moved
     assert (out / "run" / "demo_trained.json").read_text() == trained and not list(out.glob("superseded-*"))

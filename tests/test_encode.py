@@ -274,7 +274,7 @@ def test_cli_rejects_bad_flags(tmp_path: Path, capsys) -> None:
         assert err.value.code == 2 and "error:" in capsys.readouterr().err, bad
     with pytest.raises(SystemExit):
         cli.main([])
-    assert "--source is required" in capsys.readouterr().err
+    assert "one of the arguments --source --verify is required" in capsys.readouterr().err
 
 
 def test_cli_reports_errors_and_verifies(encoded: Path, tmp_path: Path, capsys) -> None:

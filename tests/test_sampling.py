@@ -308,7 +308,7 @@ def test_evaluate_model_with_custom_features(one_thread):
 
 # --------------------------------------------------------------------------- the CLI on a real checkpoint
 
-def _write_checkpoint(run: Path, vae_dir: Path) -> None:
+def _write_checkpoint(run: Path, vae_dir: Path, sampler: SamplerConfig | None = None) -> None:
     """A complete checkpoint folder as train.py writes it (tiny DiT, manifest naming a tiny VAE)."""
     import yaml
 
@@ -320,6 +320,7 @@ def _write_checkpoint(run: Path, vae_dir: Path) -> None:
 
     cfg = TrainConfig()
     cfg.model = ModelConfig(preset="DiT-T/2", latent_channels=C, latent_size=R, num_classes=K)
+    cfg.sampler = sampler or SamplerConfig()
     net = tiny_dit()
     tmp = ck.begin(run, 10)
     ck.save_weights(tmp / ck.MODEL_FILE, net.state_dict(), {})
@@ -358,6 +359,9 @@ def test_cli_end_to_end(tmp_path, one_thread, monkeypatch, capsys):
             "--steps", "3", "--cfg-scale", "1.5", "--batch-size", "4", "--fid-ref", str(tmp_path / "ref.npz"),
             "--no-progress"]
     sample_cli.main(args)
+    printed = capsys.readouterr().out.splitlines()  # --no-progress still says what it made and where
+    summary = [line for line in printed if line.startswith("sampling done:")]
+    assert len(summary) == 1 and f"6 samples in {out} (samples.npz, images/, grid.png); this run made 6 in" in summary[0]
     arr, labels = load_npz(out)
     assert arr.shape == (6, 16, 16, 3) and labels.tolist() == [0, 1, 2, 3, 4, 5]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -369,6 +373,35 @@ def test_cli_end_to_end(tmp_path, one_thread, monkeypatch, capsys):
     assert "different settings" in capsys.readouterr().err
     sample_cli.main(args[:-3] + ["--no-progress", "--batch-size", "5"])  # same settings: nothing to redo
     assert np.array_equal(load_npz(out)[0], arr)
+    assert "this run made 0 in" in capsys.readouterr().out
+
+
+def test_sampler_defaults_come_from_the_run_then_presets_then_flags(tmp_path, one_thread):
+    """The run's recommended sampler is sample.py's default; --preset replaces it; flags override either."""
+    import sample as sample_cli
+
+    from latent_patch.edm import AUTHORS_IMAGENET256
+
+    _tiny_vae(tmp_path / "vae")
+    recommended = SamplerConfig(steps=3, cfg_scale=2.5, cfg_interval=[0.3, 5.0], method="euler")
+    _write_checkpoint(tmp_path / "run", tmp_path / "vae", recommended)
+    base = ["--checkpoint", str(tmp_path / "run"), "--num-samples", "2", "--batch-size", "2", "--save", "npz",
+            "--grid", "0", "--no-progress"]
+
+    def used(out: str, *flags: str) -> dict:
+        sample_cli.main([*base, "--out", str(tmp_path / out), *flags])
+        return json.loads((tmp_path / out / "sampling.json").read_text())["identity"]["sampler"]
+
+    assert used("run-default") == dataclasses.asdict(recommended)
+    assert used("flag", "--cfg-scale", "1.0") == {**dataclasses.asdict(recommended), "cfg_scale": 1.0}
+    assert used("edm", "--preset", "edm", "--steps", "2") == {**dataclasses.asdict(SamplerConfig()), "steps": 2}
+    authors = used("authors", "--preset", "authors", "--steps", "2")  # every other field is the authors'
+    # the authors' ImageNet-256 sampler as method.md states it (256 steps, S_churn 40, S_min 0.05,
+    # S_max 50, S_noise 1.003, guidance 1.3), with EDM's sigma range and rho and no interval
+    paper = {"steps": 256, "S_churn": 40.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003, "cfg_scale": 1.3,
+             "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "method": "heun", "cfg_interval": None}
+    assert dataclasses.asdict(AUTHORS_IMAGENET256) == paper
+    assert authors == {**paper, "steps": 2}
 
 
 # --------------------------------------------------------------------------- multi-process and kill

@@ -369,6 +369,15 @@ def test_cli_names_bad_key(capsys):
     assert "optim.lrr" in capsys.readouterr().err
 
 
+def test_cli_refusal_is_one_prog_error_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-shards"
+    assert main(["--config", str(TINY), f"data.shards={missing}", f"run.out_dir={tmp_path / 'run'}"]) == 1
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("train_latent.py: error: data.shards=") and str(missing) in lines[0]
+    assert "Traceback" not in captured.out + captured.err and " ERROR " not in captured.out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal only")
 def test_fp16_needs_a_gpu(shards, tmp_path):
     with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
