@@ -151,8 +151,29 @@ def _visible(names: list[str]) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
 def _looks_like_tars(spec: str) -> bool:
-    return "{" in spec or any(c in spec for c in "*?[") or spec.endswith((".tar", ".tar.gz", ".tgz"))
+    return "{" in spec or any(c in spec for c in "*?[") or spec.endswith(TAR_SUFFIXES)
+
+
+def tar_folder(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The tar shards of ``folder`` (sorted, absolute) and a skipped-note for every other entry.
+
+    Why notes: a data folder often holds a README, checksums or a class list beside its shards;
+    they are not inputs, and the manifest says so instead of refusing the folder."""
+    root = Path(folder)
+    tars, notes = [], []
+    for name in _visible(os.listdir(root)):
+        if name.endswith(TAR_SUFFIXES) and (root / name).is_file():
+            tars.append(os.path.abspath(root / name))
+        elif name in _CLASS_NAME_FILES:
+            notes.append({"source": name, "reason": "class names: read for the manifest's class_names, not an input"})
+        else:
+            notes.append({"source": name + ("/" if (root / name).is_dir() else ""),
+                          "reason": "not a tar shard (.tar, .tar.gz, .tgz): skipped"})
+    return tars, notes
 
 
 def _source_kind(spec: str, labels: str | Path | None) -> tuple[str, str]:
@@ -169,12 +190,12 @@ def _source_kind(spec: str, labels: str | Path | None) -> tuple[str, str]:
     entries = _visible(os.listdir(root))
     if labels is not None:
         return "flat", spec
+    if any(e.endswith(TAR_SUFFIXES) and (root / e).is_file() for e in entries):
+        return "tars", spec  # a folder of shards: a README or a checksums folder beside them is fine
     if any((root / e).is_dir() for e in entries):
         return "class_tree", spec
-    if entries and all(e.endswith((".tar", ".tar.gz", ".tgz")) for e in entries):
-        return "tars", str(root / "*.t*")
     raise ValueError(
-        f"--source {spec}: a folder of files without class subfolders needs --labels FILE "
+        f"--source {spec}: a folder of files without class subfolders or tar shards needs --labels FILE "
         "(e.g. LOC_val_solution.csv or 'filename label' lines)"
     )
 
@@ -206,7 +227,8 @@ def source_identity(spec: str | Path, labels: str | Path | None = None) -> dict:
     spec = str(spec)
     kind, target = _source_kind(spec, labels)
     if kind == "tars":
-        stamp = [_stamp(p) for p in expand_tar_spec(target)]
+        stamp = [_stamp(p) for p in (tar_folder(target)[0] if os.path.isdir(target) else expand_tar_spec(target))]
+        stamp += [_stamp(target)] if os.path.isdir(target) else []
     else:
         root = Path(target)
         stamp = [_stamp(root)]
@@ -482,7 +504,7 @@ def list_tars(spec: str, unpack_dir: str | Path | None = None) -> Listing:
     Compressed tars are unpacked into ``unpack_dir`` (kept across runs, see :func:`unpack_tar`;
     whatever else is in that folder is removed: the caller must own it, as ``encode`` does under
     its lock) or, without it, into a per-process temporary copy."""
-    paths = expand_tar_spec(spec)
+    paths, notes = tar_folder(spec) if os.path.isdir(spec) else (expand_tar_spec(spec), [])
     sources: list[str] = []
     labels: list[int] = []
     locs: list[tuple[str, int, int] | None] = []
@@ -515,7 +537,7 @@ def list_tars(spec: str, unpack_dir: str | Path | None = None) -> Listing:
     names = _tar_class_names(paths[0], top) if top >= 0 else []
     base = str(Path(paths[0]).parent)
     return Listing("tars", os.path.abspath(spec), base, sources, labels, names, locations=locs,
-                   problems=problems)
+                   problems=problems, warnings=notes)
 
 
 def _pick(members: dict[str, tarfile.TarInfo], wanted: tuple[str, ...]) -> str | None:

@@ -221,6 +221,35 @@ def test_tar_and_flat_sources(tmp_path: Path, tiny_vae_dir) -> None:
     np.testing.assert_array_equal(a["00000002_s2"][0], b["00000002_v2"][0])
 
 
+def test_a_folder_of_shards_with_other_files_is_a_source(tmp_path: Path, tiny_vae_dir) -> None:
+    """A data folder holds a README (and class names) beside its shards: the tars are read, every
+    other entry is listed as skipped with its reason, and the shipped Fashion-MNIST folder lists."""
+    rng = np.random.default_rng(4)
+    data = tmp_path / "data"
+    data.mkdir()
+    for t in range(2):
+        with tarfile.open(data / f"part-{t}.tar", "w") as tf:
+            for n in range(3):
+                buf = io.BytesIO()
+                Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+                for ext, payload in (("png", buf.getvalue()), ("cls", str((n + t) % 2).encode())):
+                    ti = tarfile.TarInfo(f"t{t}s{n}.{ext}")
+                    ti.size = len(payload)
+                    tf.addfile(ti, io.BytesIO(payload))
+    (data / "README.md").write_text("how this data was made\n")
+    (data / "classes.txt").write_text("cat\ndog\n")
+    (data / "checksums").mkdir()
+    run_encode(cfg_for(data, tmp_path / "out", tiny_vae_dir, flips="none"))
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["num_samples"] == 6 and man["class_names"] == ["cat", "dog"] and man["source"]["kind"] == "tars"
+    skipped = {s["source"]: s["reason"] for s in man["skipped"]}
+    assert skipped["README.md"].startswith("not a tar shard") and skipped["checksums/"].startswith("not a tar shard")
+    assert "class_names" in skipped["classes.txt"] and len(skipped) == 3
+    shipped = list_source(Path(__file__).resolve().parents[1] / "latent_patch" / "assets" / "fashion_mnist")
+    assert shipped.kind == "tars" and len(shipped) == 15_000  # 10,000 train + 5,000 test images
+    assert {w["source"] for w in shipped.warnings} >= {"README.md", "LICENSE.txt", "dataset.json"}
+
+
 def test_a_source_without_valid_images_is_an_error(tmp_path: Path, tiny_vae_dir) -> None:
     (tmp_path / "src" / "a").mkdir(parents=True)
     (tmp_path / "src" / "a" / "x.JPEG").write_text("nope")
