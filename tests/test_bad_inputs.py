@@ -70,8 +70,32 @@ def test_broken_input_is_skipped_and_listed_by_name(images, kind):
     assert outcome.handled, outcome.detail
 
 
-def test_every_image_kind_was_judged(images):
+def test_every_image_kind_was_judged(images, work: Path):
+    """Every kind has a verdict drawn from a real encoder run, and the encoder answered for every
+    input planted in the tree: each visible entry of the source tree (listed here from the disk,
+    not from the suite's cases) is stored in the shards or listed in the manifest's ``skipped``
+    with a reason, never both, never neither. An encode that failed outright is no verdict."""
+    import json
+    import os
+
     assert set(images) == set(F.UNUSUAL_IMAGES) | set(F.BROKEN_IMAGES) | {F.EMPTY_CLASS}
+    not_run = [k for k, o in images.items() if o.detail.startswith("encode failed")]
+    assert not not_run, f"the encoder never ran: {images[not_run[0]].detail}"
+    src, out = work / "images", work / "images_out"
+    man = json.loads((out / "manifest.json").read_text())
+    stored = {json.loads(parts["json"])["source"]
+              for sh in man["shards"] for _, parts in F.tar_samples(out / sh["name"])}
+    skipped = {s["source"].rstrip("/"): s.get("reason", "") for s in man["skipped"]}
+    entries = []
+    for cls in sorted(e for e in os.listdir(src) if not e.startswith(".")):
+        names = [n for n in os.listdir(src / cls) if not n.startswith(".")]
+        entries += [f"{cls}/{n}" for n in names] or [cls]  # an empty class folder is one entry
+    assert len(entries) > len(images)
+    unanswered = [e for e in entries if e not in stored and not skipped.get(e, "").strip()]
+    assert not unanswered, f"inputs neither encoded nor listed as skipped: {unanswered}"
+    assert not [e for e in entries if e in stored and e in skipped]
+    # one skip entry per broken kind and the empty class: nothing else skipped, none merged
+    assert len(skipped) == len(F.BROKEN_IMAGES) + 1, sorted(skipped)
 
 
 # ----------------------------------------------------------------------------- shards

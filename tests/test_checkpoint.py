@@ -178,7 +178,6 @@ def test_state_is_loaded_weights_only(tmp_path):
 
 
 def _train_config(*overrides: str):
-    pytest.importorskip("latent_patch.loader")
     from latent_patch.config import TrainConfig
 
     return config.load(TrainConfig, ROOT / "configs" / "tiny_cpu_dit.yaml", list(overrides))

@@ -113,7 +113,6 @@ def test_train_config_yaml_files_load():
     """Every shipped config loads into TrainConfig (keys match the dataclasses)."""
     from pathlib import Path
 
-    pytest.importorskip("latent_patch.loader")
     from latent_patch.config import TrainConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
@@ -125,7 +124,6 @@ def test_train_config_yaml_files_load():
 
 
 def test_train_config_bad_override_is_named():
-    pytest.importorskip("latent_patch.loader")
     from latent_patch.config import TrainConfig
 
     with pytest.raises(config.ConfigError, match=r"optim\.lrr"):

@@ -76,7 +76,7 @@ def test_data_shards_counts_members_and_size():
 
 def test_preprocessing_matches_encoder():
     """The tools' 28 -> 64 px RGB preprocessing is the encoder's ADM crop of the same PNG."""
-    images = pytest.importorskip("latent_patch.images")
+    from latent_patch import images
     tools = _tools()
     with tarfile.open(sorted(DATA.glob("test-*.tar.gz"))[0], "r:gz") as tar:
         pngs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")][:20]

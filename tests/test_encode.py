@@ -261,7 +261,7 @@ def test_a_source_without_valid_images_is_an_error(tmp_path: Path, tiny_vae_dir)
 
 
 def test_codec_conventions(tiny_vae_dir, monkeypatch, tmp_path) -> None:
-    c = VAECodec.load(str(tiny_vae_dir), device="cpu", dtype="fp16")
+    c = VAECodec.load(str(tiny_vae_dir), device="cpu")
     assert c.dtype == torch.float32 and c.latent_channels == 4 and c.downsample == 4
     z = torch.randn(2, 4, 4, 4)
     torch.testing.assert_close(c.unscale(c.scale(z)), z)
@@ -278,6 +278,65 @@ def test_codec_conventions(tiny_vae_dir, monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", offline)
     with pytest.raises(RuntimeError, match="'org/some-vae'.*local folder"):
         VAECodec.load("org/some-vae", device="cpu")
+
+
+def test_reduced_precision_is_gpu_only_so_a_cpu_request_falls_back_to_fp32(tiny_vae_dir, caplog) -> None:
+    """codec.parse_dtype's rule, by device type (so the GPU side is checked without a GPU): on the
+    CPU every request computes in fp32, an explicit reduced one with a warning saying so; on
+    CUDA the default is fp16, fp16 / bf16 / fp32 are honoured and an unknown name is refused."""
+    import logging
+
+    from latent_patch.codec import parse_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="latent_patch.codec"):
+        for request in ("fp16", "bf16", torch.float16, torch.bfloat16):
+            caplog.clear()
+            assert parse_dtype(request, cpu) == torch.float32, request
+            assert "using fp32" in caplog.text, request
+        caplog.clear()
+        assert parse_dtype(None, cpu) == parse_dtype("fp32", cpu) == torch.float32
+        assert not caplog.text  # nothing to warn about
+        assert VAECodec.load(str(tiny_vae_dir), device="cpu", dtype="fp16").dtype == torch.float32
+    assert parse_dtype(None, cuda) == torch.float16
+    assert [parse_dtype(n, cuda) for n in ("fp16", "bf16", "fp32")] == [torch.float16, torch.bfloat16, torch.float32]
+    with pytest.raises(ValueError, match="fp32, fp16, bf16"):
+        parse_dtype("fp8", cuda)
+
+
+def test_reduced_precision_runs_in_it_and_an_overflow_is_redone_in_fp32(tiny_vae_dir, caplog) -> None:
+    """The compute-dtype path itself, in bf16 on the CPU (CPU autocast has bf16; load() never picks
+    it there, so the codec is built directly): the decoder computes in bf16 and hands back float32
+    close to the fp32 decode; a batch whose reduced-precision output is not finite is decoded again
+    in fp32 (the very fp32 pixels), with a warning, by decode and by decode_uint8_start alike."""
+    import copy
+    import logging
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
+    cpu = torch.device("cpu")
+    full = VAECodec(vae, "tiny", cpu, torch.float32)
+    half = VAECodec(copy.deepcopy(vae), "tiny", cpu, torch.bfloat16)
+    seen: list[torch.dtype] = []
+    hook = half.vae.decoder.conv_out.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    want = full.decode(z)
+    got = half.decode(z)
+    assert seen == [torch.bfloat16] and got.dtype == torch.float32
+    assert 0 < (got - want).abs().max() < 0.05  # bf16 really computed it (not bit-equal), and close
+    hook.remove()
+
+    def overflow(module, inputs, out):  # an fp16-style overflow, in reduced precision only
+        return torch.full_like(out, float("inf")) if out.dtype != torch.float32 else out
+
+    half.vae.decoder.conv_out.register_forward_hook(overflow)
+    with caplog.at_level(logging.WARNING, logger="latent_patch.codec"):
+        torch.testing.assert_close(half.decode(z), want, rtol=0, atol=0)
+        assert "redone in fp32" in caplog.text
+        caplog.clear()
+        torch.testing.assert_close(half.decode_uint8_start(z)(), full.decode_uint8(z), rtol=0, atol=0)
+        assert "redone in fp32" in caplog.text
 
 
 # ----------------------------------------------------------------------------- CLI + processes

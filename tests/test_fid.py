@@ -20,14 +20,19 @@ from scipy import linalg
 from latent_patch import fid, sampling
 
 
+def toy_features(images: np.ndarray) -> np.ndarray:
+    """Per-channel means and a few fixed pixels: 8 features per image."""
+    x = images.astype(np.float64)
+    return np.concatenate([x.mean(axis=(1, 2)), x.reshape(len(x), -1)[:, ::53][:, :5]], axis=1)
+
+
 def pixel_features(name: str = "toy") -> fid.CallableFeatures:
-    """A cheap deterministic extractor: per-channel means and a few fixed pixels."""
+    """A cheap deterministic extractor (:func:`toy_features`) that counts its calls."""
     calls = []
 
     def fn(images: np.ndarray) -> np.ndarray:
         calls.append(len(images))
-        x = images.astype(np.float64)
-        return np.concatenate([x.mean(axis=(1, 2)), x.reshape(len(x), -1)[:, ::53][:, :5]], axis=1)
+        return toy_features(images)
 
     ext = fid.CallableFeatures(fn, name, dim=8)
     ext.calls = calls  # type: ignore[attr-defined]
@@ -162,15 +167,29 @@ def test_classifier_features_give_fd_and_accuracy(tmp_path):
     assert m["class_accuracy"] == 0.0 and "fid" not in m
 
 
+def direct_fd(a: np.ndarray, b: np.ndarray) -> float:
+    """FD of two feature sets with numpy + scipy alone (no fid.py code)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
 def test_samples_npz_scoring_writes_metrics(tmp_path, monkeypatch, capsys):
     imgs = random_images(16, size=16, seed=3)
+    real = random_images(16, size=16, seed=4)
     np.savez(tmp_path / "samples.npz", arr_0=imgs, labels=np.arange(16) % 4)
-    write_pngs(tmp_path / "real", random_images(16, size=16, seed=4))
-    monkeypatch.setattr(fid, "build_extractor", lambda *a, **k: pixel_features())
+    write_pngs(tmp_path / "real", real)
+    ext = pixel_features()
+    monkeypatch.setattr(fid, "build_extractor", lambda *a, **k: ext)
     m = sampling.main_fid(["--samples", str(tmp_path / "samples.npz"), "--fid-ref", str(tmp_path / "real"),
-                      "--features", "demo"])
+                           "--features", "demo", "--batch-size", "5"])
+    # the expected FD from the arrays written above: 16 px PNGs are read back at 16 px unchanged
+    expect = direct_fd(toy_features(imgs), toy_features(real))
+    assert expect > 1.0  # two different image sets: a zero would not tell anything
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["fd"] == pytest.approx(m["fd"]) and saved["num_samples"] == 16 and saved["ref_num"] == 16
+    assert m["fd"] == pytest.approx(expect, rel=1e-6) and saved["fd"] == pytest.approx(expect, rel=1e-6)
+    assert saved["num_samples"] == 16 and saved["ref_num"] == 16 and saved["features"] == "toy"
 
 
 def test_missing_inception_says_where_to_put_it(tmp_path):

@@ -82,14 +82,26 @@ def test_wide_modes_are_scaled_to_8_bit() -> None:
 
 
 def test_cmyk_grey_and_bilevel_become_rgb() -> None:
-    for mode in ("CMYK", "L", "1"):
-        im = Image.new("RGB", (16, 16), (200, 100, 50)).convert(mode)
+    """Every pixel, against an expectation written by hand: CMYK by the textbook formula
+    R = (255 - C)(255 - K) / 255, grey L as (L, L, L), bilevel "1" as black or white."""
+    rng = np.random.default_rng(0)
+    cmyk = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    grey = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    bits = rng.random((16, 16)) < 0.5
+    cases = {
+        "CMYK": (Image.fromarray(cmyk, "CMYK"),
+                 (255 - cmyk[..., :3].astype(float)) * (255 - cmyk[..., 3:].astype(float)) / 255),
+        "L": (Image.fromarray(grey, "L"), np.repeat(grey[..., None], 3, -1)),
+        "1": (Image.fromarray(bits), np.repeat(np.where(bits, 255, 0)[..., None], 3, -1)),
+    }
+    for mode, (im, expect) in cases.items():
+        assert im.mode == mode
         buf = io.BytesIO()
-        im.save(buf, "TIFF")
-        a = load_image(buf.getvalue(), 16)
-        assert a.shape == (16, 16, 3)
-        if mode == "CMYK":
-            assert np.abs(a[0, 0].astype(int) - [200, 100, 50]).max() <= 2
+        im.save(buf, "TIFF")  # lossless: the decoded pixels are the ones written
+        a = load_image(buf.getvalue(), 16)  # 16 px in, 16 px out: no resampling
+        assert a.shape == (16, 16, 3) and a.dtype == np.uint8
+        err = np.abs(a.astype(float) - expect).max()
+        assert err <= (1 if mode == "CMYK" else 0), (mode, err)
 
 
 def test_exif_orientation_is_applied() -> None:
@@ -128,12 +140,18 @@ def test_bad_inputs_raise_with_a_reason() -> None:
 
 def test_class_tree_listing(tmp_path: Path, class_tree) -> None:
     counts = class_tree(tmp_path, per_class=4, classes=2)
+    # the expected listing, from the disk: visible class folders in sorted order, their visible
+    # files (bad ones too: they are found bad at decode time) labelled by the folder's index
+    classes = sorted(e.name for e in tmp_path.iterdir() if e.is_dir() and not e.name.startswith("."))
+    expect = sorted((f"{c}/{f.name}", k) for k, c in enumerate(classes)
+                    for f in (tmp_path / c).iterdir() if not f.name.startswith("."))
     lst = list_source(tmp_path)
     assert lst.kind == "class_tree"
-    assert lst.class_names == ["c0", "c1", "c2_empty"]
+    assert lst.class_names == classes == ["c0", "c1", "c2_empty"]
     assert len(lst) == counts["good"] + counts["bad"]  # hidden files/folders ignored
-    assert lst.sources == sorted(lst.sources) and set(lst.labels) == {0, 1}
-    assert lst.warnings == [{"source": "c2_empty/", "reason": lst.warnings[0]["reason"]}]
+    assert list(zip(lst.sources, lst.labels)) == expect
+    assert [w["source"] for w in lst.warnings] == ["c2_empty/"]
+    assert "empty class folder" in lst.warnings[0]["reason"]  # kept as a class, and says why
     assert list_source(tmp_path).sha256() == lst.sha256()
 
 

@@ -28,7 +28,7 @@ from latent_patch.codec import model_norm  # noqa: E402
 from latent_patch.config import SamplerConfig, TrainConfig  # noqa: E402
 from latent_patch.models import build_model  # noqa: E402
 
-pipeline = pytest.importorskip("latent_patch.pipeline")
+from latent_patch import pipeline  # noqa: E402
 LatentPatchPipeline = pipeline.LatentPatchPipeline
 LatentPatchDenoiser = pipeline.LatentPatchDenoiser
 

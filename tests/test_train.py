@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +114,6 @@ def metrics(run: Path) -> dict[int, dict]:
 # --------------------------------------------------------------------------- learning
 
 def test_loss_falls(shards, tmp_path):
-    t0 = time.perf_counter()
     cfg = tiny_cfg(shards, tmp_path / "run", "run.total_patches=8000", "run.log_every_patches=1000",
                    "run.ckpt_every_patches=0", "optim.lr=0.003", "model.hidden=128", "model.heads=4")
     progress = train(cfg)
@@ -124,19 +122,58 @@ def test_loss_falls(shards, tmp_path):
     assert progress.patches >= 8000 and progress.full_equiv < progress.patches  # half-size patches count 1/4
     assert last < 0.9 * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
     assert ckpt.find_latest(tmp_path / "run") is not None  # the final checkpoint is always written
-    assert time.perf_counter() - t0 < 60
+    assert all(np.isfinite(r["loss"]) for r in recs)
 
 
-def test_bf16_autocast_and_grad_checkpointing_run(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision,checkpointing", [("bf16", True), ("no", False)],
+                         ids=["bf16+checkpointing", "control-fp32"])
+def test_bf16_autocast_and_grad_checkpointing_run(shards, tmp_path, monkeypatch, precision, checkpointing):
+    """The paths ran, not only the flags: in the training forward the blocks' linear layers give
+    bf16 activations, and inside every backward each block the forward ran is run once more
+    (recomputed from its checkpoint). The control run (fp32, no checkpointing) shows the probes
+    can tell: fp32 activations and no block run during a backward."""
     import latent_patch.train as train_mod
+
+    seen = {"in_backward": False, "forward": 0, "recomputed": 0, "dtypes": set()}
+
+    def count_block(module, args):
+        seen["recomputed" if seen["in_backward"] else "forward"] += 1
+
+    def build(*a, **k):
+        trainer = real_build(*a, **k)
+        for block in trainer.net.blocks:
+            block.register_forward_pre_hook(count_block)
+            for layer in block.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.register_forward_hook(lambda m, i, out: seen["dtypes"].add(out.dtype))
+        real_backward = trainer.accelerator.backward
+
+        def backward(loss, **kw):
+            seen["in_backward"] = True
+            try:
+                return real_backward(loss, **kw)
+            finally:
+                seen["in_backward"] = False
+
+        trainer.accelerator.backward = backward
+        built.append(trainer)
+        return trainer
 
     built = []
     real_build = train_mod.build_trainer
-    monkeypatch.setattr(train_mod, "build_trainer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
-    cfg = tiny_cfg(shards, tmp_path / "run", "run.mixed_precision=bf16", "run.grad_checkpointing=true",
+    monkeypatch.setattr(train_mod, "build_trainer", build)
+    cfg = tiny_cfg(shards, tmp_path / "run", f"run.mixed_precision={precision}",
+                   f"run.grad_checkpointing={str(checkpointing).lower()}",
                    "run.total_patches=200", "run.log_every_patches=100")
     train(cfg)
-    assert built[0].net.gradient_checkpointing and built[0].accelerator.mixed_precision == "bf16"
+    assert built[0].accelerator.mixed_precision == precision
+    assert seen["forward"] >= len(built[0].net.blocks) * 2  # a few steps ran through every block
+    if checkpointing:
+        assert seen["dtypes"] == {torch.bfloat16}
+        assert seen["recomputed"] == seen["forward"]
+    else:
+        assert seen["dtypes"] == {torch.float32}
+        assert seen["recomputed"] == 0
     assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "run").values())
 
 
