@@ -5,13 +5,19 @@
     python benchmarks/bench_faults.py --quick    # < 60 s on 2 cores: 1 kill per stage + all bad inputs
     python benchmarks/bench_faults.py --seed 7   # another draw of kill moments (reproducible)
 
-Each kill chain runs the real CLI in its own session, SIGKILLs it after a delay drawn from a
-seeded RNG (the seed and every delay are printed), re-runs the same command until it finishes
-and compares the output with an uninterrupted run of the same job: the key set of the shards
-(duplicates counted with tarfile), every shard's sha256 against the manifest, the training
-losses after each resume and the final weights, the sampled arrays. Bad inputs are judged one
-by one (see faults/). The last line printed is one JSON object:
-{"kills", "resumed_ok", "samples_lost", "samples_duplicated", "bad_inputs", "bad_inputs_handled", ...}.
+Each kill chain runs the real CLI in its own session and SIGKILLs its whole process tree
+mid-work: once a seeded number of complete units (shards, checkpoints, sample parts) exists on
+disk, never the last one, plus a seeded share of half a unit's time (the seed, every unit count
+and delay are printed; the full run also times a quarter of the later kills from process start,
+to hit a resumed run's set-up). It re-runs the same command until it finishes and compares the
+output with an uninterrupted run of the same job: the key set of the shards (duplicates counted
+with tarfile), every shard's sha256 against the manifest, the training losses after each resume
+(which must say it resumed from the checkpoint at the kill) and the final weights, the sampled
+arrays. Bad inputs are judged one by one (see faults/). The last line printed is one JSON object:
+{"kills", "resumed_ok", "min_kill_position", "samples_lost", "samples_duplicated", "bad_inputs",
+"bad_inputs_handled", ..., "stages": {stage: {"positions": [fraction of the output kept on disk
+at each kill; training: the latest checkpoint's patches / total], "resumed": [what each re-run
+said it kept], "moments", ...}}}.
 """
 
 from __future__ import annotations

@@ -50,9 +50,12 @@ class KillRecord:
     stage: str
     seed: int
     attempt: int
-    mode: str  # "work": delay counted from the job's first work line; "any": from process start
-    delay_s: float
-    progress: float = 0.0  # fraction of the job done on disk when the kill landed
+    mode: str  # "event": after the job's output reached ``after_units`` units; "any": timed from process start
+    delay_s: float  # seconds after that event ("event") or after process start ("any")
+    progress: float = 0.0  # fraction of the job the live run had done (for training: logged patches)
+    position: float = 0.0  # fraction of the job's output kept on disk at the kill: what a re-run starts from
+    after_units: int = 0  # complete units (shards, checkpoints, parts) on disk that the kill waited for
+    resumed: str = ""  # what the next run said it kept / resumed from (its own log line, condensed)
     problems: list[str] = field(default_factory=list)
     ok: bool = False
 
@@ -154,7 +157,7 @@ class Proc:
     def running(self) -> bool:
         return self.p.poll() is None
 
-    def wait_until(self, pred: Callable[[], bool], timeout: float) -> bool:
+    def wait_until(self, pred: Callable[[], bool], timeout: float, poll: float = 0.005) -> bool:
         """Poll ``pred`` until true (True) or the process ends / time runs out (False)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -162,7 +165,7 @@ class Proc:
                 return True
             if not self.running():
                 return pred()
-            time.sleep(0.005)
+            time.sleep(poll)
         return False
 
     def kill(self) -> bool:

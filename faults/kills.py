@@ -1,6 +1,11 @@
-"""SIGKILL-and-resume: each stage (encode, train, sample) killed at random moments mid-work and
-re-run with the same command must end with exactly the output of an uninterrupted run; and the
-summary the benchmark prints."""
+"""SIGKILL-and-resume: each stage (encode, train, sample) killed mid-work and re-run with the same
+command must end with exactly the output of an uninterrupted run; and the summary the benchmark
+prints.
+
+Kills wait for an event, not a timer: the job's output on disk must have reached a seeded number
+of complete units (shards, checkpoints, sample parts) strictly between where the run started and
+the last unit, so every kill lands with work kept and work left; where it landed is recorded as
+the fraction of the output kept on disk (``KillRecord.position``)."""
 
 from __future__ import annotations
 
@@ -33,12 +38,15 @@ from .inputs import (  # noqa: F401
 class Stage:
     """One job under the kill harness, bound to a fresh output folder and its reference.
 
-    Subclasses say how to start the job, when its work has begun, how far it got (from disk),
-    what must hold right after a kill, what the next run must do about it, and how the finished
-    output compares with the uninterrupted reference."""
+    Subclasses say how to start the job, when its work has begun, how much of its output is
+    complete on disk (in units and as a fraction), what must hold right after a kill, what the
+    next run must do about it, and how the finished output compares with the uninterrupted
+    reference."""
 
     name = "stage"
     anchor = re.compile(r"$^")  # a line the job prints when its real work begins
+    resume_re = re.compile(r"$^")  # the line a re-run prints about what it kept or resumed from
+    units = 1  # complete units (shards, checkpoints, parts) a finished job leaves on disk
     ready: threading.Event | None = None  # set when the reference exists (it may still be running)
 
     def wait_for_reference(self, timeout: float = 900.0) -> None:
@@ -53,13 +61,23 @@ class Stage:
     def started(self, proc: Proc) -> bool:
         return any(self.anchor.search(line) for line in list(proc.lines))
 
-    def progress(self) -> float:
-        """Fraction of the job done on disk right now (the live run included)."""
-        return 0.0
+    def kept(self) -> int:
+        """Complete units on disk right now (what a kill waits for)."""
+        return 0
 
-    def resume_point(self) -> float:
-        """Fraction a new run starts from (for training: the latest complete checkpoint)."""
-        return self.progress()
+    def position(self) -> float:
+        """Fraction of the job's output kept on disk: what a new run starts from (for training:
+        the latest complete checkpoint's patches)."""
+        return self.kept() / self.units
+
+    def progress(self) -> float:
+        """Fraction of the job the live run has done (for training: patches logged so far)."""
+        return self.position()
+
+    def resumed(self, proc: Proc) -> str:
+        """The run's own words on what it kept or resumed from ("" when it said nothing)."""
+        found = [m for line in list(proc.lines) if (m := self.resume_re.search(line))]
+        return "; ".join(m.group(0) for m in found)
 
     def after_kill(self) -> tuple[list[str], Any]:
         return [], None
@@ -79,6 +97,7 @@ class EncodeStage(Stage):
     """encode_latents.py into ``out``; reference: an uninterrupted encoding ``ref`` of ``src``."""
 
     anchor = re.compile(r"^worker \d+/\d+:")
+    resume_re = re.compile(r"\d+ already done")
 
     def __init__(self, src: Path, out: Path, ref: Path, vae: Path, nproc: int = 1,
                  shard_size: int = 8):
@@ -86,6 +105,7 @@ class EncodeStage(Stage):
         self.shard_size = shard_size
         self.name = f"encode_{nproc}proc"
         self.ref_manifest = json.loads((ref / "manifest.json").read_text())
+        self.units = len(self.ref_manifest["shards"])
 
     def command(self) -> list[str]:
         return script_cmd("encode_latents.py", "--source", self.src, "--out", self.out, "--vae",
@@ -93,9 +113,9 @@ class EncodeStage(Stage):
                           "--batch-size", 4, "--threads", 1, "--workers", 0, "--device", "cpu",
                           "--no-progress", nproc=self.nproc)
 
-    def progress(self) -> float:
-        done = sum(1 for p in self.out.glob("shard-*.tar") if p.with_suffix(".json").is_file())
-        return done / len(self.ref_manifest["shards"])
+    def kept(self) -> int:
+        """Final-named shards with their sidecar (the tar is renamed last: both mean complete)."""
+        return sum(1 for p in self.out.glob("shard-*.tar") if p.with_suffix(".json").is_file())
 
     def after_kill(self) -> tuple[list[str], dict[str, tuple[int, str]]]:
         """Every final-named shard must be whole: sidecar present, sha256 and count as recorded."""
@@ -153,11 +173,13 @@ class TrainStage(Stage):
 
     name = "train"
     anchor = re.compile(r"training to [\d,]+ patches")
+    resume_re = re.compile(r"resumed from \S+ \(step (\d+)\) at ([\d,]+) patches")
 
     def __init__(self, shards: Path, run: Path, ref_run: Path, num_classes: int, total: int,
                  ckpt_every: int, ready: threading.Event | None = None):
         self.shards, self.run, self.ref_run, self.ready = shards, run, ref_run, ready
         self.num_classes, self.total, self.ckpt_every = num_classes, total, ckpt_every
+        self.units = math.ceil(total / ckpt_every)  # one per ckpt_every patches crossed, the last at the end
         self.max_loss_dev = 0.0  # largest |loss - reference loss| seen after any resume
         self._ref: list[dict] | None = None
 
@@ -171,25 +193,34 @@ class TrainStage(Stage):
     def ref_losses(self) -> dict[int, float]:
         return last_per_step(self._ref_records())
 
-    @property
-    def ref_images(self) -> dict[int, int]:
-        return {int(r["step"]): int(r["patches"]) for r in self._ref_records()}
-
     def command(self) -> list[str]:
         return script_cmd("train_latent.py", *train_argv(self.shards, self.run, self.num_classes,
                                                          total=self.total, ckpt_every=self.ckpt_every))
+
+    def kept(self) -> int:
+        from latent_patch import checkpoint
+
+        return len(checkpoint.list_complete(self.run))
+
+    def position(self) -> float:
+        """The latest complete checkpoint's patches (its weights' metadata) over the total."""
+        from safetensors import safe_open
+
+        from latent_patch import checkpoint
+
+        latest = checkpoint.find_latest(self.run)
+        if latest is None:
+            return 0.0
+        with safe_open(str(latest / checkpoint.MODEL_FILE), framework="np") as f:
+            return min(1.0, int(f.metadata()["patches"]) / self.total)
 
     def progress(self) -> float:
         recs = [r for r in metrics_records(self.run) if "patches" in r]
         return min(1.0, recs[-1]["patches"] / self.total) if recs else 0.0
 
-    def resume_point(self) -> float:
-        from latent_patch import checkpoint
-
-        latest = checkpoint.find_latest(self.run)
-        if latest is None:
-            return 0.0  # (no need to wait for the reference)
-        return min(1.0, self.ref_images.get(int(latest.name.split("-")[1]), 0) / self.total)
+    def resumed(self, proc: Proc) -> str:
+        found = [m for line in list(proc.lines) if (m := self.resume_re.search(line))]
+        return f"step {found[0].group(1)} at {found[0].group(2)} patches" if found else ""
 
     def after_kill(self) -> tuple[list[str], tuple[int, int]]:
         """Every visible step-* folder must be a complete, loadable checkpoint."""
@@ -216,6 +247,9 @@ class TrainStage(Stage):
         steps = [int(r["step"]) for r in records if "step" in r]
         if steps != sorted(set(steps)):
             problems.append(f"metrics.jsonl logs some steps twice or out of order after the kill at step {step}")
+        if step == 0:
+            problems.append("the kill landed before the first checkpoint: the next run started "
+                            "from scratch (nothing was resumed)")
         if new and int(new[0]["step"]) != step + 1:
             problems.append(f"after a kill with the latest checkpoint at step {step}, the next "
                             f"run logged step {new[0]['step']} first (expected {step + 1})")
@@ -284,11 +318,13 @@ class SampleStage(Stage):
     """sample.py into ``out``; reference: the same command uninterrupted into ``ref``."""
 
     name = "sample"
+    resume_re = re.compile(r"\d+ already there")
 
     def __init__(self, ckpt: Path, out: Path, ref: Path, num_samples: int, batch: int, steps: int,
                  save: str = "npz", ready: threading.Event | None = None):
         self.ckpt, self.out, self.ref, self.ready = ckpt, out, ref, ready
         self.n, self.batch, self.steps, self.save = num_samples, batch, steps, save
+        self.units = math.ceil(num_samples / batch)  # one part per batch (one process)
 
     def argv(self, out: Path) -> list[str]:
         return ["--checkpoint", str(self.ckpt), "--out", str(out), "--num-samples", str(self.n),
@@ -303,16 +339,20 @@ class SampleStage(Stage):
         p = self.out / "sampling.json"
         return p.is_file() and p.stat().st_mtime >= proc.wall0 - 1.0
 
-    def progress(self) -> float:
-        return len(self._part_indices()) / self.n
+    def kept(self) -> int:
+        return len(self._parts())
 
-    def _part_indices(self) -> set[int]:
-        found = set()
+    def position(self) -> float:
+        return len({i for a, b in self._parts() for i in range(a, min(b, self.n))}) / self.n
+
+    def _parts(self) -> list[tuple[int, int]]:
+        """(start, end) of every finished-named part (a writer's temporary never matches)."""
+        found = []
         for p in (self.out / "parts").glob("idx-*.npz"):
             m = re.match(r"idx-(\d+)-(\d+)\.npz$", p.name)
-            if m:
-                found.update(range(int(m.group(1)), int(m.group(2))))
-        return {i for i in found if i < self.n}
+            if m and int(m.group(1)) < self.n:
+                found.append((int(m.group(1)), int(m.group(2))))
+        return found
 
     def after_kill(self) -> tuple[list[str], dict[str, int]]:
         """Every finished-named part must load (no pickle) with exactly the indices of its name."""
@@ -366,8 +406,8 @@ def _png_problems(out: Path, arr: np.ndarray) -> list[str]:
 
 @dataclass
 class Timing:
-    """Seconds from process start to the job's first work line, and of work after it: the
-    kill delays are drawn from these (refreshed from what each attempt shows)."""
+    """Seconds from process start to the job's first work line, and of the whole job's work
+    after it: "any" kills draw their delay from these (refreshed from what each run shows)."""
 
     startup_s: float
     work_s: float
@@ -375,40 +415,49 @@ class Timing:
 
 def kill_chain(stage: Stage, seed: int, kills: int, timing: Timing, timeout: float = 300.0,
                log: Callable[[str], None] = lambda s: None, p_any: float = 0.25) -> ChainResult:
-    """SIGKILL ``stage``'s command ``kills`` times at seeded random moments, re-running the same
-    command after each kill, then let it finish and compare with the reference.
+    """SIGKILL ``stage``'s command ``kills`` times, re-running the same command after each kill,
+    then let it finish and compare with the reference.
 
-    Delay: with probability ``1 - p_any`` uniform over the work still to do, counted from the
-    job's first work line ("work"); else uniform from process start ("any", so start-up and
-    set-up are hit too). A run that finishes before its kill ends the chain, uncounted."""
+    Each kill waits for an event on disk ("event"): a seeded number of complete units, drawn
+    between one more than the run started with and the last but one, then a seeded share of
+    half the time one unit took (so the kill also lands inside the writing of the next unit;
+    none after the last but one). Every such kill has output kept and output left: a kill whose
+    kept fraction is not strictly between 0 and 1 is reported as a problem. Once something is
+    kept, a share ``p_any`` of the kills is instead timed from process start ("any": the
+    start-up and set-up of a resumed run are hit too). A run that finishes before its kill ends
+    the chain, uncounted."""
     t_start, rng = time.monotonic(), random.Random(seed)
     records: list[KillRecord] = []
     pending: tuple[KillRecord, Any] | None = None
     for attempt in range(1, 3 * kills + 2):
-        start = stage.resume_point()
-        want = len(records) < kills and start < 1.0  # nothing left to interrupt at 100 %
-        mode = ("any" if rng.random() < p_any else "work") if want else "none"
-        remaining = max(timing.work_s * (1.0 - start), 0.1)
-        delay = rng.uniform(0, 0.9 * remaining + (timing.startup_s if mode == "any" else 0.0))
+        start = stage.kept()
+        want = len(records) < kills and start + 1 < stage.units  # a unit to wait for before the last
+        mode = ("any" if start > 0 and rng.random() < p_any else "event") if want else "none"
+        target = rng.randint(start + 1, stage.units - 1) if want else 0
+        share = rng.random()
         proc = Proc(stage.command())
-        killed = want and _kill_after(proc, stage, mode, delay, timing, timeout)
-        rc = None if killed else proc.finish(timeout)
+        delay = _kill_after(proc, stage, mode, start, target, share, timing, timeout) if want else None
+        rc = None if delay is not None else proc.finish(timeout)
         if pending:
             pending[0].problems += _guarded(lambda: stage.after_next(pending[1], proc), "resume check")
+            pending[0].resumed = stage.resumed(proc)
             pending = None
-        if killed:
-            rec = KillRecord(stage.name, seed, attempt, mode, round(delay, 3), round(stage.progress(), 3))
-            if mode == "work":
-                _learn_rate(timing, delay, rec.progress - start)
+        if delay is not None:
+            rec = KillRecord(stage.name, seed, attempt, mode, round(delay, 3), round(stage.progress(), 3),
+                             round(stage.position(), 4), target if mode == "event" else start)
             try:
                 rec.problems, snap = stage.after_kill()
             except Exception as err:  # an unreadable state is a finding, not a harness crash
                 rec.problems, snap = [f"post-kill check failed: {type(err).__name__}: {err}"], None
+            if rec.position <= 0 or (mode == "event" and rec.position >= 1):
+                rec.problems.append(f"the kill did not land mid-work: {100 * rec.position:.0f}% of the "
+                                    f"output kept on disk")
             records.append(rec)
             pending = (rec, snap)
-            log(f"  {stage.name} seed {seed} attempt {attempt}: SIGKILL {delay:.2f} s after "
-                f"{'its first work line' if mode == 'work' else 'process start'}, "
-                f"{100 * rec.progress:.0f}% done on disk"
+            when = (f"{delay:.2f} s after {target} of {stage.units} units were complete" if mode == "event"
+                    else f"{delay:.2f} s after process start")
+            log(f"  {stage.name} seed {seed} attempt {attempt}: SIGKILL {when}, "
+                f"{100 * rec.position:.0f}% kept on disk"
                 f"{'; PROBLEMS: ' + '; '.join(rec.problems) if rec.problems else ''}")
             continue
         if rc != 0:
@@ -449,24 +498,32 @@ def _guarded(check: Callable[[], list[str]], what: str) -> list[str]:
         return [f"{what} failed: {type(err).__name__}: {err}"]
 
 
-def _learn_rate(timing: Timing, delay: float, done: float) -> None:
-    """Refine the work-duration estimate from how far a killed run got in ``delay`` seconds
-    (a run already finished on disk bounds the work from above)."""
-    if 0.05 < done < 0.95 and delay > 0:
-        timing.work_s = 0.5 * timing.work_s + 0.5 * delay / done
-    elif done >= 0.95:
-        timing.work_s = max(0.2, min(timing.work_s, delay))
+def _kill_after(proc: Proc, stage: Stage, mode: str, start: int, target: int, share: float,
+                timing: Timing, timeout: float) -> float | None:
+    """Kill ``proc``'s tree at the moment ``mode`` says; returns the delay (s after the event, or
+    after process start for "any"), or None when the run ended (or hung) first."""
+    if mode == "any":
+        delay = share * (timing.startup_s + 0.5 * timing.work_s * (1.0 - stage.position()))
+        proc.wait_until(lambda: time.monotonic() - proc.t0 >= delay, delay + 1)
+        return delay if proc.kill() else None
+    seen: dict[str, float] = {}
 
+    def due() -> bool:
+        if "work" not in seen and stage.started(proc):
+            seen["work"] = time.monotonic()
+        return stage.kept() >= target
 
-def _kill_after(proc: Proc, stage: Stage, mode: str, delay: float, timing: Timing, timeout: float) -> bool:
-    """Wait for the first work line (mode "work"), then ``delay`` s, then SIGKILL the session."""
-    if mode == "work":
-        if not proc.wait_until(lambda: stage.started(proc), timeout):
-            return proc.kill()
-        timing.startup_s = 0.5 * timing.startup_s + 0.5 * (time.monotonic() - proc.t0)
-    t_anchor = time.monotonic()
-    proc.wait_until(lambda: time.monotonic() - t_anchor >= delay, delay + 1)
-    return proc.kill()
+    if not proc.wait_until(due, timeout, poll=0.01):
+        proc.kill()
+        return None
+    t_event = time.monotonic()
+    t_work = seen.get("work", proc.t0)
+    timing.startup_s = 0.5 * timing.startup_s + 0.5 * (t_work - proc.t0)
+    unit_s = (t_event - t_work) / (target - start)
+    timing.work_s = 0.5 * timing.work_s + 0.5 * unit_s * stage.units
+    delay = share * 0.5 * unit_s if target < stage.units - 1 else 0.0
+    proc.wait_until(lambda: time.monotonic() - t_event >= delay, delay + 1)
+    return delay if proc.kill() else None
 
 
 def _chain(stage: Stage, seed: int, records: list[KillRecord], lost: int, dup: int,
@@ -479,26 +536,34 @@ def _chain(stage: Stage, seed: int, records: list[KillRecord], lost: int, dup: i
 # ============================================================================ summary
 
 def summarize(outcomes: list[Outcome], chains: list[ChainResult], seconds: float, mode: str) -> dict:
-    """The benchmark's figures, every one counted from the checks above. ``moments`` lists each
-    kill as ``seed/attempt:mode+delay@progress`` (mode "work": delay after the job's first work
-    line; "any": after process start; progress: share of the output complete on disk)."""
+    """The benchmark's figures, every one counted from the checks above. Per stage,
+    ``positions`` is each kill's fraction of the output kept on disk when it landed (for
+    training: the latest checkpoint's patches over the total), ``resumed`` what the next run
+    said it kept or resumed from, and ``moments`` each kill as
+    ``seed/attempt:mode#units+delay@position`` (mode "event": ``delay`` s after ``units``
+    complete units were on disk; "any": ``delay`` s after process start)."""
     kills = [k for c in chains for k in c.kills]
     stages: dict[str, dict] = {}
     for c in chains:
-        s = stages.setdefault(c.stage, {"kills": 0, "resumed_ok": 0, "seeds": [], "in_work_phase": 0,
-                                        "partial_output": 0, "lost": 0, "duplicated": 0, "moments": []})
+        s = stages.setdefault(c.stage, {"kills": 0, "resumed_ok": 0, "seeds": [], "after_kept_units": 0,
+                                        "partial_output": 0, "positions": [], "resumed": [], "lost": 0,
+                                        "duplicated": 0, "moments": []})
         s["kills"] += len(c.kills)
         s["resumed_ok"] += sum(k.ok for k in c.kills)
-        s["in_work_phase"] += sum(k.mode == "work" for k in c.kills)  # after the first work line
-        s["partial_output"] += sum(0.0 < k.progress < 1.0 for k in c.kills)  # folder part-done
+        s["after_kept_units"] += sum(k.mode == "event" for k in c.kills)  # the rest: timed from start
+        s["partial_output"] += sum(0.0 < k.position < 1.0 for k in c.kills)  # kept some, some left
+        s["positions"] += [k.position for k in c.kills]
+        s["resumed"] += [k.resumed for k in c.kills]
         s["seeds"].append(c.seed)
         s["lost"] += c.lost
         s["duplicated"] += c.duplicated
-        s["moments"] += [f"{k.seed}/{k.attempt}:{k.mode}+{k.delay_s:.2f}s@{100 * k.progress:.0f}%" for k in c.kills]
+        s["moments"] += [f"{k.seed}/{k.attempt}:{k.mode}#{k.after_units}+{k.delay_s:.2f}s@{100 * k.position:.0f}%"
+                         for k in c.kills]
         for key, value in c.extra.items():  # e.g. byte_identical (all chains), max_loss_dev (max)
             s[key] = (s.get(key, True) and value) if isinstance(value, bool) else max(s.get(key, value), value)
     return {
         "kills": len(kills), "resumed_ok": sum(k.ok for k in kills),
+        "min_kill_position": min((k.position for k in kills), default=None),
         "samples_lost": sum(c.lost for c in chains), "samples_duplicated": sum(c.duplicated for c in chains),
         "bad_inputs": len(outcomes), "bad_inputs_handled": sum(o.handled for o in outcomes),
         "unhandled": [o.kind for o in outcomes if not o.handled],

@@ -1,5 +1,6 @@
-"""Kill and resume (issue 6): SIGKILL each CLI at a seeded random moment, re-run the same command,
-and compare with an uninterrupted run; plus proof that the harness's checks can fail.
+"""Kill and resume (issue 6): SIGKILL each CLI mid-work (once a seeded number of its shards,
+checkpoints or sample parts exist on disk, never on a timer), re-run the same command, and
+compare with an uninterrupted run; plus proof that the harness's checks can fail.
 
 The fast subset of benchmarks/bench_faults.py (which does >= 10 kills per stage): one kill chain
 per stage on tiny inputs, through faults/. The ``*_checks_have_teeth`` tests damage
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +93,9 @@ def assert_stage_ok(chains: list[F.ChainResult], kills: int) -> None:
         assert not problems, (res.seed, problems)
         assert res.lost == 0 and res.duplicated == 0
         assert all(k.ok for k in res.kills)
+        # mid-work: some output kept on disk (what the re-run must keep) and some still to do
+        assert all(k.mode == "event" and 0 < k.position < 1 for k in res.kills), \
+            [(k.mode, k.after_units, k.position) for k in res.kills]
 
 
 def test_encode_killed_then_rerun_equals_uninterrupted(chains):
@@ -109,6 +114,9 @@ def test_train_killed_resumes_from_last_checkpoint_with_identical_losses(chains)
     results = chains["train"].result()
     assert_stage_ok(results, 1)
     assert all(r.extra["max_loss_dev"] == 0.0 for r in results)  # bit-identical continuation
+    # the re-run really continued from a checkpoint (its own log says so), not from step 0
+    resumed = [k.resumed for r in results for k in r.kills]
+    assert all(re.fullmatch(r"step [1-9]\d* at [\d,]+ patches", s) for s in resumed), resumed
 
 
 def test_sample_killed_then_rerun_gives_identical_arrays(chains):

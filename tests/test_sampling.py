@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -341,19 +340,22 @@ def _tiny_vae(path: Path) -> None:
 
 
 def test_cli_end_to_end(tmp_path, one_thread, monkeypatch, capsys):
-    pytest.importorskip("latent_patch.train")
     import sample as sample_cli
+    from scipy import linalg
 
     from latent_patch import fid
 
     _tiny_vae(tmp_path / "vae")
     _write_checkpoint(tmp_path / "run", tmp_path / "vae")
     out = tmp_path / "out"
-    extractor = fid.CallableFeatures(lambda im: im.reshape(len(im), -1)[:, ::61].astype(np.float64), "toy")
+
+    def toy(im: np.ndarray) -> np.ndarray:  # 4 fixed pixel values: fewer than the 6 samples, so
+        return im.reshape(len(im), -1)[:, ::200].astype(np.float64)  # their covariance is full rank
+
+    extractor = fid.CallableFeatures(toy, "toy")
     monkeypatch.setattr(fid, "build_extractor", lambda *a, **k: extractor)
-    rng = np.random.default_rng(0)
-    ref = fid.Stats(*fid.stats_of(rng.normal(size=(50, extractor.features(np.zeros((1, 16, 16, 3), np.uint8)).shape[1]))),
-                    num=50, extractor="toy")
+    ref_feats = np.random.default_rng(0).normal(100.0, 30.0, size=(50, 4))
+    ref = fid.Stats(ref_feats.mean(0), np.cov(ref_feats, rowvar=False), num=50, extractor="toy")
     ref.save(tmp_path / "ref.npz")
     args = ["--checkpoint", str(tmp_path / "run"), "--num-samples", "6", "--out", str(out), "--seed", "1",
             "--steps", "3", "--cfg-scale", "1.5", "--batch-size", "4", "--fid-ref", str(tmp_path / "ref.npz"),
@@ -365,7 +367,13 @@ def test_cli_end_to_end(tmp_path, one_thread, monkeypatch, capsys):
     arr, labels = load_npz(out)
     assert arr.shape == (6, 16, 16, 3) and labels.tolist() == [0, 1, 2, 3, 4, 5]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["features"] == "toy" and metrics["num_samples"] == 6 and "fd" in metrics
+    assert metrics["features"] == "toy" and metrics["num_samples"] == 6
+    # the FD of the saved samples against the reference, with numpy + scipy alone
+    feats = toy(arr)
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    covmean = linalg.sqrtm(sigma @ ref.sigma).real
+    expect = float(np.sum((mu - ref.mu) ** 2) + np.trace(sigma) + np.trace(ref.sigma) - 2 * np.trace(covmean))
+    assert metrics["fd"] == pytest.approx(expect, rel=1e-6)
     meta = json.loads((out / "sampling.json").read_text())
     assert meta["identity"]["sampler"]["steps"] == 3 and meta["identity"]["vae"]["scaling_factor"] == 0.5
     with pytest.raises(SystemExit):  # refused with one clear line, not a traceback
@@ -412,25 +420,38 @@ def _torchrun(out: Path, nproc: int, batch: int, n: int, sleep: float = 0.0, **p
            __file__, "--out", str(out), "--num-samples", str(n), "--batch-size", str(batch), "--sleep", str(sleep)]
     if nproc == 1:
         cmd = [sys.executable, __file__] + cmd[cmd.index(__file__) + 1:]
-    # own process group: a timed-out or failed test kills launcher AND workers (orphaned workers
-    # would otherwise wait for the launcher's store until the 2 h collective timeout)
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, **popen)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill_tree(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL the launcher and every descendant, found through /proc (the fault suite's kill):
+    torchrun starts its workers in sessions of their own, so a process-group kill would leave
+    them running, writing parts into the folder the resume works on (and, orphaned, waiting for
+    the launcher's store until the 2 h collective timeout). Returns the pids it killed."""
+    from faults.common import kill_tree, process_tree
+
+    if proc.poll() is not None:  # ended (and reaped): its pid may belong to someone else now
+        return []
+    pids = process_tree(proc.pid)
+    kill_tree(proc.pid)
     proc.wait()
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie does not: it is dead, only not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> None:
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
-        _kill_group(proc)
+        _kill_tree(proc)  # a timed-out or failed test leaves no worker behind
     assert proc.returncode == 0, out.decode()[-3000:]
 
 
@@ -456,7 +477,12 @@ def test_two_processes_equal_one_and_kill_resume(tmp_path, one_thread):
     deadline = time.time() + 90
     while len(sampling.list_parts(killed)) < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    _kill_group(proc)
+    tree = _kill_tree(proc)  # launcher, its workers and whatever they started, collected before the kill
+    assert len(tree) >= 3, f"expected the launcher and 2 workers alive at the kill, found pids {tree}"
+    deadline = time.time() + 1.0  # SIGKILL is immediate; this only covers the kernel's teardown
+    while any(_alive(p) for p in tree) and time.time() < deadline:
+        time.sleep(0.02)
+    assert not [p for p in tree if _alive(p)], f"processes outlived the kill: {[p for p in tree if _alive(p)]}"
     done = len(sampling.done_indices(killed, n))
     assert 0 < done < n, f"kill landed outside the run ({done} of {n} done)"
     assert not (killed / "samples.npz").exists()
