@@ -672,12 +672,33 @@ def stage_pipeline(suite: Suite) -> dict:
 
 # --------------------------------------------------------------------------- running and reporting
 
+# Tests that only run on CUDA (they skip on the CPU): fp16 loss scaling across a resume, the GPU
+# configs' bf16/compile defaults. The dry run runs the same command, where they skip.
+CUDA_TESTS = ["tests/test_precision.py", "tests/test_devices.py"]
+
+
+def stage_cuda_tests(suite: Suite) -> dict:
+    """The test suite's CUDA-only tests, on this GPU: pass/skip counts (a failure is the stage's error)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-rs", "-k", "cuda", *CUDA_TESTS],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=max(30.0, suite.sizes.budget_s - suite.elapsed()))
+    suite.log.write(proc.stdout)
+    suite.log.flush()
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"CUDA tests failed: {last[-300:]}")
+    return {"result": last, "seconds": round(time.perf_counter() - t, 1)}
+
+
 def all_stages(sizes: Sizes) -> list[Stage]:
     """In the order they run: cheap, always-wanted figures first, compiles (slow, riskier) last,
     the optional ones (run only while the budget lasts) at the very end."""
     stages = [Stage("peak", stage_peak)]
     stages += [Stage(f"train_{tag(m)}_eager", train_stage(m, False)) for m in sizes.train_models]
-    stages += [Stage("sample", stage_sample), Stage("encode", stage_encode), Stage("pipeline", stage_pipeline)]
+    stages += [Stage("sample", stage_sample), Stage("encode", stage_encode), Stage("pipeline", stage_pipeline),
+               Stage("cuda_tests", stage_cuda_tests)]
     compiled = [Stage(f"train_{tag(m)}_compiled", train_stage(m, True), 240 if m in sizes.optional_compiled
                       else 150, optional=m in sizes.optional_compiled) for m in sizes.train_models]
     required = [st for st in compiled if not st.optional]

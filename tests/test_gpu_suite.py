@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
-STAGES = ["peak", "train_T2_eager", "sample", "encode", "pipeline", "train_T2_compiled", "sample_compiled"]
+STAGES = ["peak", "train_T2_eager", "sample", "encode", "pipeline", "cuda_tests", "train_T2_compiled", "sample_compiled"]
 
 
 def json_lines(text: str) -> list[dict]:
