@@ -442,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                   progress=not args.no_progress)
     dist.destroy()  # scoring is rank 0's alone: release the other ranks now
     if args.fid_ref and dist.dist_info().is_main:
-        score_out(out, args.num_samples, args.fid_ref, args.features, args.inception, device, args.ref_from_images)
+        score_out(out, args.num_samples, args.fid_ref, args.features, args.inception, device, args.ref_from_images,
+                  progress=not args.no_progress)
     return out
 
 
@@ -469,13 +470,13 @@ def check_vae_fits(codec: Any, latent_channels: int) -> None:
 
 
 def score_out(out_dir: str | Path, num_samples: int, ref: str, features: str, inception: str | None,
-              device: torch.device | None = None, ref_from_images: bool = False) -> dict:
+              device: torch.device | None = None, ref_from_images: bool = False, progress: bool = True) -> dict:
     """Score the assembled samples of OUT against ``ref``; writes and returns metrics.json."""
     extractor = fid.build_extractor(features, device, inception)
     first, _ = next(iter_samples(out_dir, min(1, num_samples)))
     stats = fid.load_reference(ref, extractor, resolution=int(first.shape[1]), cache_dir=out_dir,
                                recompute=ref_from_images)
-    metrics = fid.score_batches(iter_samples(out_dir, num_samples), extractor, stats, str(ref))
+    metrics = fid.score_batches(iter_samples(out_dir, num_samples), extractor, stats, str(ref), progress=progress)
     fid.write_metrics(out_dir, metrics)
     print(json.dumps(metrics), flush=True)
     return metrics

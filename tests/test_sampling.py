@@ -361,7 +361,9 @@ def test_cli_end_to_end(tmp_path, one_thread, monkeypatch, capsys):
             "--steps", "3", "--cfg-scale", "1.5", "--batch-size", "4", "--fid-ref", str(tmp_path / "ref.npz"),
             "--no-progress"]
     sample_cli.main(args)
-    printed = capsys.readouterr().out.splitlines()  # --no-progress still says what it made and where
+    captured = capsys.readouterr()
+    assert "features (" not in captured.err and "sampling (" not in captured.err  # --no-progress: no bars
+    printed = captured.out.splitlines()  # --no-progress still says what it made and where
     summary = [line for line in printed if line.startswith("sampling done:")]
     assert len(summary) == 1 and f"6 samples in {out} (samples.npz, images/, grid.png); this run made 6 in" in summary[0]
     arr, labels = load_npz(out)
