@@ -347,7 +347,7 @@ class StreamLoader:
 
     def __init__(self, info: DatasetInfo, refs: Sequence[ShardRef], batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle_buffer: int = 16384, num_workers: int = 0,
-                 infinite: bool = True, pin_memory: bool = False, slots: int = 64):
+                 infinite: bool = True, pin_memory: bool = False, slots: int = DataConfig.stream_slots):
         self.info, self.refs = info, list(refs)
         self.latent_shape, self.num_classes, self.vae = info.latent_shape, info.num_classes, info.vae
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
