@@ -14,7 +14,8 @@ import argparse
 import sys
 
 from latent_patch.codec import DEFAULT_VAE
-from latent_patch.config import EncodeConfig, HelpFormatter
+from latent_patch.cli import HelpFormatter
+from latent_patch.config import EncodeConfig
 from latent_patch.encode import run_encode, verify
 from latent_patch.images import DEFAULT_MAX_PIXELS
 

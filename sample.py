@@ -38,7 +38,7 @@ def _dispatch(argv: list[str]) -> None:
 
         main_fid(argv[1:])
     elif argv[:1] == ["export"]:
-        from latent_patch.sampling import main_export
+        from latent_patch.pipeline import main_export
 
         main_export(argv[1:])
     else:

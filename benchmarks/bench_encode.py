@@ -60,7 +60,8 @@ from latent_patch import shards  # noqa: E402
 from latent_patch.codec import VAECodec  # noqa: E402
 from latent_patch.config import EncodeConfig  # noqa: E402
 from latent_patch.encode import choose_parallelism, input_order, plan_chunks, run_encode  # noqa: E402
-from latent_patch.images import Listing, list_source, load_image  # noqa: E402
+from latent_patch.images import load_image  # noqa: E402
+from latent_patch.sources import Listing, list_source  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
 QUICK_BUDGET_S = 30.0  # after imports; the acceptance run allows 55 s in all

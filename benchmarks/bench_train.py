@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latent_patch import config  # noqa: E402
-from latent_patch.loader import DatasetInfo, MemoryLoader  # noqa: E402
+from latent_patch.loader import MemoryLoader  # noqa: E402
 from latent_patch.models import ModelConfig, forward_flops  # noqa: E402
 from latent_patch.patches import PatchConfig, PatchSchedule  # noqa: E402
+from latent_patch.stream import DatasetInfo  # noqa: E402
 from latent_patch.config import TrainConfig  # noqa: E402
 from latent_patch.train import StepPlan, build_accelerator, build_trainer, train_step  # noqa: E402
 

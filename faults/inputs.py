@@ -530,7 +530,7 @@ def train_argv(shards: Path, run: Path, num_classes: int, *overrides: str,
 
 def train_cli(argv: list[str]) -> CliResult:
     """train_latent.py in this process."""
-    from latent_patch.train import main
+    from train_latent import main
 
     return call_cli(main, argv)
 

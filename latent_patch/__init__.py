@@ -1,7 +1,7 @@
 """latent-patch: Patch Diffusion in the latent space of the Stable Diffusion VAE.
 
 Data flow, one module per stage (docs/design.md has the map):
-    images.py (source images, ADM crop) -> codec.py (VAE; what a latent is) -> shards/ (tar shards +
+    sources.py (what the inputs are) + images.py (decode, ADM crop) -> codec.py (VAE; what a latent is) -> shards/ (tar shards +
     manifest) -> loader.py (shards back into batches) -> patches.py (random crops + coordinates)
     -> models/ (DiT, U-Net) -> edm.py (preconditioning, loss, sampler) -> checkpoint.py
     -> the jobs: encode.py, train.py (+ monitor.py, evaluate.py), sampling.py, fid.py

@@ -40,12 +40,10 @@ import os
 import pickle  # only for its exception class: nothing here unpickles (torch.load weights_only=True)
 import re
 import shutil
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
@@ -55,7 +53,7 @@ from . import config as config_mod
 from . import fsutil
 from .config import TrainConfig
 from .models import build_model
-from .seeds import derive_seed
+from .seeds import derive_seed, global_rng_state, set_global_rng_state
 
 log = logging.getLogger("latent_patch.train")
 
@@ -413,11 +411,6 @@ def describe(ckpt: Path) -> str:
     return f"{ckpt} (step {int(m.group(1)) if m else '?'})"
 
 
-def dumps_meta(obj: Any) -> str:
-    """Compact JSON for safetensors metadata (strings only there)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
 # --------------------------------------------------------------------------- the state of a run
 
 @dataclass
@@ -449,34 +442,15 @@ class RunState(Protocol):
 
 def rng_state(run: RunState) -> dict[str, Any]:
     """This rank's random streams and loader position (everything a resumed step depends on)."""
-    state: dict[str, Any] = {
-        "torch_cpu": torch.get_rng_state(),
-        "step_gen": run.gen.get_state(),
-        "python": random.getstate(),
-        "numpy": numpy_state(),
-    }
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    state: dict[str, Any] = {**global_rng_state(), "step_gen": run.gen.get_state()}
     if run.loader is not None and hasattr(run.loader, "state_dict"):
         state["loader"] = run.loader.state_dict()
     return state
 
 
-def numpy_state() -> dict[str, Any]:
-    """numpy's global RNG state as tensors and ints (weights_only torch.load cannot read ndarrays)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
 def set_rng_state(run: RunState, state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch_cpu"])
+    set_global_rng_state(state)
     run.gen.set_state(state["step_gen"])
-    random.setstate(state["python"])
-    s = state["numpy"]
-    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
     if "loader" in state and run.loader is not None and hasattr(run.loader, "load_state_dict"):
         run.loader.load_state_dict(state["loader"])
 
@@ -496,7 +470,7 @@ def save_run(run: RunState) -> Path:
     final = tmp.with_name(ckpt_name(step))
     if acc.is_main_process:
         meta = {"step": str(step), "patches": str(run.progress.patches),
-                "model": dumps_meta(config_mod.to_dict(run.cfg.model))}
+                "model": json.dumps(config_mod.to_dict(run.cfg.model), sort_keys=True, separators=(",", ":"))}
         save_weights(tmp / MODEL_FILE, run.net.state_dict(), meta)
         save_weights(tmp / EMA_FILE, run.ema.state_dict(), meta)
         save_state(tmp / STATE_FILE, {

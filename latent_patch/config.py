@@ -12,7 +12,6 @@ training). Every count of progress is in PATCHES seen (a patch of any side is on
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import types
@@ -249,42 +248,6 @@ def _deep_merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` of every entry point: required options say so, and every set default is shown.
-
-    argparse's own ArgumentDefaultsHelpFormatter also prints "(default: None)" for options
-    whose default is decided later (by the run, the device): those stay as their help says.
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.required and action.option_strings:
-            return f"{text} (required)".strip()
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        shown = not unset and action.option_strings
-        if shown and "default" not in text and "%(default)" not in text:
-            text = f"{text} (default: %(default)s)".strip()
-        return text
-
-
-def differences(old: Mapping, new: Mapping, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
-    """``key.sub: old -> new`` for every leaf that differs, dotted through nested dicts.
-
-    Why: a refusal that prints two whole settings dicts hides the one value that changed;
-    ``skip`` names dotted keys that may differ (a moved source folder, say).
-    """
-    diffs: list[str] = []
-    for key in sorted(set(old) | set(new), key=str):
-        name, a, b = f"{prefix}{key}", old.get(key), new.get(key)
-        if name in skip:
-            continue
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            diffs += differences(a, b, f"{name}.", skip)
-        elif a != b:
-            diffs.append(f"{name}: {'(absent)' if key not in old else repr(a)} -> {'(absent)' if key not in new else repr(b)}")
-    return diffs
-
-
 def save(obj: Any, path: str | Path) -> None:
     """Write a config as YAML (used to store the resolved config beside checkpoints)."""
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
@@ -352,7 +315,7 @@ class DataConfig:
     shuffle_buffer: int = 16384
     # streaming: how many fixed sample streams a pass is cut into (ranks x workers deal them out).
     # Fixed for a run (it decides the sample order); ranks x num_workers may not exceed it, and any
-    # layout up to it resumes exactly (loader.StreamLoader)
+    # layout up to it resumes exactly (stream.StreamLoader)
     stream_slots: int = 256
     num_workers: int = 2
     seed: int = 0

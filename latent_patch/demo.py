@@ -32,6 +32,7 @@ import numpy as np
 
 from . import config as config_mod
 from . import fsutil
+from .cli import HelpFormatter
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DATA = ASSETS / "fashion_mnist"
@@ -236,7 +237,7 @@ def report_stage(out: Path, samples: Path, cfg, seconds: dict[str, float]) -> Pa
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m latent_patch.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=config_mod.HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (resumes when it exists)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config")
     p.add_argument("--num-samples", type=int, default=500, help="samples for FD and class accuracy")

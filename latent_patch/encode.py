@@ -34,9 +34,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import dist, filelock, fsutil, shards
+from .cli import differences
 from .codec import VAECodec
 from .config import EncodeConfig
-from .images import BadImage, Listing, list_source, load_image, source_identity, to_model_pixels
+from .images import BadImage, load_image, to_model_pixels
+from .sources import Listing, list_source, source_identity
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -63,28 +65,15 @@ def job_id(params: dict) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if key == "path" and prefix == "source.":
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} in the folder, {b!r} now")
-    return diffs
-
-
 def claim_out_dir(out: Path, params: dict) -> None:
     """Write job.json on first start; on resume refuse an output made with other parameters."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / shards.JOB_FILE
     if path.is_file():
-        diffs = _differences(fsutil.read_json(path), params)
+        diffs = differences(fsutil.read_json(path), params, skip=("source.path",))
         if diffs:
-            raise ValueError(f"{out} holds an encoding made with different parameters "
-                             f"({'; '.join(diffs)}): use another --out or the same parameters")
+            raise ValueError(f"{out} holds an encoding made with different parameters (the folder's -> now: "
+                             f"{'; '.join(diffs)}): use another --out or the same parameters")
         return
     if (out / shards.MANIFEST).exists() or any(out.glob("shard-*.json")):
         raise ValueError(f"{out} holds shards but no {shards.JOB_FILE} (not made by this tool, "
@@ -94,7 +83,7 @@ def claim_out_dir(out: Path, params: dict) -> None:
 
 # ----------------------------------------------------------------------------- the shared listing
 
-LISTING_FILE = "listing.json.gz"  # the source's Listing (images.Listing.to_record) + its identity
+LISTING_FILE = "listing.json.gz"  # the source's Listing (sources.Listing.to_record) + its identity
 LISTING_LOCK = "listing.lock"  # held (O_EXCL) by the one process listing; {host, pid, token}
 UNPACKED_DIR = "unpacked"  # seekable copies of a .tar.gz source, one per compressed tar
 LISTING_FORMAT = "latent-patch-listing/1"
@@ -108,7 +97,7 @@ def shared_listing(cfg: EncodeConfig) -> Listing:
     unpacked copies per node). The first process to take ``OUT/listing.lock`` lists and writes
     ``OUT/listing.json.gz`` atomically; the others poll for that file (:func:`filelock.do_once`:
     no collective, a dead lister's lock is taken over). A later run (resume) reuses the file while
-    :func:`images.source_identity` stamps the source the same; else it lists again and
+    :func:`sources.source_identity` stamps the source the same; else it lists again and
     :func:`claim_out_dir` compares the new listing with ``job.json`` as before. A listing of
     another source (path or label file) is refused.
     """

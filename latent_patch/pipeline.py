@@ -25,7 +25,9 @@ few pixels between 1 and 2 CPU threads).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -42,6 +44,7 @@ from PIL import Image
 
 from . import checkpoint
 from . import config as config_mod
+from .cli import HelpFormatter
 from .codec import LatentNorm, VAECodec, make_decoder, model_norm, parse_dtype
 from .config import ModelConfig, SamplerConfig
 from .edm import Precond, RowRandn, sample
@@ -314,4 +317,20 @@ def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, vae
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    return out
+
+
+def main_export(argv: Sequence[str] | None = None) -> Path:
+    """``sample.py export``: a run (its latest checkpoint) or a checkpoint as a diffusers pipeline folder
+    (``LatentPatchPipeline``: model_index.json, denoiser/, vae/)."""
+    p = argparse.ArgumentParser(prog="sample.py export", description=main_export.__doc__,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run folder (latest complete checkpoint) or checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (an earlier export there is replaced)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
+    p.add_argument("--vae", default=None, help="VAE spec (hub id, folder, 'demo'); default: the manifest's")
+    args = p.parse_args(argv)
+    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
+    out = export_pipeline(ckpt, args.out, use_ema=args.weights == "ema", vae=args.vae)
+    print(json.dumps({"out": str(out), "checkpoint": str(ckpt), "weights": args.weights}), flush=True)
     return out

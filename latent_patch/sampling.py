@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import checkpoint, dist, fid, fsutil
-from . import config as config_mod
+from .cli import HelpFormatter, differences
 from .codec import VAECodec, make_decoder, model_norm
 from .config import SamplerConfig
 from .edm import AUTHORS_IMAGENET256, ImageSampler, plan_batches
@@ -217,7 +217,7 @@ def check_settings(out_dir: str | Path, identity: dict) -> None:
     if old != new:
         raise SettingsMismatch(
             f"{out_dir} already holds samples made with different settings ({path.name} -> now: "
-            + "; ".join(config_mod.differences(old, new)) + f"). Use another --out, or delete {out_dir} to start over.")
+            + "; ".join(differences(old, new)) + f"). Use another --out, or delete {out_dir} to start over.")
 
 
 # --------------------------------------------------------------------------- the job
@@ -352,7 +352,7 @@ def _float_pair(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py", formatter_class=config_mod.HelpFormatter, description=(
+    p = argparse.ArgumentParser(prog="sample.py", formatter_class=HelpFormatter, description=(
         "Sample a trained model for FID (resumable, any number of processes). "
         "Other commands: `sample.py fid-ref ...` (reference statistics), `sample.py fid ...` (score a folder), "
         "`sample.py export ...` (a diffusers pipeline folder)."))
@@ -494,7 +494,7 @@ def add_extractor_args(p: argparse.ArgumentParser) -> None:
 def main_ref(argv: Sequence[str] | None = None) -> Path:
     """``sample.py fid-ref``: reference statistics of real images, as an npz with mu and sigma."""
     p = argparse.ArgumentParser(prog="sample.py fid-ref", description=main_ref.__doc__,
-                                formatter_class=config_mod.HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--source", required=True, help="image folder, folder of image tar shards, or one tar")
     p.add_argument("--out", required=True, help="output .npz (mu, sigma, provenance)")
     p.add_argument("--resolution", type=int, default=None,
@@ -511,28 +511,10 @@ def main_ref(argv: Sequence[str] | None = None) -> Path:
     return Path(args.out)
 
 
-def main_export(argv: Sequence[str] | None = None) -> Path:
-    """``sample.py export``: a run (its latest checkpoint) or a checkpoint as a diffusers pipeline folder
-    (``LatentPatchPipeline``: model_index.json, denoiser/, vae/; see latent_patch/pipeline.py)."""
-    p = argparse.ArgumentParser(prog="sample.py export", description=main_export.__doc__,
-                                formatter_class=config_mod.HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder (latest complete checkpoint) or checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder (an earlier export there is replaced)")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
-    p.add_argument("--vae", default=None, help="VAE spec (hub id, folder, 'demo'); default: the manifest's")
-    args = p.parse_args(argv)
-    from .pipeline import export_pipeline  # diffusers' pipeline machinery: only for this command
-
-    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
-    out = export_pipeline(ckpt, args.out, use_ema=args.weights == "ema", vae=args.vae)
-    print(json.dumps({"out": str(out), "checkpoint": str(ckpt), "weights": args.weights}), flush=True)
-    return out
-
-
 def main_fid(argv: Sequence[str] | None = None) -> dict:
     """``sample.py fid``: score an existing sample folder (OUT with samples.npz) or npz file."""
     p = argparse.ArgumentParser(prog="sample.py fid", description=main_fid.__doc__,
-                                formatter_class=config_mod.HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--samples", required=True, help="sampling OUT folder or a samples .npz")
     p.add_argument("--fid-ref", required=True, help="stats npz, ADM reference npz, image folder or tar shards")
     p.add_argument("--batch-size", type=int, default=100, help="images per feature-extractor call")

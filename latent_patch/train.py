@@ -16,13 +16,10 @@ Around the step: ``checkpoint`` saves and restores everything a step depends on 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
-import logging
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,20 +36,20 @@ from .config import EMAConfig, OptimConfig, TrainConfig
 from .dist import adopt_slurm_env, compile_network, configure_device, resolve_compile, resolve_precision
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
-from .loader import build_loader, cache_path
+from .loader import build_loader
 from .models import (
     build_model, check_latents_fit, enable_grad_checkpointing, forward_flops, offset_multiple, patch_multiple,
 )
 from .models.dit import draw_route
 from .monitor import (
-    NAN_CHECK_EVERY, TrainBar, TrainingError, Window, check_finite_weights, close_logging, crossed, flush_losses,
+    NAN_CHECK_EVERY, TrainBar, TrainingError, Window, check_finite_weights, crossed, flush_losses,
     log, log_window, setup_logging, trim_log,
 )
 from .patches import PatchSchedule, random_crops
 from .seeds import derive_seed
 from .shards import open_manifest
 
-__all__ = ["TrainConfig", "TrainingError", "Trainer", "StepPlan", "train", "train_step", "build_trainer", "main"]
+__all__ = ["TrainConfig", "TrainingError", "Trainer", "StepPlan", "train", "train_step", "build_trainer"]
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -432,43 +429,3 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
     for handler in log.handlers:
         handler.flush()
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``train_latent.py --config CONFIG [--resume auto|PATH] [key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="train_latent.py", formatter_class=config_mod.HelpFormatter, description="Train a Patch Diffusion denoiser on pre-encoded latents (works under torchrun / accelerate launch).")
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("--resume", default=None,
-                        help="'auto' = latest complete checkpoint of run.out_dir (fresh start if none); "
-                             "or a checkpoint / run folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (same as run.progress=false)")
-    parser.add_argument("--build-cache", action="store_true",
-                        help="only build data.cache (in-memory mode) and exit: one process, before the GPU job")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 run.out_dir=runs/x")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.load(TrainConfig, args.config, [*args.overrides, *(["run.progress=false"] if args.no_progress else [])])
-    except config_mod.ConfigError as err:
-        parser.error(str(err))
-    if args.build_cache and not (cfg.data.in_memory and cfg.data.cache is not None):
-        parser.error(f"--build-cache needs data.in_memory=true and a data.cache (got in_memory={cfg.data.in_memory}, "
-                     f"cache={cfg.data.cache})")
-    setup_logging(None, True)  # console now; prepare_run adds RUN/log.txt
-    try:
-        if args.build_cache:
-            build_loader(cfg.data, infinite=False)
-            log.info("cache ready: %s", cache_path(cfg.data))
-            return 0
-        train(cfg, args.resume)
-    except (TrainingError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as err:
-        # ValueError covers ShardError, ConfigError and malformed files (read_json names them).
-        # One line like every entry point's refusals (argparse's format), also kept in RUN/log.txt.
-        for handler in log.handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None))
-        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        close_logging()
-    return 0

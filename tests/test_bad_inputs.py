@@ -21,7 +21,7 @@ import faults as F
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGE_BUG_LISTING = pytest.mark.xfail(strict=True, reason=(
-    "STAGE BUG (images.list_class_tree / list_flat): entries of a class folder that are not "
+    "STAGE BUG (sources.list_class_tree / list_flat): entries of a class folder that are not "
     "regular files (dangling symlink, FIFO, directory named x.JPEG) are dropped silently instead "
     "of being listed in the manifest's 'skipped' with a reason"))
 KNOWN_IMAGE_BUGS: set[str] = set()

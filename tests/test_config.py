@@ -179,7 +179,8 @@ def _entry_point_parsers():
     import importlib.util
     from pathlib import Path
 
-    from latent_patch import demo, sampling, train
+    import train_latent as train_cli
+    from latent_patch import demo, sampling
 
     spec = importlib.util.spec_from_file_location("encode_cli", Path(__file__).resolve().parents[1] / "encode_latents.py")
     encode_cli = importlib.util.module_from_spec(spec)
@@ -187,7 +188,7 @@ def _entry_point_parsers():
     helps = {"encode_latents.py": encode_cli.build_parser().format_help(), "sample.py": sampling.build_parser().format_help(),
              "demo": demo.build_parser().format_help()}
     for name, fn in (("sample.py fid-ref", sampling.main_ref), ("sample.py fid", sampling.main_fid),
-                     ("train_latent.py", train.main)):
+                     ("train_latent.py", train_cli.main)):
         try:
             fn(["--help"])
         except SystemExit:

@@ -26,7 +26,8 @@ from latent_patch import shards
 from latent_patch.codec import VAECodec
 from latent_patch.config import EncodeConfig
 from latent_patch.encode import run_encode
-from latent_patch.images import list_source, load_image
+from latent_patch.images import load_image
+from latent_patch.sources import list_source
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32
@@ -172,7 +173,7 @@ def test_resume_after_a_crash_redoes_only_missing_shards(encoded: Path, tree, ti
 def test_other_parameters_are_refused(encoded: Path, tree, tiny_vae_dir, tmp_path) -> None:
     out = tmp_path / "other"
     shutil.copytree(encoded, out)
-    with pytest.raises(ValueError, match="resolution: 32 in the folder, 64 now"):
+    with pytest.raises(ValueError, match="resolution: 32 -> 64"):
         run_encode(cfg_for(tree[0], out, tiny_vae_dir, resolution=64))
     with pytest.raises(ValueError, match="flips"):
         run_encode(cfg_for(tree[0], out, tiny_vae_dir, flips="none"))

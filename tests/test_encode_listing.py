@@ -19,9 +19,9 @@ from PIL import Image
 
 import latent_patch
 from latent_patch import encode as enc
-from latent_patch import filelock, images
+from latent_patch import filelock, sources
 from latent_patch.config import EncodeConfig
-from latent_patch.images import Listing, list_source
+from latent_patch.sources import Listing, list_source
 
 PKG_ROOT = Path(latent_patch.__file__).resolve().parents[1]  # the package under test, for subprocesses
 
@@ -31,7 +31,7 @@ PKG_ROOT = Path(latent_patch.__file__).resolve().parents[1]  # the package under
 PROCESS = r"""
 import gzip, json, os, sys, tarfile, time
 from pathlib import Path
-from latent_patch import encode, images
+from latent_patch import encode, sources
 from latent_patch.config import EncodeConfig
 
 me, n, barrier, tgz = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
@@ -46,7 +46,7 @@ def counting(fn, key, slow=0.0):
     return wrapped
 
 for name in ("list_class_tree", "list_tars", "list_flat"):
-    setattr(images, name, counting(getattr(images, name), "lists", slow=1.5))
+    setattr(sources, name, counting(getattr(sources, name), "lists", slow=1.5))
 tarfile.open = counting(tarfile.open, "unpacks")
 gzip.open = counting(gzip.open, "unpacks")
 (barrier / f"ready-{me}").touch()
@@ -135,14 +135,14 @@ def counted(monkeypatch):
     """Counts listings (every kind) in this process; ``slow`` seconds each."""
     calls = {"lists": 0, "slow": 0.0}
     for name in ("list_class_tree", "list_tars", "list_flat"):
-        fn = getattr(images, name)
+        fn = getattr(sources, name)
 
         def wrapped(*a, _fn=fn, **kw):
             calls["lists"] += 1
             time.sleep(calls["slow"])
             return _fn(*a, **kw)
 
-        monkeypatch.setattr(images, name, wrapped)
+        monkeypatch.setattr(sources, name, wrapped)
     return calls
 
 

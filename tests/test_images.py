@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from latent_patch import images
-from latent_patch.images import BadImage, adm_center_crop, list_source, load_image
+from latent_patch.images import BadImage, adm_center_crop, load_image
+from latent_patch.sources import list_source
 
 
 def _png(im: Image.Image, **kw) -> bytes:
@@ -218,7 +219,8 @@ def test_compressed_tar_source_and_odd_entries_are_listed(tmp_path):
     import io
     import tarfile
 
-    from latent_patch.images import list_source, load_image
+    from latent_patch.images import load_image
+    from latent_patch.sources import list_source
 
     buf = io.BytesIO()
     Image.new("L", (28, 28), 200).save(buf, "PNG")

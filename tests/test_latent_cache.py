@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latent_patch import filelock, fsutil, latent_cache, loader
+from latent_patch import filelock, fsutil, latent_cache, loader, stream
 from latent_patch.config import DataConfig
 from tests.test_loader import COUNTS, SHAPE, write_shards
 
@@ -108,7 +108,7 @@ def test_a_live_builders_lock_is_waited_for_not_broken(shards, monkeypatch):
     files = latent_cache.CacheFiles(shards / "latents-cache.npy")
     files.lock.write_text(json.dumps({"host": "node-7", "pid": 12, "token": "t"}))  # a live builder elsewhere
     monkeypatch.setattr(filelock, "POLL_S", 0.05)
-    info = loader.DatasetInfo.from_manifest(loader.open_manifest(loader.manifest_file(shards)))
+    info = stream.DatasetInfo.from_manifest(loader.open_manifest(loader.manifest_file(shards)))
     with pytest.raises(TimeoutError, match="not ready after 0.5 s; .*latents-cache.npy.lock is held by node-7 pid 12"):
         latent_cache.ensure(files.latents, "digest", (N, 2, *SHAPE), len(COUNTS),
                             lambda todo: loader.iter_shards([], info, todo), timeout_s=0.5)

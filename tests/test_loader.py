@@ -24,8 +24,9 @@ import webdataset as wds
 from latent_patch.fsutil import sha256_file
 from latent_patch.codec import draw_latent, latent_norm
 from latent_patch.config import DataConfig
-from latent_patch.loader import build_loader, plan_pieces
+from latent_patch.loader import build_loader
 from latent_patch.shards import ShardError, open_manifest, shard_paths, verify_shards
+from latent_patch.stream import plan_pieces
 
 SHAPE = (4, 4, 4)
 CLASSES = 3

@@ -24,8 +24,9 @@ import webdataset as wds
 from latent_patch import checkpoint as ckpt
 from latent_patch import config
 from latent_patch.config import DataConfig, TrainConfig
-from latent_patch.loader import build_loader, dealt_counts, slot_samples, slot_sizes
+from latent_patch.loader import build_loader
 from latent_patch.shards import SampleDecoder, ShardError, refs_from_manifest
+from latent_patch.stream import dealt_counts, slot_samples, slot_sizes
 
 SHAPE = (2, 2, 2)
 CLASSES = 3

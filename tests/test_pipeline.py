@@ -178,7 +178,7 @@ def test_export_is_diffusers_layout_with_ema_weights_and_norm(demo_run, exported
 
 
 def test_export_replaces_an_earlier_export_and_refuses_other_folders(demo_run, tmp_path):
-    from latent_patch.sampling import main_export
+    from latent_patch.pipeline import main_export
 
     out = tmp_path / "pipe"
     main_export(["--checkpoint", str(demo_run), "--out", str(out), "--weights", "model"])

@@ -97,7 +97,7 @@ def test_fp16_loss_scaler_state_is_saved_and_restored_on_resume(shards, tmp_path
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal only")
 def test_fp16_on_the_cpu_is_refused_naming_the_key(shards, tmp_path, capsys):  # noqa: F811
-    from latent_patch.train import main
+    from train_latent import main
 
     from tests.test_train import TINY
 

@@ -1,0 +1,44 @@
+"""What every command line shares: ``--help`` that marks required options and shows defaults, and
+refusals that name only the settings that differ (not two whole dicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Mapping
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every entry point: required options say so, and every set default is shown.
+
+    argparse's own ArgumentDefaultsHelpFormatter also prints "(default: None)" for options
+    whose default is decided later (by the run, the device): those stay as their help says.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)".strip()
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        shown = not unset and action.option_strings
+        if shown and "default" not in text and "%(default)" not in text:
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
+def differences(old: Mapping, new: Mapping, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """``key.sub: old -> new`` for every leaf that differs, dotted through nested dicts.
+
+    Why: a refusal that prints two whole settings dicts hides the one value that changed;
+    ``skip`` names dotted keys that may differ (a moved source folder, say).
+    """
+    diffs: list[str] = []
+    for key in sorted(set(old) | set(new), key=str):
+        name, a, b = f"{prefix}{key}", old.get(key), new.get(key)
+        if name in skip:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += differences(a, b, f"{name}.", skip)
+        elif a != b:
+            diffs.append(f"{name}: {'(absent)' if key not in old else repr(a)} -> {'(absent)' if key not in new else repr(b)}")
+    return diffs
