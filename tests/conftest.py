@@ -87,3 +87,20 @@ def make_class_tree(root: Path, per_class: int = 33, classes: int = 3, seed: int
 def class_tree():
     """The :func:`make_class_tree` builder, as a fixture (test files import nothing from here)."""
     return make_class_tree
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """One intra-op thread (the 2-core test machine is shared: threads only contend) and a clean
+    accelerate singleton, since tests switch mixed precision."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)

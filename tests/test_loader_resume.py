@@ -213,19 +213,6 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_dit.yaml"
 STREAMING = ["data.in_memory=false", "data.num_workers=0", "data.stream_slots=8", "data.shuffle_buffer=24"]
 
 
-@pytest.fixture
-def fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
-
 
 def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}

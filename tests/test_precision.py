@@ -33,6 +33,19 @@ INIT_SCALE = 2.0**24  # overflows fp16 gradients at first: the scaler must back 
 
 # --------------------------------------------------------------------------- fp16 training, loss scaling
 
+def scaler_states_at_resume(monkeypatch) -> list:
+    """The loss scaler's state right after each ``checkpoint.resume`` (a spy around the real one)."""
+    restored: list = []
+    real_resume = ck.resume
+
+    def resume(run, ckpt):
+        real_resume(run, ckpt)
+        restored.append(run.accelerator.scaler.state_dict())
+
+    monkeypatch.setattr(ck, "resume", resume)
+    return restored
+
+
 def _cpu_fp16_accelerator(made: list):
     """train.build_accelerator's stand-in: accelerate's fp16 machinery switched on for the CPU."""
 
@@ -54,14 +67,7 @@ def test_fp16_loss_scaler_state_is_saved_and_restored_on_resume(shards, tmp_path
 
     made: list = []
     monkeypatch.setattr(train_mod, "build_accelerator", _cpu_fp16_accelerator(made))
-    restored: list = []
-    real_resume = ck.resume
-
-    def resume(run, ckpt):
-        real_resume(run, ckpt)
-        restored.append(run.accelerator.scaler.state_dict())
-
-    monkeypatch.setattr(ck, "resume", resume)
+    restored = scaler_states_at_resume(monkeypatch)
     # the autocast really is fp16 inside the network
     seen: set = set()
     real_build = train_mod.build_trainer
@@ -113,14 +119,7 @@ def test_fp16_on_the_cpu_is_refused_naming_the_key(shards, tmp_path, capsys):  #
 def test_fp16_on_cuda_scales_the_loss_and_resumes_the_scaler(shards, tmp_path, monkeypatch):  # noqa: F811
     import latent_patch.train as train_mod
 
-    restored: list = []
-    real_resume = ck.resume
-
-    def resume(run, ckpt):
-        real_resume(run, ckpt)
-        restored.append(run.accelerator.scaler.state_dict())
-
-    monkeypatch.setattr(ck, "resume", resume)
+    restored = scaler_states_at_resume(monkeypatch)
     common = ["run.total_patches=480", "run.log_every_patches=1", "run.ckpt_every_patches=240", "run.keep_last=0",
               "run.mixed_precision=fp16", "run.compile=false"]
     train_mod.train(tiny_cfg(shards, tmp_path / "a", *common))

@@ -83,19 +83,9 @@ def tiny_vae(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """One intra-op thread (the 2-core test machine is shared: threads only contend) and a clean
-    accelerate singleton per test, since tests switch mixed precision."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def one_thread_and_fresh_accelerate(fresh_accelerate):
+    """Every test here: one thread and a clean accelerate singleton (conftest.fresh_accelerate)."""
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def tiny_cfg(shards: Path, out: Path, *overrides: str) -> TrainConfig:
