@@ -212,6 +212,8 @@ def process_tree(pid: int) -> list[int]:
 def kill_tree(pid: int) -> None:
     """Freeze the whole tree (SIGSTOP: no process does more work or forks), then SIGKILL it:
     every process of the job dies at the same instant, as on a preempted machine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)  # the job's own process first: scanning /proc takes a while
     frozen: set[int] = set()
     for _ in range(3):  # re-scan: a child forked before its parent froze joins the next pass
         new = [p for p in process_tree(pid) if p not in frozen]
