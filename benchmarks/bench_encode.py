@@ -18,16 +18,22 @@ The bound (``bound``): on a CPU both parts share the cores, so it is 1 / (t_vae 
 image; on a GPU they run side by side, so it is min(VAE, decode) (``bottleneck`` says which).
 ``ratio`` = pipeline / bound (target >= 0.9), ``ratio_vae`` = pipeline / VAE alone.
 
-Other users' load drifts, so the benchmark makes several short repeats, each timing the VAE on
-half the batches just before the pipeline run and half just after it (on a CPU the decoding too);
-the JSON reports the repeat with the median ratio (the lower one for an even count), all repeats'
-ratios, and the best-of-each ratio for comparison. Progress lines (phase, images done) go to
-stderr, flushed; the LAST stdout line is one JSON object.
+Pairing. On a CPU the parts are timed inside the job's own loop: as each batch reaches the job,
+its files are decoded and the bare encoder run on a batch of its size, each timed alone, while
+the job waits (on a clock that stops meanwhile, so the job's figures leave that work out). Parts
+and pipeline then alternate every ~0.1 s and meet the same moment of the machine: the speed of
+this shared host swings ~25 % between sub-second moments, and timing the parts before and after
+the pipeline made the quick ratio swing 0.87-0.97 between runs on an idle machine (paired:
+0.953-0.988 over 10 runs). On a GPU the VAE runs on half the batches just before the pipeline
+and half just after, the decode workers once, just before. The benchmark makes several repeats;
+the JSON reports the repeat with the median ratio (the lower one for an even count), all
+repeats' ratios, and the best-of-each ratio for comparison. Progress lines (phase, images done)
+go to stderr, flushed; the LAST stdout line is one JSON object.
 
 On a GPU ``--batch-sizes`` (default 32,64,128,256; "none" to skip) also times the VAE alone at each
 batch size and reports the fastest (``best_batch_size``); on a CPU only when given.
 
-    python benchmarks/bench_encode.py --quick          # tiny VAE, 20-45 s on 2 shared cores
+    python benchmarks/bench_encode.py --quick          # tiny VAE, ~35 s on 2 shared cores
     python benchmarks/bench_encode.py --sd-vae --quick # SD-VAE architecture, random weights
     python benchmarks/bench_encode.py --sd-vae --images 1024 --resolution 256 --batch-size 64 \\
         --flips both                                   # on a GPU: the ImageNet-256 job's settings
@@ -210,12 +216,27 @@ def time_vae(codec: VAECodec, sizes: list[int], res: int, flips: int, threads: i
     return time.perf_counter() - t
 
 
-def time_decode(paths: list[Path], res: int) -> float:
-    """Seconds to read, decode and ADM-crop every file in one process."""
-    t = time.perf_counter()
-    for p in paths:
-        load_image(p.read_bytes(), res)
-    return time.perf_counter() - t
+class PartsAlone:
+    """The two parts of the job timed alone on one batch: its files read and ADM-cropped inline,
+    then the bare encoder on in-memory tensors of that batch's size (the shared-cores case)."""
+
+    def __init__(self, codec: VAECodec, listing: Listing, res: int, flips: int, batch: int) -> None:
+        self.codec, self.listing, self.res = codec, listing, res
+        self.flips = flips
+        self.x = model_input(batch * flips, res, codec.device)
+        self.vae = self.dec = 0.0  # seconds, summed over the batches timed
+
+    def __call__(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        t = time.perf_counter()
+        for i in indices:
+            load_image(self.listing.read_bytes(i), self.res)
+        t1 = time.perf_counter()
+        self.codec.encode(self.x[:len(indices) * self.flips])
+        t2 = time.perf_counter()
+        self.dec += t1 - t
+        self.vae += t2 - t1
 
 
 def time_decode_workers(listing: Listing, cfg: EncodeConfig, workers: int, pin: bool,
@@ -240,13 +261,20 @@ def time_decode_workers(listing: Listing, cfg: EncodeConfig, workers: int, pin: 
 class LoaderProbe:
     """While run_encode runs, wraps the job's make_loader to see each batch as the job receives
     it: progress lines, and the first and last arrival times for the steady-state rate. The
-    batches pass through unchanged (a generator: microseconds per batch)."""
+    batches pass through unchanged (a generator: microseconds per batch).
 
-    def __init__(self, progress: Progress, phase: str, total: int) -> None:
-        self.progress, self.phase, self.total = progress, phase, total
+    With ``parts``, each arriving batch is first also run through the parts alone (the job waits
+    meanwhile): parts and pipeline then alternate every ~0.1 s and meet the same state of the
+    machine. Times are kept on a clock that stops during that work (``paused`` s in all), so the
+    job's own figures exclude it."""
+
+    def __init__(self, progress: Progress, phase: str, total: int,
+                 parts: PartsAlone | None = None) -> None:
+        self.progress, self.phase, self.total, self.parts = progress, phase, total, parts
         self.count = self.n_last = 0
         self.t_first: float | None = None
         self.t_last: float | None = None
+        self.paused = 0.0
 
     def __enter__(self) -> "LoaderProbe":
         self._make = enc.make_loader
@@ -261,7 +289,11 @@ class LoaderProbe:
 
     def _iterate(self, loader):
         for batch in loader:
-            now = time.perf_counter()
+            if self.parts is not None:
+                t = time.perf_counter()
+                self.parts(list(batch["indices"]))  # the images the job encodes
+                self.paused += time.perf_counter() - t
+            now = time.perf_counter() - self.paused
             self.t_first = self.t_first if self.t_first is not None else now
             self.t_last, self.n_last = now, len(batch["indices"]) + len(batch["bad"])
             self.count += self.n_last
@@ -277,17 +309,20 @@ class LoaderProbe:
 
 
 def time_pipeline(cfg: EncodeConfig, progress: Progress = QUIET, phase: str = "pipeline",
-                  total: int = 0) -> tuple[float, float, tuple[int, float] | None]:
-    """(seconds of the job's encoding loop, seconds of the whole job, steady (images, seconds)).
+                  total: int = 0, parts: PartsAlone | None = None,
+                  ) -> tuple[float, float, tuple[int, float] | None]:
+    """(seconds of the job's encoding loop, seconds of the whole job, steady (images, seconds)),
+    without the time ``parts`` took (see :class:`LoaderProbe`).
 
     The loop is files -> decode workers -> VAE -> tars -> sidecars, start to last commit (what
     runs per image); the whole job adds the one-off set-up (listing, VAE load, job.json) and the
     manifest, which a real-size job amortises but a few hundred images do not.
     """
     t = time.perf_counter()
-    with LoaderProbe(progress, phase, total) as probe:
+    with LoaderProbe(progress, phase, total, parts) as probe:
         done = run_encode(cfg)
-    return done["seconds"], time.perf_counter() - t, probe.steady()
+    total_s = time.perf_counter() - t - probe.paused
+    return done["seconds"] - probe.paused, total_s, probe.steady()
 
 
 def measure_repeat(codec: VAECodec, paths: list[Path], listing: Listing, cfg: EncodeConfig,
@@ -295,30 +330,36 @@ def measure_repeat(codec: VAECodec, paths: list[Path], listing: Listing, cfg: En
                    progress: Progress = QUIET, label: str = "") -> dict:
     """One repeat, all times for the n images: t_vae, t_dec, t_loop, t_total, steady.
 
-    The VAE runs on half the job's batches just before the pipeline run and half just after, so
-    drifting load from other users hits both alike. Shared cores (CPU): the inline decoding too,
-    on half the files each. Separate (GPU): the decode workers once, just before the pipeline."""
+    Shared cores with inline decoding (CPU): the parts are timed on each batch as it reaches
+    the job, inside the job's loop (:class:`LoaderProbe`), so both meet the same moment of the
+    machine. Timed before and after the pipeline instead, the machine's speed swung ~25 %
+    between sub-second moments and the quick run's ratio 0.87-0.97 between runs on an idle
+    machine. Otherwise (GPU, or decode workers, which would keep decoding while the job waits):
+    the VAE on half the job's batches just before the pipeline run and half just after, so
+    drifting load hits both alike; the decode workers once, just before."""
     n, res, f = len(paths), cfg.resolution, flips_factor(cfg)
-    sizes = [len(idx) for _, idx, _ in job_plan(cfg, n)]
+    batches = [idx for _, idx, _ in job_plan(cfg, n)]
+    if not separate and workers == 0:
+        torch.set_num_threads(threads)
+        parts = PartsAlone(codec, listing, res, f, max(len(b) for b in batches))
+        codec.encode(parts.x[:2])  # warm-up (allocator, kernels)
+        progress.say(f"{label}pipeline (run_encode), {n} images, each batch also through the "
+                     f"parts alone")
+        t_loop, t_total, steady = time_pipeline(cfg, progress, f"{label}pipeline", n, parts)
+        return {"vae": parts.vae, "dec": parts.dec, "loop": t_loop, "total": t_total,
+                "steady": steady}
+    sizes = [len(idx) for idx in batches]
     first, second = sizes[:len(sizes) // 2], sizes[len(sizes) // 2:]
     progress.say(f"{label}VAE alone, {sum(first)} of {n} images")
     t_vae = time_vae(codec, first, res, f, threads, progress, f"{label}VAE alone") \
         if first else 0.0
-    if separate:
-        progress.say(f"{label}decode alone, {workers} workers")
-        imgs, secs = time_decode_workers(listing, cfg, workers, codec.device.type == "cuda",
-                                         progress)
-        t_dec = secs * n / imgs
-    else:
-        progress.say(f"{label}decode alone, inline, {n // 2} of {n} images")
-        t_dec = time_decode(paths[:n // 2], res)
+    progress.say(f"{label}decode alone, {workers} workers")
+    imgs, secs = time_decode_workers(listing, cfg, workers, codec.device.type == "cuda", progress)
+    t_dec = secs * n / imgs
     progress.say(f"{label}pipeline (run_encode), {n} images")
     t_loop, t_total, steady = time_pipeline(cfg, progress, f"{label}pipeline", n)
     progress.say(f"{label}VAE alone, {sum(second)} of {n} images")
     t_vae += time_vae(codec, second, res, f, threads, progress, f"{label}VAE alone")
-    if not separate:
-        progress.say(f"{label}decode alone, inline, {n - n // 2} of {n} images")
-        t_dec += time_decode(paths[n // 2:], res)
     return {"vae": t_vae, "dec": t_dec, "loop": t_loop, "total": t_total, "steady": steady}
 
 
@@ -437,7 +478,7 @@ def defaults(args: argparse.Namespace, cuda: bool) -> tuple[int, int, int, int]:
                  (False, True): (1024, 64, 64, 2), (False, False): (4096, 64, 64, 3)}
     else:
         table = {(True, True): (24, 64, 8, 2), (True, False): (64, 128, 8, 3),
-                 (False, True): (192, 64, 32, 8), (False, False): (1024, 64, 32, 8)}
+                 (False, True): (192, 64, 32, 15), (False, False): (1024, 64, 32, 8)}
     n, res, batch, reps = table[(args.sd_vae, args.quick)]
     return (args.images or n, args.resolution or res, args.batch_size or batch,
             args.repeats or reps)
