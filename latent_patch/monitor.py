@@ -205,8 +205,9 @@ class TrainBar:
         step = plan.flops / 1e12 if self.by_flops else plan.patches
         self.bar.total = max(self.bar.total, self.bar.n + step)  # the last step may overshoot the budget
         self.bar.update(step)
-        seconds = max(self.train_seconds(), 1e-9)
-        self.bar.set_postfix_str(f"{self.full_equiv / seconds:.0f} full/s, loss {self.loss:.4f}", refresh=False)
+        if not self.bar.disable:  # --no-progress, and every rank but the main one
+            seconds = max(self.train_seconds(), 1e-9)
+            self.bar.set_postfix_str(f"{self.full_equiv / seconds:.0f} full/s, loss {self.loss:.4f}", refresh=False)
 
     def train_seconds(self) -> float:
         """Seconds of training in this invocation (checkpoints, previews and evaluations excluded)."""

@@ -28,6 +28,18 @@ def one_thread_per_module():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """torchrun workers run with one intra-op thread; match it so in-process references are
+    bitwise comparable (the sampling tests)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random diffusers AutoencoderKL (4 latent channels, downsampling 4) saved to a folder."""
@@ -104,3 +116,12 @@ def fresh_accelerate():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The training tests' shards (tests/trainkit.py): 64 learnable 4 x 8 x 8 latents in 10
+    classes. Loader tests define their own ``shards`` fixture, which takes precedence."""
+    from tests.trainkit import write_train_shards
+
+    return write_train_shards(tmp_path_factory.mktemp("shards"))

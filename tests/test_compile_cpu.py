@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_train import one_thread_and_fresh_accelerate, shards, tiny_cfg  # noqa: F401 (fixtures)
+from tests.trainkit import tiny_cfg
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_and_fresh_accelerate")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate")]
 
 STEPS = 4
 

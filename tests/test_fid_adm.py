@@ -23,7 +23,7 @@ from scipy import linalg
 
 import sample as sample_cli
 from latent_patch import fid
-from tests.test_sampling import _tiny_vae, _write_checkpoint, load_npz, one_thread  # noqa: F401 (fixture)
+from tests.test_sampling import _tiny_vae, _write_checkpoint, load_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,6 @@ tells which samples it holds and whether mean, std and label stayed together.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import re
@@ -19,55 +18,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
-from latent_patch.fsutil import sha256_file
 from latent_patch.codec import draw_latent, latent_norm
 from latent_patch.config import DataConfig
 from latent_patch.loader import build_loader
 from latent_patch.shards import ShardError, open_manifest, shard_paths, verify_shards
 from latent_patch.stream import plan_pieces
+from tests.synthetic_shards import indexed, npy_bytes, write_latent_shards
 
 SHAPE = (4, 4, 4)
 CLASSES = 3
 COUNTS = (7, 13, 5, 11, 9)  # uneven on purpose: 45 samples
 
 
-def npy_bytes(a: np.ndarray, allow_pickle: bool = False) -> bytes:
-    b = io.BytesIO()
-    np.save(b, a, allow_pickle=allow_pickle)
-    return b.getvalue()
-
-
-def sample(i: int, shape=SHAPE) -> dict:
-    lat = np.stack([np.full(shape, i, np.float16), np.full(shape, i + 0.5, np.float16)])
-    return {"__key__": f"{i:08d}_img{i}", "latent.npy": npy_bytes(lat), "cls": str(i % CLASSES).encode(),
-            "json": json.dumps({"source": f"c/img{i}.JPEG", "flip": False}).encode()}
-
-
 def write_shards(root: Path, counts=COUNTS, shape=SHAPE, extra: dict | None = None) -> Path:
     """Shards + manifest as shards.py writes them; ``extra`` adds members to sample 0."""
-    root.mkdir(parents=True, exist_ok=True)
-    entries, i = [], 0
-    for j, n in enumerate(counts):
-        name = f"shard-{j:06d}.tar"
-        with wds.TarWriter(str(root / name), encoder=False, mtime=0) as w:
-            for _ in range(n):
-                s = sample(i, shape)
-                if i == 0 and extra:
-                    s.update(extra)
-                w.write(s)
-                i += 1
-        entries.append({"name": name, "num_samples": n, "sha256": sha256_file(root / name)})
-    manifest = {
-        "format": "latent-patch-shards/1", "num_samples": i, "num_images": i, "class_counts": [],
-        "class_names": [f"c{k}" for k in range(CLASSES)], "resolution": 32, "latent_shape": list(SHAPE),
-        "vae": {"id": "demo", "scaling_factor": 0.5, "shift_factor": 0.1, "latent_channels": 4, "downsample": 8},
-        "flips": "none", "latent_stats": {"mean": [0.0] * 4, "std": [1.0] * 4}, "shards": entries,
-        "skipped": [], "source": {},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root / "manifest.json"
+    return write_latent_shards(root, counts, indexed(shape, CLASSES), CLASSES, shape, extra=extra,
+                               vae={"id": "demo", "scaling_factor": 0.5, "shift_factor": 0.1,
+                                    "latent_channels": 4, "downsample": 8})
 
 
 @pytest.fixture(scope="module")

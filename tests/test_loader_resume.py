@@ -9,17 +9,14 @@ samples it holds.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import warnings
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from latent_patch import checkpoint as ckpt
 from latent_patch import config
@@ -27,6 +24,7 @@ from latent_patch.config import DataConfig, TrainConfig
 from latent_patch.loader import build_loader
 from latent_patch.shards import SampleDecoder, ShardError, refs_from_manifest
 from latent_patch.stream import dealt_counts, slot_samples, slot_sizes
+from tests.synthetic_shards import indexed, write_latent_shards
 
 SHAPE = (2, 2, 2)
 CLASSES = 3
@@ -36,27 +34,7 @@ N = sum(COUNTS)
 
 def write_shards(root: Path, counts=COUNTS, shape=SHAPE, classes=CLASSES, scale: float = 1.0) -> Path:
     """Sample i: mean filled with ``i * scale``, std with that + 0.5, class ``i % classes``."""
-    root.mkdir(parents=True, exist_ok=True)
-    entries, i = [], 0
-    for j, n in enumerate(counts):
-        name = f"shard-{j:06d}.tar"
-        with wds.TarWriter(str(root / name), encoder=False, mtime=0) as w:
-            for _ in range(n):
-                lat = np.stack([np.full(shape, i * scale, np.float16), np.full(shape, i * scale + 0.5, np.float16)])
-                buf = io.BytesIO()
-                np.save(buf, lat, allow_pickle=False)
-                w.write({"__key__": f"{i:08d}_img{i}", "latent.npy": buf.getvalue(), "cls": str(i % classes).encode()})
-                i += 1
-        entries.append({"name": name, "num_samples": n, "sha256": ""})
-    manifest = {
-        "format": "latent-patch-shards/1", "num_samples": i, "num_images": i, "class_counts": [],
-        "class_names": [f"c{k}" for k in range(classes)], "resolution": shape[1] * 4, "latent_shape": list(shape),
-        "vae": {"id": str(root / "no-vae"), "scaling_factor": 0.5, "shift_factor": 0.0, "latent_channels": shape[0],
-                "downsample": 4},
-        "flips": "none", "latent_stats": {"mean": [0.0] * shape[0], "std": [1.0] * shape[0]}, "shards": entries,
-        "skipped": [], "source": {},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_latent_shards(root, counts, indexed(shape, classes, scale), classes, shape, sha256=False)
     return root
 
 

@@ -24,9 +24,9 @@ from latent_patch import checkpoint as ck
 from latent_patch import codec as codec_mod
 from latent_patch.codec import VAECodec
 from tests.test_sampling import _tiny_vae, _write_checkpoint, load_npz  # noqa: F401
-from tests.test_train import metrics, one_thread_and_fresh_accelerate, shards, tiny_cfg  # noqa: F401 (fixtures)
+from tests.trainkit import metrics, tiny_cfg
 
-pytestmark = pytest.mark.usefixtures("one_thread_and_fresh_accelerate")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 INIT_SCALE = 2.0**24  # overflows fp16 gradients at first: the scaler must back off, so its state moves
 
@@ -105,7 +105,7 @@ def test_fp16_loss_scaler_state_is_saved_and_restored_on_resume(shards, tmp_path
 def test_fp16_on_the_cpu_is_refused_naming_the_key(shards, tmp_path, capsys):  # noqa: F811
     from train_latent import main
 
-    from tests.test_train import TINY
+    from tests.trainkit import TINY
 
     rc = main(["--config", str(TINY), f"data.shards={shards}", f"run.out_dir={tmp_path / 'run'}",
                "run.tensorboard=false", "run.mixed_precision=fp16"])

@@ -17,7 +17,7 @@ import torch
 import sample as sample_cli
 from latent_patch import checkpoint as ck
 from latent_patch import fsutil
-from tests.test_sampling import _tiny_vae, _write_checkpoint, load_npz, one_thread  # noqa: F401 (fixture)
+from tests.test_sampling import _tiny_vae, _write_checkpoint, load_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

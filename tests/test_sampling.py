@@ -85,15 +85,6 @@ def make_sampler(net=None, sampler_cfg: SamplerConfig = SAMPLER, seed: int = 7, 
                                  decode=lambda z: toy_decode(z, sleep), seed=seed, classes=classes)
 
 
-@pytest.fixture
-def one_thread():
-    """torchrun workers run with one intra-op thread; match it so in-process references are bitwise comparable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def load_npz(out: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(out / "samples.npz", allow_pickle=False) as f:
         return f["arr_0"], f["labels"]

@@ -14,9 +14,9 @@ import json
 import pytest
 import torch
 
-from tests.test_train import one_thread_and_fresh_accelerate, shards, tiny_cfg  # noqa: F401 (fixtures)
+from tests.trainkit import tiny_cfg
 
-pytestmark = pytest.mark.usefixtures("one_thread_and_fresh_accelerate")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _params(module: torch.nn.Module) -> list[torch.Tensor]:

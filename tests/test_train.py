@@ -25,48 +25,12 @@ from latent_patch.config import TrainConfig
 from latent_patch.monitor import TrainingError
 from latent_patch.train import accumulation_steps, train
 from train_latent import main
+from tests.trainkit import TINY, metrics, tiny_cfg, write_train_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny_cpu_dit.yaml"
 
 
 # --------------------------------------------------------------------------- fixtures
-
-def write_shards(out: Path, n: int = 64, C: int = 4, R: int = 8, num_classes: int = 10, per_shard: int = 32) -> Path:
-    """Shards of class templates + small per-sample noise (learnable), std 0.05, scaling 0.5."""
-    import webdataset as wds
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    templates = rng.standard_normal((num_classes, C, R, R)).astype(np.float32)
-    shards = []
-    for j in range(0, n, per_shard):
-        name = f"shard-{j // per_shard:06d}.tar"
-        with wds.TarWriter(str(out / name)) as w:
-            for i in range(j, min(n, j + per_shard)):
-                y = i % num_classes
-                mean = templates[y] + 0.1 * rng.standard_normal((C, R, R))
-                buf = io.BytesIO()
-                np.save(buf, np.stack([mean, np.full((C, R, R), 0.05)]).astype(np.float16))
-                w.write({"__key__": f"{i:08d}_img{i}", "latent.npy": buf.getvalue(), "cls": str(y).encode(),
-                         "json": json.dumps({"source": f"img{i}.png", "flip": False}).encode()})
-        shards.append({"name": name, "num_samples": min(n, j + per_shard) - j, "sha256": ""})
-    manifest = {
-        "format": "latent-patch-shards/1", "num_samples": n, "num_images": n,
-        "class_counts": [sum(1 for i in range(n) if i % num_classes == k) for k in range(num_classes)],
-        "class_names": [f"class{k}" for k in range(num_classes)], "resolution": R * 4, "latent_shape": [C, R, R],
-        "vae": {"id": str(out / "no-such-vae"), "scaling_factor": 0.5, "shift_factor": 0.0, "latent_channels": C, "downsample": 4},
-        "flips": "none", "latent_stats": {"mean": [0.0] * C, "std": [1.0] * C}, "shards": shards, "skipped": [],
-        "source": {"path": "synthetic", "kind": "synthetic", "num_inputs": n, "listing_sha256": ""},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return write_shards(tmp_path_factory.mktemp("shards"))
-
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> Path:
@@ -82,24 +46,7 @@ def tiny_vae(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate(fresh_accelerate):
-    """Every test here: one thread and a clean accelerate singleton (conftest.fresh_accelerate)."""
-    yield
-
-
-def tiny_cfg(shards: Path, out: Path, *overrides: str) -> TrainConfig:
-    base = [f"data.shards={shards}", f"run.out_dir={out}", "run.tensorboard=false"]
-    return config.load(TrainConfig, TINY, [*base, *overrides])
-
-
-def metrics(run: Path) -> dict[int, dict]:
-    """Last metrics.jsonl record per step."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec
-    return out
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # one thread, a clean accelerate
 
 
 # --------------------------------------------------------------------------- learning
@@ -519,7 +466,7 @@ def test_channel_latent_norm_feeds_the_model_standardised_latents(tmp_path, monk
     manifest's latent_stats; a manifest without them is refused before any step, naming it."""
     import latent_patch.train as train_mod
 
-    data = write_shards(tmp_path / "shards", n=200)
+    data = write_train_shards(tmp_path / "shards", n=200)
     man = json.loads((data / "manifest.json").read_text())
     lat = []  # the scaled latents the loader serves: templates + noise, times scaling 0.5
     for name in sorted(p.name for p in data.glob("*.tar")):
