@@ -51,7 +51,7 @@ def test_ema_follows_the_half_life_in_patches(shards, tmp_path, rampup):  # noqa
     # what a half-life means: once it is constant, a past weight's share halves every H patches
     assert product == pytest.approx(0.5 ** (capped_patches / half_life), rel=1e-9)
     # the EMA really lags the weights (a beta of 0 or 1 would fail one of these)
-    lag = sum(float((e - w).abs().sum()) for e, w in zip(trainer.ema.parameters(), trainer.net.parameters()))
+    lag = sum(float((e - w).detach().abs().sum()) for e, w in zip(trainer.ema.parameters(), trainer.net.parameters()))
     assert lag > 0
 
 
