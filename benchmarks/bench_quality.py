@@ -23,7 +23,8 @@ Each arm runs with seeds 0 and 1 (the same seed pair across arms). Results are k
 Last stdout line: one JSON object with, per arm, the final FD and accuracy (mean and spread =
 max - min over seeds), and ``compute_to_full_final_fd``: the fraction of the family's full-latent
 run's compute at which the arm first reaches that run's final FD (same seed; linear between
-evaluation points; null if never), plus the training seconds per PFLOP measured for each arm.
+evaluation points; null if never), plus the training seconds per PFLOP measured for each arm
+(each run's median over its segments between evaluation points).
 """
 
 from __future__ import annotations
@@ -182,6 +183,20 @@ def reach_fraction(points: list[dict], target: float) -> float | None:
     return None
 
 
+def seconds_per_pflop(points: list[dict]) -> float:
+    """Wall-clock seconds per training PFLOP of one run: the median over its segments (one per
+    evaluation point), so one segment stretched by the machine (another job, a paused process)
+    does not set the figure; the whole run's mean would carry it."""
+    rates, prev_s, prev_f = [], 0.0, 0.0
+    for p in points:
+        if p["train_flops"] > prev_f:
+            rates.append((p["train_s"] - prev_s) / ((p["train_flops"] - prev_f) / 1e15))
+        prev_s, prev_f = p["train_s"], p["train_flops"]
+    rates.sort()
+    mid = len(rates) // 2
+    return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+
+
 def mean_spread(values: list[float]) -> dict:
     return {"mean": sum(values) / len(values), "spread": max(values) - min(values), "n": len(values)} if values else None
 
@@ -196,7 +211,7 @@ def summarize(results: dict[str, dict[int, list[dict]]], evals: int) -> dict:
         for s, pts in done.items():
             if len(full.get(s, [])) == evals:
                 reach.append(reach_fraction(pts, full[s][-1]["fd"]))
-        secs = [pts[-1]["train_s"] / (pts[-1]["train_flops"] / 1e15) for pts in done.values()]
+        secs = [seconds_per_pflop(pts) for pts in done.values()]
         out[arm] = {
             "seeds_done": sorted(done), "final_fd": mean_spread([p[-1]["fd"] for p in done.values()]),
             "final_acc": mean_spread([p[-1]["acc"] for p in done.values()]),

@@ -1,0 +1,55 @@
+"""The quality-vs-compute summary (issue 12): where an arm reaches the full run's final FD, and
+the wall-clock conversion, computed from hand-made points whose answers are known."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def points(fds: list[float], budget: float = 6e15, secs: list[float] | None = None) -> list[dict]:
+    """Six evaluation points at equal budget fractions; ``secs``: cumulative wall seconds."""
+    secs = secs or [10.0 * (k + 1) for k in range(len(fds))]
+    return [{"k": k + 1, "train_flops": budget * (k + 1) / len(fds), "budget_flops": budget, "fd": fd,
+             "acc": 0.5, "train_s": s} for k, (fd, s) in enumerate(zip(fds, secs))]
+
+
+def test_compute_to_reach_is_interpolated_between_points_and_null_if_never():
+    bq = _bench()
+    full = points([9.0, 6.0, 4.0, 3.0, 2.5, 2.0])
+    fast = points([8.0, 4.0, 2.0, 1.5, 1.4, 1.3])  # 2.0 at point 3 exactly: 3/6 of the budget
+    between = points([8.0, 5.0, 3.0, 1.0, 1.0, 1.0])  # 3.0 -> 1.0 between 3/6 and 4/6: 2.0 at 3.5/6
+    never = points([9.0, 8.0, 7.0, 6.0, 5.0, 4.0])
+    assert bq.reach_fraction(fast, 2.0) == pytest.approx(0.5)
+    assert bq.reach_fraction(between, 2.0) == pytest.approx(3.5 / 6)
+    assert bq.reach_fraction(never, 2.0) is None
+    assert bq.reach_fraction(full, full[-1]["fd"]) == pytest.approx(1.0)
+    out = bq.summarize({"unet_full": {0: full, 1: full}, "unet_patch": {0: fast, 1: between},
+                        "unet_progressive": {0: never, 1: never}}, evals=6)
+    reach = out["unet_patch"]["compute_to_full_final_fd"]
+    assert reach["mean"] == pytest.approx((0.5 + 3.5 / 6) / 2) and reach["spread"] == pytest.approx(3.5 / 6 - 0.5)
+    assert out["unet_progressive"]["compute_to_full_final_fd"] == {"per_seed": [None, None]}
+    assert out["unet_patch"]["final_fd"]["mean"] == pytest.approx(1.15)
+
+
+def test_seconds_per_pflop_is_not_set_by_one_stretched_segment():
+    """A run paused (or crowded out) for an hour in one of its six segments: the median segment
+    gives the machine's rate; the whole run's mean would give 360x it."""
+    bq = _bench()
+    steady = points([5.0] * 6)  # 10 s per 1e15 FLOPs
+    paused = points([5.0] * 6, secs=[10, 3610, 3620, 3630, 3640, 3650])
+    assert bq.seconds_per_pflop(steady) == pytest.approx(10.0)
+    assert bq.seconds_per_pflop(paused) == pytest.approx(10.0)
+    assert bq.summarize({"dit_full": {0: steady, 1: paused}}, evals=6)["dit_full"]["train_s_per_pflop"]["spread"] \
+        == pytest.approx(0.0)
