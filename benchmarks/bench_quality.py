@@ -66,6 +66,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 # latent): about 8 minutes of training per run on the 2-core machine, so 14 runs and their
 # evaluations fit in about 3 hours. The DiT trains about twice as many latents per second.
 BUDGET_FULL_EQUIV = {"unet": 24_000, "dit": 48_000}
+TRAIN_IMAGES = 10_000  # the shipped demo training set, 1,000 per class (--train-fraction takes a share)
 
 
 def subset_source(fraction: float, out: Path) -> str:
@@ -222,6 +223,54 @@ def summarize(results: dict[str, dict[int, list[dict]]], evals: int) -> dict:
     return out
 
 
+def verdict(arm: dict, full: dict) -> str:
+    """Final FD against the family's full run: better / worse only where the seeds' ranges do
+    not overlap (with 2 seeds the spread is their range), else "within spread"."""
+    a, f = arm["final_fd"], full["final_fd"]
+    if not a or not f or a["n"] < 2 or f["n"] < 2:
+        return "needs 2 seeds"
+    lo_a, hi_a = a["mean"] - a["spread"] / 2, a["mean"] + a["spread"] / 2  # n = 2: exactly the range
+    lo_f, hi_f = f["mean"] - f["spread"] / 2, f["mean"] + f["spread"] / 2
+    return "lower FD" if hi_a < lo_f else "higher FD" if lo_a > hi_f else "within spread"
+
+
+def markdown_table(summary: dict, train_images: int) -> str:
+    """README's "what saves training compute, measured" table from the summary, every figure
+    as mean (range over seeds)."""
+    def fmt(ms: dict | None, digits: int = 2, pct: bool = False) -> str:
+        if not ms:
+            return "-"
+        k = 100 if pct else 1
+        return f"{k * ms['mean']:.{digits}f} ({k * ms['spread']:.{digits}f})"
+
+    rows = ["| arm | training images | seeds | compute to reach the full run's final FD | final FD at equal "
+            "compute | vs full | class accuracy % | s / PFLOP here |", "|---|---|---|---|---|---|---|---|"]
+    for arm, a in summary.items():
+        reach = a["compute_to_full_final_fd"]
+        if reach and "per_seed" in reach:  # some seed never reached it
+            hit = [f"{r:.2f}" for r in reach["per_seed"] if r is not None]
+            n_never = len(reach["per_seed"]) - len(hit)
+            reach_s = f"never in {n_never} of {len(reach['per_seed'])} seeds" + (f" (others: {', '.join(hit)})" if hit else "")
+        else:
+            reach_s = fmt(reach)
+        full = summary.get(f"{ARMS[arm][0]}_full")
+        rows.append(f"| {arm} | {train_images:,} | {len(a['seeds_done'])} | {reach_s} | {fmt(a['final_fd'])} | "
+                    f"{'(reference)' if arm.endswith('_full') else verdict(a, full) if full else '-'} | "
+                    f"{fmt(a['final_acc'], 1, pct=True)} | {fmt(a['train_s_per_pflop'], 0)} |")
+    return "\n".join(rows)
+
+
+def load_results(res_dir: Path, arms: list[str], seeds: list[int]) -> dict[str, dict[int, list[dict]]]:
+    """The points already in the results folder (nothing trained)."""
+    results: dict[str, dict[int, list[dict]]] = {}
+    for arm in arms:
+        for seed in seeds:
+            f = res_dir / arm / f"seed-{seed}" / "points.json"
+            if f.is_file():
+                results.setdefault(arm, {})[seed] = fsutil.read_json(f)
+    return results
+
+
 def plot(results: dict[str, dict[int, list[dict]]], path: Path, title: str) -> None:
     """FD against training FLOPs, one panel per model family: mean over seeds, min-max band."""
     import matplotlib
@@ -268,6 +317,9 @@ def main() -> None:
     p.add_argument("--train-fraction", type=float, default=1.0, help="train on this class-balanced share of the data")
     p.add_argument("--plot", default="docs/figures/quality_vs_compute.png")
     p.add_argument("--quick", action="store_true", help="smoke run under 60 s; figures are not meaningful")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: summarize the points already in --results, redraw the plot, print "
+                   "the README table (complete runs only)")
     p.add_argument("overrides", nargs="*", help="training config overrides for every arm, key=value")
     args = p.parse_args()
     if args.cfg_scale is None:
@@ -284,6 +336,9 @@ def main() -> None:
     logging.getLogger("latent_patch.train").disabled = True  # the sweep prints one line per evaluation
     tag = f"fraction-{args.train_fraction:g}" + ("-quick" if args.quick else "")
     out, res_dir = Path(args.out) / tag, Path(args.results if not args.quick else args.out) / tag
+    if args.report:
+        report(args, res_dir)
+        return
     out.mkdir(parents=True, exist_ok=True)
 
     from latent_patch.codec import VAECodec
@@ -305,12 +360,28 @@ def main() -> None:
     for seed in seeds:  # all arms of a seed first: partial results stay comparable
         for arm in results:
             results[arm][seed] = run_arm(arm, seed, out, res_dir, shards, ref, codec, args)
+    finish(args, res_dir, results, seeds)
+
+
+def finish(args: argparse.Namespace, res_dir: Path, results: dict[str, dict[int, list[dict]]],
+           seeds: list[int]) -> None:
+    """Summary, plot, README table, summary.json, and the JSON line (last)."""
     summary = summarize(results, args.evals)
     plot(results, Path(args.plot), f"Fashion-MNIST latents, train fraction {args.train_fraction:g}: FD vs training compute")
     fsutil.atomic_write_json(res_dir / "summary.json", {"summary": summary, "results": results, "args": vars(args)})
+    print(markdown_table(summary, round(TRAIN_IMAGES * args.train_fraction)), flush=True)
     print(json.dumps({"arms": summary, "budget_full_equiv": {k: v * args.budget_scale for k, v in BUDGET_FULL_EQUIV.items()},
                       "evals": args.evals, "num_samples": args.num_samples, "seeds": seeds,
                       "train_fraction": args.train_fraction, "plot": args.plot, "quick": args.quick}), flush=True)
+
+
+def report(args: argparse.Namespace, res_dir: Path) -> None:
+    """--report: the figures from what is already measured."""
+    arms, seeds = [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
+    results = load_results(res_dir, arms, seeds)
+    if not results:
+        raise SystemExit(f"--report: no points under {res_dir} for arms {','.join(arms)}")
+    finish(args, res_dir, results, seeds)
 
 
 if __name__ == "__main__":

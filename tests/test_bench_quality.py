@@ -53,3 +53,19 @@ def test_seconds_per_pflop_is_not_set_by_one_stretched_segment():
     assert bq.seconds_per_pflop(paused) == pytest.approx(10.0)
     assert bq.summarize({"dit_full": {0: steady, 1: paused}}, evals=6)["dit_full"]["train_s_per_pflop"]["spread"] \
         == pytest.approx(0.0)
+
+
+def test_readme_table_says_better_or_worse_only_beyond_the_seeds_range():
+    bq = _bench()
+    full = points([9.0, 6.0, 4.0, 3.0, 2.5, 2.0])
+    full_1 = points([9.0, 6.0, 4.0, 3.0, 2.5, 2.2])  # full: final FD 2.0-2.2
+    clear = points([8.0, 4.0, 2.0, 1.5, 1.4, 1.3])  # 1.3-1.9 < 2.0: lower
+    overlap = points([8.0, 4.0, 2.0, 2.1, 2.1, 2.1])  # 1.9-2.1 overlaps 2.0-2.2
+    table = bq.markdown_table(bq.summarize({
+        "dit_full": {0: full, 1: full_1}, "dit_patch": {0: clear, 1: points([8.0, 4.0, 2.0, 1.9, 1.9, 1.9])},
+        "dit_route": {0: overlap, 1: points([8.0, 4.0, 2.0, 1.9, 1.9, 1.9])},
+        "dit_patch_route": {0: points([9.0] * 6), 1: clear}}, evals=6), 10_000)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "| lower FD |" in rows["dit_patch"] and "| within spread |" in rows["dit_route"]
+    assert "never in 1 of 2 seeds (others: 0.48)" in rows["dit_patch_route"]  # 2.2 between 4.0 and 2.0
+    assert "1.60 (0.60)" in rows["dit_patch"]  # final FD mean (range over seeds)
