@@ -19,6 +19,12 @@ Each arm runs with seeds 0 and 1 (the same seed pair across arms). Results are k
     python benchmarks/bench_quality.py                            # default sweep (about 3 h, 2 cores)
     python benchmarks/bench_quality.py --train-fraction 0.1 --budget-scale 4   # 1,000 images, longer
     python benchmarks/bench_quality.py --quick                    # smoke run (< 60 s, figures meaningless)
+    python benchmarks/bench_quality.py --report                   # no training: table + plot of what is done
+
+Before the JSON line it prints the README's table ("what saves training compute, measured"): per
+arm, the compute to reach the full run's final FD, the final FD at equal compute and the class
+accuracy as mean (range over seeds), and "lower / higher FD" than full only where the seeds'
+ranges do not overlap.
 
 Last stdout line: one JSON object with, per arm, the final FD and accuracy (mean and spread =
 max - min over seeds), and ``compute_to_full_final_fd``: the fraction of the family's full-latent
