@@ -163,7 +163,9 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
                          f"this run's is {budget:.6g} (another --budget-scale or model?); use another --results/--out")
     for k in range(len(points) + 1, args.evals + 1):
         target = budget * k / args.evals
-        cfg = arm_config(arm, seed, folder / "run", shards, args, [f"run.total_flops={target:.6g}"])
+        # the budget is the run's length (the progressive ramp follows it); stop_flops ends this segment
+        cfg = arm_config(arm, seed, folder / "run", shards, args,
+                         [f"run.total_flops={budget:.6g}", f"run.stop_flops={target:.6g}"])
         t0 = time.perf_counter()
         progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(folder / "run") else None)
         wall = time.perf_counter() - t0

@@ -455,6 +455,9 @@ class RunConfig:
     out_dir: str = "runs/default"
     total_patches: int = 1_000_000
     total_flops: float = 0.0  # also stop at this many training FLOPs (3 x forward, counted per side); 0: no limit
+    # stop here (with a checkpoint) before the budget: a sweep that evaluates on the way and resumes.
+    # Schedules (the progressive patch ramp) still follow the budget: total_patches / total_flops.
+    stop_flops: float = 0.0
     max_train_seconds: float = 0.0  # wall-clock budget of this invocation (0: none); stops with a checkpoint
     log_every_patches: int = 10_000
     ckpt_every_patches: int = 500_000

@@ -190,8 +190,9 @@ class TrainBar:
     def __init__(self, run: Any, progress: Any, enabled: bool) -> None:
         from tqdm import tqdm
 
-        self.by_flops = run.total_flops > 0
-        total = run.total_flops / 1e12 if self.by_flops else run.total_patches
+        flop_ends = [f for f in (run.total_flops, getattr(run, "stop_flops", 0.0)) if f > 0]
+        self.by_flops = bool(flop_ends)
+        total = min(flop_ends) / 1e12 if self.by_flops else run.total_patches  # where this invocation ends
         done = progress.flops / 1e12 if self.by_flops else progress.patches
         self.bar = tqdm(total=total, initial=done, disable=not enabled, unit=" TFLOP" if self.by_flops else " patches",
                         unit_scale=not self.by_flops, dynamic_ncols=True, mininterval=1.0, file=sys.stderr,

@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import checkpoint, dist
 from . import config as config_mod
 from .codec import LatentNorm, draw_latent, latent_norm
-from .config import EMAConfig, OptimConfig, TrainConfig
+from .config import EMAConfig, OptimConfig, RunConfig, TrainConfig
 from .dist import adopt_slurm_env, compile_network, configure_device, resolve_compile, resolve_precision
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
@@ -199,6 +199,17 @@ def refusal(prefix: str) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- one optimizer step
 
+def run_fraction(run: RunConfig, p: checkpoint.Progress) -> float:
+    """How far through its budget the run is, for schedules (the progressive patch ramp): the
+    larger of patches / total_patches and FLOPs / total_flops, whichever budget ends it first.
+    A budget in FLOPs alone (total_patches set out of reach, as bench_quality does) used to
+    leave this at ~0: the progressive ramp never started. ``run.stop_flops`` does not move it."""
+    frac = p.patches / max(run.total_patches, 1)
+    if run.total_flops > 0:
+        frac = max(frac, p.flops / run.total_flops)
+    return min(1.0, frac)
+
+
 def plan_step(trainer: Trainer) -> StepPlan:
     """Draw this step's patch side, ONE for every rank and micro-batch, from a generator that every
     rank holds identically (same seed, same draws, no communication).
@@ -207,7 +218,7 @@ def plan_step(trainer: Trainer) -> StepPlan:
     almost always as slow as a full step on 8 ranks and the schedule's saving was lost. The mix of
     sides over steps is the schedule's, as before; every rank knows the global patch count.
     """
-    progress = min(1.0, trainer.progress.patches / max(trainer.cfg.run.total_patches, 1))
+    progress = run_fraction(trainer.cfg.run, trainer.progress)
     size, mult = trainer.schedule.sample(trainer.schedule_gen, progress)
     n = trainer.cfg.data.batch_size * trainer.accum * mult * trainer.world_size
     return StepPlan(size=size, mult=mult, patches=n, full_equiv=n * (size / trainer.R) ** 2,
@@ -373,6 +384,11 @@ def out_of_time(trainer: Trainer, start: float) -> bool:
     return bool(trainer.accelerator.reduce(flag, reduction="sum") > 0)
 
 
+def budget_reached(run: RunConfig, p: checkpoint.Progress) -> bool:
+    """The FLOP budget, or the earlier stop (run.stop_flops), is reached."""
+    return 0 < run.total_flops <= p.flops or 0 < run.stop_flops <= p.flops
+
+
 def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progress:
     """Run (or continue) training until ``run.total_patches`` patches; returns the final progress."""
     trainer, ckpt = prepare_run(cfg, resume_spec)
@@ -385,7 +401,7 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
     if not bar.bar.disable:
         console.enter_context(logging_redirect_tqdm(loggers=[log]))
     try:
-        while p.patches < run.total_patches and not (0 < run.total_flops <= p.flops):
+        while p.patches < run.total_patches and not budget_reached(run, p):
             before = p.patches
             plan = plan_step(trainer)
             w.add(plan, train_step(trainer, plan))
@@ -394,7 +410,7 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
             log_due = crossed(before, p.patches, run.log_every_patches)
             check_due = log_due or len(w.losses) % NAN_CHECK_EVERY == 0
             stop = check_due and out_of_time(trainer, start)
-            last = p.patches >= run.total_patches or 0 < run.total_flops <= p.flops or stop
+            last = p.patches >= run.total_patches or budget_reached(run, p) or stop
             if check_due and not (log_due or last):
                 flush_losses(trainer.accelerator, w, p.patches)  # long intervals still stop a diverged run soon
             if log_due or last:

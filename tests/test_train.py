@@ -628,3 +628,31 @@ def test_flop_budget_counts_each_sides_cost_and_stops_the_run(shards, tmp_path):
         seen = rec["patches"]
         assert share == 1.0 and rec["train_flops"] == pytest.approx(total)
     assert progress.flops == pytest.approx(total) and budget <= total < budget + 16 * 2 * cost[4] * 2
+
+
+def test_progressive_ramp_follows_a_flop_budget_and_stop_flops_splits_a_run_exactly(shards, tmp_path):
+    """A run counted in FLOPs (total_patches out of reach, as bench_quality runs it): the
+    progressive ramp follows total_flops (it used to stay at its start: only small patches), and
+    run.stop_flops ends a segment that resumes into the same run, loss for loss."""
+    from latent_patch.models import forward_flops
+    from latent_patch.train import run_fraction
+
+    base = ["run.total_patches=100000000", "run.log_every_patches=1", "run.ckpt_every_patches=100000000",
+            "patch.sizes=[0.5,1.0]", "patch.probs=[0.5,0.5]", "patch.progressive=true",
+            "patch.progressive_fraction=0.5"]
+    cost8 = 3 * forward_flops(tiny_cfg(shards, tmp_path / "x").model, 8)
+    budget = 40 * 16 * cost8
+    run = tiny_cfg(shards, tmp_path / "x", *base, f"run.total_flops={budget}").run
+    assert run_fraction(run, ckpt.Progress(patches=10, flops=budget / 4)) == pytest.approx(0.25)
+    train(tiny_cfg(shards, tmp_path / "whole", *base, f"run.total_flops={budget}"))
+    whole = metrics(tmp_path / "whole")
+    sides = [next(iter(whole[s]["size_mix"])) for s in sorted(whole)]
+    assert sides[0] == "4" and "8" in sides  # small first, then the ramp brings full latents in
+    late = sides[len(sides) // 2:]
+    assert late.count("8") >= len(late) // 4  # past the ramp: the full side at its target share
+    split = tmp_path / "split"
+    first = train(tiny_cfg(shards, split, *base, f"run.total_flops={budget}", f"run.stop_flops={budget / 3}"))
+    assert budget / 3 <= first.flops < budget / 2
+    train(tiny_cfg(shards, split, *base, f"run.total_flops={budget}"), resume_spec="auto")
+    parts = metrics(split)
+    assert sorted(parts) == sorted(whole) and all(parts[s]["loss"] == whole[s]["loss"] for s in whole)
