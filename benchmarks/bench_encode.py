@@ -331,12 +331,10 @@ def measure_repeat(codec: VAECodec, paths: list[Path], listing: Listing, cfg: En
     """One repeat, all times for the n images: t_vae, t_dec, t_loop, t_total, steady.
 
     Shared cores with inline decoding (CPU): the parts are timed on each batch as it reaches
-    the job, inside the job's loop (:class:`LoaderProbe`), so both meet the same moment of the
-    machine. Timed before and after the pipeline instead, the machine's speed swung ~25 %
-    between sub-second moments and the quick run's ratio 0.87-0.97 between runs on an idle
-    machine. Otherwise (GPU, or decode workers, which would keep decoding while the job waits):
-    the VAE on half the job's batches just before the pipeline run and half just after, so
-    drifting load hits both alike; the decode workers once, just before."""
+    the job, inside the job's loop (:class:`LoaderProbe`; why: the module's "Pairing"). Otherwise
+    (GPU, or decode workers, which would keep decoding while the job waits): the VAE on half the
+    job's batches just before the pipeline run and half just after; the decode workers once,
+    just before."""
     n, res, f = len(paths), cfg.resolution, flips_factor(cfg)
     batches = [idx for _, idx, _ in job_plan(cfg, n)]
     if not separate and workers == 0:

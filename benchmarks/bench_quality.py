@@ -207,7 +207,8 @@ def seconds_per_pflop(points: list[dict]) -> float:
 
 
 def mean_spread(values: list[float]) -> dict:
-    return {"mean": sum(values) / len(values), "spread": max(values) - min(values), "n": len(values)} if values else None
+    return {"mean": sum(values) / len(values), "spread": max(values) - min(values), "min": min(values),
+            "max": max(values), "n": len(values)} if values else None
 
 
 def summarize(results: dict[str, dict[int, list[dict]]], evals: int) -> dict:
@@ -233,13 +234,11 @@ def summarize(results: dict[str, dict[int, list[dict]]], evals: int) -> dict:
 
 def verdict(arm: dict, full: dict) -> str:
     """Final FD against the family's full run: better / worse only where the seeds' ranges do
-    not overlap (with 2 seeds the spread is their range), else "within spread"."""
+    not overlap, else "within spread"."""
     a, f = arm["final_fd"], full["final_fd"]
     if not a or not f or a["n"] < 2 or f["n"] < 2:
         return "needs 2 seeds"
-    lo_a, hi_a = a["mean"] - a["spread"] / 2, a["mean"] + a["spread"] / 2  # n = 2: exactly the range
-    lo_f, hi_f = f["mean"] - f["spread"] / 2, f["mean"] + f["spread"] / 2
-    return "lower FD" if hi_a < lo_f else "higher FD" if lo_a > hi_f else "within spread"
+    return "lower FD" if a["max"] < f["min"] else "higher FD" if a["min"] > f["max"] else "within spread"
 
 
 def markdown_table(summary: dict, train_images: int) -> str:

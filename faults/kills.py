@@ -430,7 +430,7 @@ def kill_chain(stage: Stage, seed: int, kills: int, timing: Timing, timeout: flo
     is not counted, but everything checked after a kill is still checked after it."""
     t_start, rng = time.monotonic(), random.Random(seed)
     records: list[KillRecord] = []
-    missed: list[str] = []  # problems found after outrun kills (not counted, still reported)
+    outrun: list[KillRecord] = []  # kills the job outran: not counted, their checks still reported
     pending: tuple[KillRecord, Any] | None = None
     for attempt in range(1, 3 * kills + 2):
         start = stage.kept()
@@ -455,9 +455,8 @@ def kill_chain(stage: Stage, seed: int, kills: int, timing: Timing, timeout: flo
             if mode == "event" and rec.position >= 1:  # outrun: kept for its checks, not counted
                 log(f"  {stage.name} seed {seed} attempt {attempt}: the job wrote its last unit before "
                     f"the kill landed (not counted)")
-                missed += rec.problems
-                rec.problems = missed  # the resume check after it reports into the same list
-                pending = (rec, snap)
+                outrun.append(rec)
+                pending = (rec, snap)  # the resume check after it still runs
                 continue
             if rec.position <= 0:
                 rec.problems.append(f"the kill did not land mid-work: {100 * rec.position:.0f}% of the "
@@ -477,7 +476,7 @@ def kill_chain(stage: Stage, seed: int, kills: int, timing: Timing, timeout: flo
         lost, dup, problems = stage.final()
     except Exception as err:
         lost, dup, problems = 0, 0, [f"final comparison failed: {type(err).__name__}: {err}"]
-    problems = missed + problems
+    problems = [p for rec in outrun for p in rec.problems] + problems
     result = _chain(stage, seed, records, lost, dup, problems, t_start)
     result.extra = stage.report() if not problems else {}
     return result

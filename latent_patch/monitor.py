@@ -190,7 +190,7 @@ class TrainBar:
     def __init__(self, run: Any, progress: Any, enabled: bool) -> None:
         from tqdm import tqdm
 
-        flop_ends = [f for f in (run.total_flops, getattr(run, "stop_flops", 0.0)) if f > 0]
+        flop_ends = [f for f in (run.total_flops, run.stop_flops) if f > 0]
         self.by_flops = bool(flop_ends)
         total = min(flop_ends) / 1e12 if self.by_flops else run.total_patches  # where this invocation ends
         done = progress.flops / 1e12 if self.by_flops else progress.patches

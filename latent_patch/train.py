@@ -384,9 +384,10 @@ def out_of_time(trainer: Trainer, start: float) -> bool:
     return bool(trainer.accelerator.reduce(flag, reduction="sum") > 0)
 
 
-def budget_reached(run: RunConfig, p: checkpoint.Progress) -> bool:
-    """The FLOP budget, or the earlier stop (run.stop_flops), is reached."""
-    return 0 < run.total_flops <= p.flops or 0 < run.stop_flops <= p.flops
+def run_ended(run: RunConfig, p: checkpoint.Progress) -> bool:
+    """This invocation's end: the patch budget, the FLOP budget or the earlier stop
+    (run.stop_flops) is reached."""
+    return p.patches >= run.total_patches or 0 < run.total_flops <= p.flops or 0 < run.stop_flops <= p.flops
 
 
 def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progress:
@@ -401,7 +402,7 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
     if not bar.bar.disable:
         console.enter_context(logging_redirect_tqdm(loggers=[log]))
     try:
-        while p.patches < run.total_patches and not budget_reached(run, p):
+        while not run_ended(run, p):
             before = p.patches
             plan = plan_step(trainer)
             w.add(plan, train_step(trainer, plan))
@@ -410,7 +411,7 @@ def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progre
             log_due = crossed(before, p.patches, run.log_every_patches)
             check_due = log_due or len(w.losses) % NAN_CHECK_EVERY == 0
             stop = check_due and out_of_time(trainer, start)
-            last = p.patches >= run.total_patches or budget_reached(run, p) or stop
+            last = run_ended(run, p) or stop
             if check_due and not (log_due or last):
                 flush_losses(trainer.accelerator, w, p.patches)  # long intervals still stop a diverged run soon
             if log_due or last:
