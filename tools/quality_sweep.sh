@@ -1,9 +1,27 @@
 #!/usr/bin/env bash
 # The issue-12 sweep as run on the 2-core machine, in order: the 10,000-image sweep, then the
 # 1,000-image variant (settings in BENCHMARKS.md). Resumable: rerun it to continue.
+#
+# The two seeds run side by side, one torch thread each: on 2 cores that trains the demo U-Net
+# 1.36-1.43x and the DiT 1.00-1.12x as fast in all as one 2-thread process does
+# (benchmarks/bench_cpu_layout.py; BENCHMARKS.md). Each process
+# sees one seed, so its own closing summary is partial; `--report` rebuilds summary.json and the
+# plot from every seed's points once both are done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-$PY benchmarks/bench_quality.py
-$PY benchmarks/bench_quality.py --train-fraction 0.1 --budget-scale 4 \
+
+seeds_side_by_side() {
+    local pids=() seed
+    for seed in 0 1; do
+        OMP_NUM_THREADS=1 $PY benchmarks/bench_quality.py --seeds "$seed" "$@" > "bench_out/quality-seed$seed.log" 2>&1 &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+    $PY benchmarks/bench_quality.py "$@" --report
+}
+
+mkdir -p bench_out
+seeds_side_by_side
+seeds_side_by_side --train-fraction 0.1 --budget-scale 4 \
     --arms unet_full,unet_patch,dit_full,dit_patch,dit_route --plot docs/figures/quality_vs_compute_1000.png
