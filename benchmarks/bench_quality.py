@@ -138,7 +138,7 @@ def evaluate(run_dir: Path, ref, codec, args) -> dict:
     from latent_patch.config import SamplerConfig
     from latent_patch.evaluate import evaluate_model
 
-    net, cfg, manifest = checkpoint.load_inference_model(run_dir, use_ema=True, device="cpu")
+    net, cfg, manifest = checkpoint.load_inference_model(run_dir, use_ema=True, device=args.device)
     sampler = SamplerConfig(steps=args.steps, cfg_scale=args.cfg_scale)
     m = evaluate_model(net, cfg, args.num_samples, ref, features="demo", codec=codec, manifest=manifest,
                        sampler=sampler, seed=0, batch_size=100)
@@ -348,14 +348,17 @@ def main() -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
 
+    import torch
+
     from latent_patch.codec import VAECodec
     from latent_patch.fid import Stats, build_extractor, compute_stats
 
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks the same (accelerate)
     shards = encode(out, args.train_fraction, batch_size=256)
     ref_path = out / "ref_test_demo.npz"
     if not ref_path.is_file():
         compute_stats(demo.tar_spec("test"), build_extractor("demo"), demo.RESOLUTION, progress=False).save(ref_path)
-    ref, codec = Stats.load(ref_path), VAECodec.load("demo", device="cpu")
+    ref, codec = Stats.load(ref_path), VAECodec.load("demo", device=args.device)
     arms, seeds = [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
