@@ -72,14 +72,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 # latent): about 8 minutes of training per run on the 2-core machine, so 14 runs and their
 # evaluations fit in about 3 hours. The DiT trains about twice as many latents per second.
 BUDGET_FULL_EQUIV = {"unet": 24_000, "dit": 48_000}
-TRAIN_IMAGES = 10_000  # the shipped demo training set, 1,000 per class (--train-fraction takes a share)
 
 
-def subset_source(fraction: float, out: Path) -> str:
-    """A class-balanced ``fraction`` of the shipped training images, as one plain image tar."""
-    path = out / f"train-subset-{fraction:g}.tar"
-    if path.is_file():
-        return str(path)
+def shipped_training_set() -> dict[str, dict[str, bytes]]:
+    """The shipped demo training images: sample key -> {extension: bytes}."""
     samples: dict[str, dict[str, bytes]] = {}
     for tar in sorted(demo.DATA.glob("train-*.tar*")):
         with tarfile.open(tar) as tf:  # transparent gzip
@@ -87,10 +83,30 @@ def subset_source(fraction: float, out: Path) -> str:
                 if m.isfile():
                     key, ext = m.name.split(".", 1)
                     samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return samples
+
+
+def class_balanced_keys(samples: dict[str, dict[str, bytes]], fraction: float) -> list[str]:
+    """The first ``fraction`` of every class's keys (at least one each), sorted."""
     by_class: dict[int, list[str]] = {}
     for key, parts in samples.items():
         by_class.setdefault(int(parts["cls"]), []).append(key)
-    keep = sorted(k for keys in by_class.values() for k in sorted(keys)[: max(1, round(len(keys) * fraction))])
+    return sorted(k for keys in by_class.values() for k in sorted(keys)[: max(1, round(len(keys) * fraction))])
+
+
+def training_images(fraction: float) -> int:
+    """How many images a run at ``--train-fraction`` trains on (the README table's data size)."""
+    samples = shipped_training_set()
+    return len(samples) if fraction >= 1.0 else len(class_balanced_keys(samples, fraction))
+
+
+def subset_source(fraction: float, out: Path) -> str:
+    """A class-balanced ``fraction`` of the shipped training images, as one plain image tar."""
+    path = out / f"train-subset-{fraction:g}.tar"
+    if path.is_file():
+        return str(path)
+    samples = shipped_training_set()
+    keep = class_balanced_keys(samples, fraction)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for key in keep:
@@ -379,7 +395,7 @@ def finish(args: argparse.Namespace, res_dir: Path, results: dict[str, dict[int,
     summary = summarize(results, args.evals)
     plot(results, Path(args.plot), f"Fashion-MNIST latents, train fraction {args.train_fraction:g}: FD vs training compute")
     fsutil.atomic_write_json(res_dir / "summary.json", {"summary": summary, "results": results, "args": vars(args)})
-    print(markdown_table(summary, round(TRAIN_IMAGES * args.train_fraction)), flush=True)
+    print(markdown_table(summary, training_images(args.train_fraction)), flush=True)
     print(json.dumps({"arms": summary, "budget_full_equiv": {k: v * args.budget_scale for k, v in BUDGET_FULL_EQUIV.items()},
                       "evals": args.evals, "num_samples": args.num_samples, "seeds": seeds,
                       "train_fraction": args.train_fraction, "plot": args.plot, "quick": args.quick}), flush=True)
