@@ -48,7 +48,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from latent_patch import checkpoint, demo, fsutil  # noqa: E402
+from latent_patch import checkpoint, demo, filelock, fsutil  # noqa: E402
 from latent_patch import config as config_mod  # noqa: E402
 
 log = logging.getLogger("bench_quality")
@@ -131,6 +131,28 @@ def encode(out: Path, fraction: float, batch_size: int) -> Path:
         run_encode(EncodeConfig(source=source, out=str(shards), vae="demo", resolution=demo.RESOLUTION,
                                 flips="none", shard_size=2500, batch_size=batch_size, progress=False))
     return shards
+
+
+def prepare_data(out: Path, fraction: float) -> tuple[Path, Path]:
+    """The shards and the held-out reference statistics, made once per ``out`` folder.
+
+    Why a lock: the sweep runs its seeds as separate processes side by side
+    (tools/quality_sweep.sh), and both want the same subset, shards and statistics at start;
+    unlocked, both encoded into one folder at once."""
+    from latent_patch.fid import build_extractor, compute_stats
+
+    shards, ref_path = out / "shards", out / "ref_test_demo.npz"
+
+    def ready() -> tuple[Path, Path] | None:
+        return (shards, ref_path) if (shards / "manifest.json").is_file() and ref_path.is_file() else None
+
+    def work() -> tuple[Path, Path]:
+        encode(out, fraction, batch_size=256)
+        if not ref_path.is_file():
+            compute_stats(demo.tar_spec("test"), build_extractor("demo"), demo.RESOLUTION, progress=False).save(ref_path)
+        return shards, ref_path
+
+    return filelock.do_once(out / "prepare.lock", ready, work, f"the shards and statistics in {out}")
 
 
 def arm_config(arm: str, seed: int, run_dir: Path, shards: Path, args, extra: list[str] = ()):
@@ -367,13 +389,10 @@ def main() -> None:
     import torch
 
     from latent_patch.codec import VAECodec
-    from latent_patch.fid import Stats, build_extractor, compute_stats
+    from latent_patch.fid import Stats
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks the same (accelerate)
-    shards = encode(out, args.train_fraction, batch_size=256)
-    ref_path = out / "ref_test_demo.npz"
-    if not ref_path.is_file():
-        compute_stats(demo.tar_spec("test"), build_extractor("demo"), demo.RESOLUTION, progress=False).save(ref_path)
+    shards, ref_path = prepare_data(out, args.train_fraction)
     ref, codec = Stats.load(ref_path), VAECodec.load("demo", device=args.device)
     arms, seeds = [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
     unknown = [a for a in arms if a not in ARMS]
