@@ -381,7 +381,7 @@ def main() -> None:
     logging.getLogger("latent_patch.train").disabled = True  # the sweep prints one line per evaluation
     tag = f"fraction-{args.train_fraction:g}" + ("-quick" if args.quick else "")
     out, res_dir = Path(args.out) / tag, Path(args.results if not args.quick else args.out) / tag
-    if args.report:
+    if args.report or finished(args, res_dir):  # a finished sweep rerun: no shards to make, nothing to train
         report(args, res_dir)
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -418,6 +418,13 @@ def finish(args: argparse.Namespace, res_dir: Path, results: dict[str, dict[int,
     print(json.dumps({"arms": summary, "budget_full_equiv": {k: v * args.budget_scale for k, v in BUDGET_FULL_EQUIV.items()},
                       "evals": args.evals, "num_samples": args.num_samples, "seeds": seeds,
                       "train_fraction": args.train_fraction, "plot": args.plot, "quick": args.quick}), flush=True)
+
+
+def finished(args: argparse.Namespace, res_dir: Path) -> bool:
+    """Whether every asked arm and seed already holds all its points."""
+    arms, seeds = [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
+    done = load_results(res_dir, arms, seeds)
+    return bool(arms and seeds) and all(len(done.get(a, {}).get(s, [])) == args.evals for a in arms for s in seeds)
 
 
 def report(args: argparse.Namespace, res_dir: Path) -> None:
