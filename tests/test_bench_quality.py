@@ -69,3 +69,27 @@ def test_readme_table_says_better_or_worse_only_beyond_the_seeds_range():
     assert "| lower FD |" in rows["dit_patch"] and "| within spread |" in rows["dit_route"]
     assert "never in 1 of 2 seeds (others: 0.48)" in rows["dit_patch_route"]  # 2.2 between 4.0 and 2.0
     assert "1.60 (0.60)" in rows["dit_patch"]  # final FD mean (range over seeds)
+
+
+def test_a_rerun_counts_as_finished_only_when_every_asked_arm_and_seed_holds_all_its_points(tmp_path):
+    """A finished sweep's rerun reports without making shards; a partial one must train on."""
+    import argparse
+    import json
+
+    bq = _bench()
+    args = argparse.Namespace(arms="unet_full,unet_patch", seeds="0,1", evals=6)
+
+    def write(arm: str, seed: int, n: int) -> None:
+        f = tmp_path / arm / f"seed-{seed}" / "points.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(points([3.0] * n)))
+
+    for arm in ("unet_full", "unet_patch"):
+        write(arm, 0, 6)
+    write("unet_full", 1, 6)
+    assert not bq.finished(args, tmp_path)  # unet_patch seed 1 missing
+    write("unet_patch", 1, 5)
+    assert not bq.finished(args, tmp_path)  # one point short
+    write("unet_patch", 1, 6)
+    assert bq.finished(args, tmp_path)
+    assert not bq.finished(argparse.Namespace(arms="", seeds="0", evals=6), tmp_path)
