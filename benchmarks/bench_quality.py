@@ -317,11 +317,13 @@ def load_results(res_dir: Path, arms: list[str], seeds: list[int]) -> dict[str, 
 
 
 def plot(results: dict[str, dict[int, list[dict]]], path: Path, title: str) -> None:
-    """FD against training FLOPs, one panel per model family: mean over seeds, min-max band."""
+    """FD against training FLOPs, one panel per model family: mean over seeds, min-max band, and
+    the full arm's last FD as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for ax, family in zip(axes, ("unet", "dit")):
@@ -334,6 +336,13 @@ def plot(results: dict[str, dict[int, list[dict]]], path: Path, title: str) -> N
             fds = [[r[i]["fd"] for r in runs] for i in range(n)]
             ax.plot(x, [sum(f) / len(f) for f in fds], marker="o", label=f"{arm} ({len(runs)} seeds)")
             ax.fill_between(x, [min(f) for f in fds], [max(f) for f in fds], alpha=0.15)
+        full = [pts for pts in results.get(f"{family}_full", {}).values() if pts]
+        if full:  # the level the compute-to-reach column asks about
+            ax.axhline(sum(r[-1]["fd"] for r in full) / len(full), color="gray", linestyle="--", linewidth=1,
+                       label="full run's last FD (mean)")
+        ax.set_yscale("log")  # the comparison is decided late, where FD is a few units, not at the start
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("training PFLOP")
         ax.set_ylabel("FD (demo classifier features)")
         ax.set_title(family)
