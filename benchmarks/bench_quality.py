@@ -13,8 +13,10 @@ Arms (settings fixed before any comparison ran; reasons in BENCHMARKS.md):
   dit_full, dit_patch, dit_route,           a DiT-S/2 of hidden 192, depth 6 (4.2 M, the demo's
   dit_patch_route                           DiT): full; patches; TREAD routing of half the tokens
                                             around blocks 1..4; both
-Each arm runs with seeds 0 and 1 (the same seed pair across arms). Results are kept under
---out per arm and seed, so a killed or time-limited sweep continues where it stopped: rerun it.
+Each arm runs with seeds 0 and 1 (the same seed pair across arms). Each arm and seed's points
+are kept under --results (committed), its checkpoints under --out, so a killed or time-limited
+sweep continues where it stopped: rerun it. Processes for different seeds may share --out (the
+shards and statistics are made once, under a lock): tools/quality_sweep.sh runs them side by side.
 
     python benchmarks/bench_quality.py                            # default sweep (about 3 h, 2 cores)
     python benchmarks/bench_quality.py --train-fraction 0.1 --budget-scale 4   # 1,000 images, longer
