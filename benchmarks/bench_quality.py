@@ -135,6 +135,11 @@ def encode(out: Path, fraction: float, batch_size: int) -> Path:
     return shards
 
 
+def asked(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The arms and seeds that ``--arms`` and ``--seeds`` name."""
+    return [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
+
+
 def prepare_data(out: Path, fraction: float) -> tuple[Path, Path]:
     """The shards and the held-out reference statistics, made once per ``out`` folder.
 
@@ -405,7 +410,7 @@ def main() -> None:
     args.device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks the same (accelerate)
     shards, ref_path = prepare_data(out, args.train_fraction)
     ref, codec = Stats.load(ref_path), VAECodec.load("demo", device=args.device)
-    arms, seeds = [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
+    arms, seeds = asked(args)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
@@ -433,14 +438,14 @@ def finish(args: argparse.Namespace, res_dir: Path, results: dict[str, dict[int,
 
 def finished(args: argparse.Namespace, res_dir: Path) -> bool:
     """Whether every asked arm and seed already holds all its points."""
-    arms, seeds = [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
+    arms, seeds = asked(args)
     done = load_results(res_dir, arms, seeds)
     return bool(arms and seeds) and all(len(done.get(a, {}).get(s, [])) == args.evals for a in arms for s in seeds)
 
 
 def report(args: argparse.Namespace, res_dir: Path) -> None:
     """--report: the figures from what is already measured."""
-    arms, seeds = [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
+    arms, seeds = asked(args)
     results = load_results(res_dir, arms, seeds)
     if not results:
         raise SystemExit(f"--report: no points under {res_dir} for arms {','.join(arms)}")
