@@ -136,8 +136,15 @@ def encode(out: Path, fraction: float, batch_size: int) -> Path:
 
 
 def asked(args: argparse.Namespace) -> tuple[list[str], list[int]]:
-    """The arms and seeds that ``--arms`` and ``--seeds`` name."""
-    return [a for a in args.arms.split(",") if a], [int(s) for s in args.seeds.split(",") if s]
+    """The arms that ``--arms`` names, plus each named family's full arm (the reference every
+    arm of the family is measured against, so it is trained, awaited and reported too), and the
+    seeds that ``--seeds`` names."""
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
+    refs = [f"{f}_full" for f in ("unet", "dit") if any(ARMS[a][0] == f for a in arms) and f"{f}_full" not in arms]
+    return arms + refs, [int(s) for s in args.seeds.split(",") if s]
 
 
 def prepare_data(out: Path, fraction: float) -> tuple[Path, Path]:
@@ -411,13 +418,7 @@ def main() -> None:
     shards, ref_path = prepare_data(out, args.train_fraction)
     ref, codec = Stats.load(ref_path), VAECodec.load("demo", device=args.device)
     arms, seeds = asked(args)
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
     results: dict[str, dict[int, list[dict]]] = {a: {} for a in arms}
-    for family in ("unet", "dit"):  # each family's full arm exists as the reference, even if not asked for
-        if any(ARMS[a][0] == family for a in arms) and f"{family}_full" not in results:
-            results[f"{family}_full"] = {}
     for seed in seeds:  # all arms of a seed first: partial results stay comparable
         for arm in results:
             results[arm][seed] = run_arm(arm, seed, out, res_dir, shards, ref, codec, args)

@@ -93,3 +93,21 @@ def test_a_rerun_counts_as_finished_only_when_every_asked_arm_and_seed_holds_all
     write("unet_patch", 1, 6)
     assert bq.finished(args, tmp_path)
     assert not bq.finished(argparse.Namespace(arms="", seeds="0", evals=6), tmp_path)
+
+
+def test_the_full_reference_of_a_named_family_is_part_of_what_is_asked(tmp_path):
+    """``--arms dit_patch`` is measured against dit_full: a rerun is not finished, and a report
+    does not fail, while that reference is missing or partial."""
+    import argparse
+    import json
+
+    bq = _bench()
+    args = argparse.Namespace(arms="dit_patch", seeds="0", evals=6)
+    assert bq.asked(args) == (["dit_patch", "dit_full"], [0])
+    for arm, n in (("dit_patch", 6), ("dit_full", 3)):
+        f = tmp_path / arm / "seed-0" / "points.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(points([3.0] * n)))
+    assert not bq.finished(args, tmp_path)
+    with pytest.raises(SystemExit, match="bogus"):
+        bq.asked(argparse.Namespace(arms="dit_patch,bogus", seeds="0", evals=6))
