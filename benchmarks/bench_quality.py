@@ -213,8 +213,12 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
     if points and abs(points[0]["budget_flops"] - budget) > 1e-6 * budget:
         raise SystemExit(f"{points_file}: its points were trained to a budget of {points[0]['budget_flops']:.6g} FLOPs, "
                          f"this run's is {budget:.6g} (another --budget-scale or model?); use another --results/--out")
+    if len(points) >= args.evals:
+        log.info("%s seed %d: all %d points already in %s", arm, seed, args.evals, points_file)
     for k in range(len(points) + 1, args.evals + 1):
         target = budget * k / args.evals
+        log.info("%s seed %d: training segment %d/%d, to %.4g of %.4g PFLOP", arm, seed, k, args.evals,
+                 target / 1e15, budget / 1e15)
         # the budget is the run's length (the progressive ramp follows it); stop_flops ends this segment
         cfg = arm_config(arm, seed, folder / "run", shards, args,
                          [f"run.total_flops={budget:.6g}", f"run.stop_flops={target:.6g}"])
