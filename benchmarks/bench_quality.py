@@ -373,14 +373,16 @@ def plot(results: dict[str, dict[int, list[dict]]], path: Path, title: str) -> N
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The sweep's settings; ``--quick`` shrinks every budget and model, and runs seed 0 unless
+    ``--seeds`` names others (two quick runs side by side then keep to their own seeds' folders)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out/quality-compute", help="checkpoints, shards (not kept in git)")
     p.add_argument("--results", default="benchmarks/results/quality-compute",
                    help="points.json per arm and seed, summary.json (small; committed as they come)")
     p.add_argument("--config", default=str(demo.DEFAULT_CONFIG))
     p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", help="comma list (default: 0,1; with --quick: 0)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every family's FLOP budget")
     p.add_argument("--evals", type=int, default=6, help="evaluation points per run, at equal FLOP fractions")
     p.add_argument("--num-samples", type=int, default=300, help="samples per evaluation")
@@ -393,16 +395,22 @@ def main() -> None:
                    help="train nothing: summarize the points already in --results, redraw the plot, print "
                    "the README table (complete runs only)")
     p.add_argument("overrides", nargs="*", help="training config overrides for every arm, key=value")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.cfg_scale is None:
         args.cfg_scale = config_mod.load(config_mod.TrainConfig, args.config).sampler.cfg_scale
     args.family_overrides = {}
     if args.quick:
-        args.seeds, args.budget_scale, args.evals = "0", 0.003, 2  # every arm, one seed, tiny budgets
+        args.seeds, args.budget_scale, args.evals = args.seeds or "0", 0.003, 2  # every arm, one seed, tiny budgets
         args.num_samples, args.steps, args.train_fraction = 40, 3, 0.05
         args.plot = str(Path(args.out) / "quick.png")
         args.family_overrides = {"unet": ["model.channels=32", "model.channel_mult=[1,2]", "model.num_blocks=1",
                                           "model.attn_resolutions=[]"], "dit": ["model.hidden=64", "model.heads=2"]}
+    args.seeds = args.seeds or "0,1"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     logging.getLogger("latent_patch.train").disabled = True  # the sweep prints one line per evaluation

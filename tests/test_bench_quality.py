@@ -111,3 +111,12 @@ def test_the_full_reference_of_a_named_family_is_part_of_what_is_asked(tmp_path)
     assert not bq.finished(args, tmp_path)
     with pytest.raises(SystemExit, match="bogus"):
         bq.asked(argparse.Namespace(arms="dit_patch,bogus", seeds="0", evals=6))
+
+
+def test_quick_runs_seed_0_unless_seeds_are_named_so_side_by_side_quick_runs_keep_apart():
+    bq = _bench()
+    assert bq.parse_args([]).seeds == "0,1"
+    assert bq.parse_args(["--quick"]).seeds == "0"
+    quick = bq.parse_args(["--quick", "--seeds", "1"])
+    assert quick.seeds == "1" and quick.evals == 2 and quick.train_fraction == 0.05
+    assert bq.asked(quick)[1] == [1]
