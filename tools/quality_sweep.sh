@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The issue-12 sweep as run on the 2-core machine, in order: the 10,000-image sweep, then the
-# 1,000-image variant (settings in BENCHMARKS.md). Resumable: rerun it to continue.
+# The issue-12 sweep as run on the 2-core machine, in order: the 10,000-image sweep, the
+# 1,000-image variant at 4x, then its DiT arms at 8x (settings and why in BENCHMARKS.md).
+# Resumable: rerun it to continue; a finished stage reports at once.
 #
 # The two seeds run side by side, one torch thread each: on 2 cores that trains the demo U-Net
 # 1.36-1.43x and the DiT 1.00-1.12x as fast in all as one 2-thread process does
@@ -25,3 +26,8 @@ mkdir -p bench_out
 seeds_side_by_side
 seeds_side_by_side --train-fraction 0.1 --budget-scale 4 \
     --arms unet_full,unet_patch,dit_full,dit_patch,dit_route --plot docs/figures/quality_vs_compute_1000.png
+# one arm-seed at a time (about an hour each), so that a run fits in one session: checkpoints
+# (bench_out/) do not outlive the machine, points (benchmarks/results/) do
+OMP_NUM_THREADS=2 $PY benchmarks/bench_quality.py --train-fraction 0.1 --budget-scale 8 --evals 12 \
+    --arms dit_full,dit_patch,dit_route --out bench_out/quality-long --results benchmarks/results/quality-compute-long \
+    --plot docs/figures/quality_vs_compute_1000_8x.png > bench_out/quality-long.log 2>&1
