@@ -400,12 +400,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.cfg_scale = config_mod.load(config_mod.TrainConfig, args.config).sampler.cfg_scale
     args.family_overrides = {}
     if args.quick:
-        args.seeds, args.budget_scale, args.evals = args.seeds or "0", 0.003, 2  # every arm, seed 0 unless named, tiny budgets
+        args.budget_scale, args.evals = 0.003, 2  # every arm, tiny budgets
         args.num_samples, args.steps, args.train_fraction = 40, 3, 0.05
         args.plot = str(Path(args.out) / "quick.png")
         args.family_overrides = {"unet": ["model.channels=32", "model.channel_mult=[1,2]", "model.num_blocks=1",
                                           "model.attn_resolutions=[]"], "dit": ["model.hidden=64", "model.heads=2"]}
-    args.seeds = args.seeds or "0,1"
+    args.seeds = args.seeds or ("0" if args.quick else "0,1")  # --quick: one seed unless named
     return args
 
 
