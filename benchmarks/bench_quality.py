@@ -15,8 +15,10 @@ Arms (settings fixed before any comparison ran; reasons in BENCHMARKS.md):
                                             around blocks 1..4; both
 Each arm runs with seeds 0 and 1 (the same seed pair across arms). Each arm and seed's points
 are kept under --results (committed), its checkpoints under --out, so a killed or time-limited
-sweep continues where it stopped: rerun it. Processes for different seeds may share --out (the
-shards and statistics are made once, under a lock): tools/quality_sweep.sh runs them side by side.
+sweep continues where it stopped: rerun it. Several workers may share --out (the shards and
+statistics are made once, under a lock) and even the same arms and seeds: each arm-seed is trained
+by one worker, under its own lock, and awaited by the others. tools/quality_sweep.sh runs two
+workers side by side.
 
     python benchmarks/bench_quality.py                            # default sweep (about 3 h, 2 cores)
     python benchmarks/bench_quality.py --train-fraction 0.1 --budget-scale 4   # 1,000 images, longer
@@ -45,7 +47,9 @@ import os
 import sys
 import tarfile
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -369,8 +373,10 @@ def plot(results: dict[str, dict[int, list[dict]]], path: Path, title: str) -> N
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buf = io.BytesIO()  # written whole: workers that finish together draw the same file
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    fsutil.atomic_write_bytes(path, buf.getvalue())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -430,11 +436,55 @@ def main() -> None:
     shards, ref_path = prepare_data(out, args.train_fraction)
     ref, codec = Stats.load(ref_path), VAECodec.load("demo", device=args.device)
     arms, seeds = asked(args)
-    results: dict[str, dict[int, list[dict]]] = {a: {} for a in arms}
-    for seed in seeds:  # all arms of a seed first: partial results stay comparable
-        for arm in results:
-            results[arm][seed] = run_arm(arm, seed, out, res_dir, shards, ref, codec, args)
+    results = train_all(arms, seeds, out, res_dir, args.evals,
+                        lambda arm, seed: run_arm(arm, seed, out, res_dir, shards, ref, codec, args))
     finish(args, res_dir, results, seeds)
+
+
+def train_all(arms: list[str], seeds: list[int], out: Path, res_dir: Path, evals: int,
+              run: Callable[[str, int], list[dict]]) -> dict[str, dict[int, list[dict]]]:
+    """Every asked arm-seed's points: trained by ``run`` here, unless another worker has it.
+
+    Why: several workers may share ``out`` and the same list (tools/quality_sweep.sh runs two
+    side by side, one torch thread each, which uses 2 cores better than one 2-thread process), so
+    each arm-seed is trained under its own lock, exactly once. One held by another worker is put
+    off and awaited once this worker has nothing else to do; if that worker died, it is taken
+    over and continued from its last checkpoint."""
+    results: dict[str, dict[int, list[dict]]] = {a: {} for a in arms}
+    put_off: list[tuple[str, int]] = []
+    for seed in seeds:  # all arms of a seed first: partial results stay comparable
+        for arm in arms:
+            if (done := complete_points(res_dir, arm, seed, evals)) is not None:
+                results[arm][seed] = done
+                continue
+            lock = filelock.FileLock(arm_lock(out, arm, seed))
+            if not lock.acquire():
+                log.info("%s seed %d: another worker holds %s; later", arm, seed, lock.path)
+                put_off.append((arm, seed))
+                continue
+            try:
+                results[arm][seed] = run(arm, seed)
+            finally:
+                lock.release()
+    for arm, seed in put_off:
+        results[arm][seed] = filelock.do_once(
+            arm_lock(out, arm, seed), partial(complete_points, res_dir, arm, seed, evals), partial(run, arm, seed),
+            f"{arm} seed {seed} (trained by another worker)")
+    return results
+
+
+def complete_points(res_dir: Path, arm: str, seed: int, evals: int) -> list[dict] | None:
+    """The arm-seed's points if all ``evals`` are in, else None."""
+    f = res_dir / arm / f"seed-{seed}" / "points.json"
+    points = fsutil.read_json(f) if f.is_file() else []
+    return points if len(points) >= evals else None
+
+
+def arm_lock(out: Path, arm: str, seed: int) -> Path:
+    """The lock that one worker holds while it trains this arm-seed (beside its checkpoints)."""
+    folder = out / arm / f"seed-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "train.lock"
 
 
 def finish(args: argparse.Namespace, res_dir: Path, results: dict[str, dict[int, list[dict]]],

@@ -120,3 +120,62 @@ def test_quick_runs_seed_0_unless_seeds_are_named_so_side_by_side_quick_runs_kee
     quick = bq.parse_args(["--quick", "--seeds", "1"])
     assert quick.seeds == "1" and quick.evals == 2 and quick.train_fraction == 0.05
     assert bq.asked(quick)[1] == [1]
+
+
+def _write_points(res_dir: Path, arm: str, seed: int, n: int) -> list[dict]:
+    import json
+
+    pts = points([3.0 + seed] * n)
+    f = res_dir / arm / f"seed-{seed}" / "points.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(pts))
+    return pts
+
+
+def test_workers_sharing_a_sweep_train_each_arm_seed_once_and_await_the_ones_another_holds(tmp_path):
+    """Two workers on the same list: the arm-seed another (live) worker holds is put off, not
+    trained twice; this worker trains the rest in order, then waits for it and reports its points."""
+    from latent_patch import filelock
+
+    bq = _bench()
+    out, res = tmp_path / "out", tmp_path / "res"
+    _write_points(res, "dit_full", 0, 6)  # finished earlier: neither trained nor locked
+    other = filelock.FileLock(bq.arm_lock(out, "dit_patch", 0))
+    assert other.acquire()  # the other worker, training dit_patch seed 0
+    trained: list[tuple[str, int]] = []
+
+    def run(arm: str, seed: int) -> list[dict]:
+        trained.append((arm, seed))
+        assert filelock.lock_owner(bq.arm_lock(out, arm, seed)).get("token")  # held while it trains
+        if (arm, seed) == ("dit_patch", 1):  # meanwhile the other worker finishes its run
+            _write_points(res, "dit_patch", 0, 6)
+            other.release()
+        return _write_points(res, arm, seed, 6)
+
+    got = bq.train_all(["dit_patch", "dit_full"], [0, 1], out, res, 6, run)
+    assert trained == [("dit_patch", 1), ("dit_full", 1)]  # seed-major, dit_patch 0 put off and never retrained
+    assert got["dit_patch"][0] == points([3.0] * 6) and got["dit_full"][1] == points([4.0] * 6)
+    assert not any(out.rglob("train.lock"))  # every lock released
+
+
+def test_an_arm_seed_whose_worker_died_is_taken_over_and_trained(tmp_path):
+    """A lock left by a killed worker (its pid gone on this host) does not stall the sweep."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    bq = _bench()
+    out, res = tmp_path / "out", tmp_path / "res"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    bq.arm_lock(out, "dit_full", 0).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead),
+                                                           "token": "killed"}))
+    trained: list[tuple[str, int]] = []
+
+    def run(arm: str, seed: int) -> list[dict]:
+        trained.append((arm, seed))
+        return _write_points(res, arm, seed, 6)
+
+    got = bq.train_all(["dit_full"], [0], out, res, 6, run)
+    assert trained == [("dit_full", 0)] and len(got["dit_full"][0]) == 6

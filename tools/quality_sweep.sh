@@ -26,8 +26,17 @@ mkdir -p bench_out
 seeds_side_by_side
 seeds_side_by_side --train-fraction 0.1 --budget-scale 4 \
     --arms unet_full,unet_patch,dit_full,dit_patch,dit_route --plot docs/figures/quality_vs_compute_1000.png
-# one arm-seed at a time (about an hour each), so that a run fits in one session: checkpoints
-# (bench_out/) do not outlive the machine, points (benchmarks/results/) do
-OMP_NUM_THREADS=2 $PY benchmarks/bench_quality.py --train-fraction 0.1 --budget-scale 8 --evals 12 \
-    --arms dit_full,dit_patch,dit_route --out bench_out/quality-long --results benchmarks/results/quality-compute-long \
-    --plot docs/figures/quality_vs_compute_1000_8x.png > bench_out/quality-long.log 2>&1
+# the 8x stage: two workers side by side on the same list, one torch thread each; each arm-seed
+# is trained by one of them, under its own lock (bench_quality.train_all), so two run at once.
+# An arm-seed takes about 1.5-2 h so; checkpoints (bench_out/) do not outlive the machine, points
+# (benchmarks/results/) do: commit an arm-seed's points.json once all 12 points are in.
+LONG=(--train-fraction 0.1 --budget-scale 8 --evals 12 --arms dit_full,dit_patch,dit_route
+      --out bench_out/quality-long --results benchmarks/results/quality-compute-long
+      --plot docs/figures/quality_vs_compute_1000_8x.png)
+pids=()
+for worker in 0 1; do
+    OMP_NUM_THREADS=1 $PY benchmarks/bench_quality.py "${LONG[@]}" > "bench_out/quality-long-worker$worker.log" 2>&1 &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+$PY benchmarks/bench_quality.py "${LONG[@]}" --report
