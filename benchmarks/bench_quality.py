@@ -229,6 +229,7 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
         t0 = time.perf_counter()
         progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(folder / "run") else None)
         wall = time.perf_counter() - t0
+        check_segment(progress.flops, k, budget, args.evals, folder)
         point = {"k": k, "fraction": k / args.evals, "train_flops": progress.flops, "budget_flops": budget,
                  "patches": progress.patches, "full_equiv": progress.full_equiv,
                  "train_s": (points[-1]["train_s"] if points else 0.0) + wall, **evaluate(folder / "run", ref, codec, args)}
@@ -237,6 +238,16 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
         print(f"{arm:16s} seed {seed}  {k}/{args.evals}: {progress.flops / 1e15:7.3f} PFLOP  FD {point['fd']:7.3f}  "
               f"acc {100 * point['acc']:5.1f}%  ({progress.patches:,} patches, {point['train_s']:.0f} s)", flush=True)
     return points
+
+
+def check_segment(flops: float, k: int, budget: float, evals: int, folder: Path) -> None:
+    """Refuse a point that would be filed under the wrong fraction: training resumed from a
+    checkpoint already past segment ``k`` (points.json lost or cut while the checkpoints stayed)
+    stops at once, beyond this segment's end."""
+    if flops >= budget * (k + 1) / evals:
+        raise SystemExit(f"{folder}: its latest checkpoint is at {flops:.6g} FLOPs, past evaluation point {k} "
+                         f"of {evals} ({budget * k / evals:.6g}): the points of this arm-seed were lost; "
+                         f"remove {folder} to train it again from step 0")
 
 
 def reach_fraction(points: list[dict], target: float) -> float | None:

@@ -179,3 +179,10 @@ def test_an_arm_seed_whose_worker_died_is_taken_over_and_trained(tmp_path):
 
     got = bq.train_all(["dit_full"], [0], out, res, 6, run)
     assert trained == [("dit_full", 0)] and len(got["dit_full"][0]) == 6
+
+
+def test_a_checkpoint_ahead_of_the_points_is_refused_not_filed_under_the_wrong_fraction(tmp_path):
+    bq = _bench()
+    bq.check_segment(3.01e15, 3, 12e15, 12, tmp_path)  # segment 3 ends a step past its target: fine
+    with pytest.raises(SystemExit, match="past evaluation point 3 of 12"):
+        bq.check_segment(5.0e15, 3, 12e15, 12, tmp_path)  # resumed from segment 5's checkpoint
