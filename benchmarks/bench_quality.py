@@ -226,10 +226,10 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
         # the budget is the run's length (the progressive ramp follows it); stop_flops ends this segment
         cfg = arm_config(arm, seed, folder / "run", shards, args,
                          [f"run.total_flops={budget:.6g}", f"run.stop_flops={target:.6g}"])
+        check_resume(folder / "run", target, k, args.evals)
         t0 = time.perf_counter()
         progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(folder / "run") else None)
         wall = time.perf_counter() - t0
-        check_segment(progress.flops, k, budget, args.evals, folder)
         point = {"k": k, "fraction": k / args.evals, "train_flops": progress.flops, "budget_flops": budget,
                  "patches": progress.patches, "full_equiv": progress.full_equiv,
                  "train_s": (points[-1]["train_s"] if points else 0.0) + wall, **evaluate(folder / "run", ref, codec, args)}
@@ -240,14 +240,19 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
     return points
 
 
-def check_segment(flops: float, k: int, budget: float, evals: int, folder: Path) -> None:
-    """Refuse a point that would be filed under the wrong fraction: training resumed from a
-    checkpoint already past segment ``k`` (points.json lost or cut while the checkpoints stayed)
-    stops at once, beyond this segment's end."""
-    if flops >= budget * (k + 1) / evals:
-        raise SystemExit(f"{folder}: its latest checkpoint is at {flops:.6g} FLOPs, past evaluation point {k} "
-                         f"of {evals} ({budget * k / evals:.6g}): the points of this arm-seed were lost; "
-                         f"remove {folder} to train it again from step 0")
+def check_resume(run_dir: Path, target: float, k: int, evals: int) -> None:
+    """Refuse to train segment ``k`` from a checkpoint written for a later segment (points.json
+    lost or cut while the checkpoints stayed): training would stop at once and its point would be
+    filed under the wrong fraction. Each checkpoint's config holds the ``run.stop_flops`` it was
+    written for; one written for segment ``k`` itself (killed during its evaluation) is fine."""
+    latest = checkpoint.find_latest(run_dir)
+    if latest is None:
+        return
+    written_for = checkpoint.load_config(latest).run.stop_flops
+    if written_for > float(f"{target:.6g}") * (1 + 1e-6):
+        raise SystemExit(f"{latest}: written for {written_for:.6g} training FLOPs, past evaluation point {k} of "
+                         f"{evals} ({target:.6g}): this arm-seed's points were lost; remove {run_dir.parent} "
+                         f"to train it again from step 0")
 
 
 def reach_fraction(points: list[dict], target: float) -> float | None:

@@ -181,8 +181,22 @@ def test_an_arm_seed_whose_worker_died_is_taken_over_and_trained(tmp_path):
     assert trained == [("dit_full", 0)] and len(got["dit_full"][0]) == 6
 
 
-def test_a_checkpoint_ahead_of_the_points_is_refused_not_filed_under_the_wrong_fraction(tmp_path):
+def test_a_checkpoint_written_for_a_later_segment_is_refused_not_filed_under_the_wrong_fraction(tmp_path,
+                                                                                              monkeypatch):
+    """Segment 3 may resume from the checkpoint written for segment 3 itself (a run killed during
+    that point's evaluation), not from one written for segment 5 (its points lost)."""
+    from types import SimpleNamespace
+
     bq = _bench()
-    bq.check_segment(3.01e15, 3, 12e15, 12, tmp_path)  # segment 3 ends a step past its target: fine
-    with pytest.raises(SystemExit, match="past evaluation point 3 of 12"):
-        bq.check_segment(5.0e15, 3, 12e15, 12, tmp_path)  # resumed from segment 5's checkpoint
+    written_for = {"stop_flops": 0.0}
+    monkeypatch.setattr(bq.checkpoint, "find_latest", lambda run_dir: run_dir / "checkpoints" / "step-9")
+    monkeypatch.setattr(bq.checkpoint, "load_config", lambda ckpt: SimpleNamespace(run=SimpleNamespace(**written_for)))
+    target = 12e15 * 3 / 7  # not round: the config holds it to 6 digits
+    for ok in (1e15, float(f"{target:.6g}")):
+        written_for["stop_flops"] = ok
+        bq.check_resume(tmp_path / "run", target, 3, 7)
+    written_for["stop_flops"] = float(f"{12e15 * 5 / 7:.6g}")
+    with pytest.raises(SystemExit, match="past evaluation point 3 of 7"):
+        bq.check_resume(tmp_path / "run", target, 3, 7)
+    monkeypatch.setattr(bq.checkpoint, "find_latest", lambda run_dir: None)
+    bq.check_resume(tmp_path / "run", target, 3, 7)  # nothing to resume from
