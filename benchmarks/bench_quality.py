@@ -518,8 +518,8 @@ def finish(args: argparse.Namespace, res_dir: Path, results: dict[str, dict[int,
 def finished(args: argparse.Namespace, res_dir: Path) -> bool:
     """Whether every asked arm and seed already holds all its points."""
     arms, seeds = asked(args)
-    done = load_results(res_dir, arms, seeds)
-    return bool(arms and seeds) and all(len(done.get(a, {}).get(s, [])) == args.evals for a in arms for s in seeds)
+    return bool(arms and seeds) and all(complete_points(res_dir, a, s, args.evals) is not None
+                                        for a in arms for s in seeds)
 
 
 def report(args: argparse.Namespace, res_dir: Path) -> None:

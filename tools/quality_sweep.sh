@@ -28,7 +28,7 @@ seeds_side_by_side --train-fraction 0.1 --budget-scale 4 \
     --arms unet_full,unet_patch,dit_full,dit_patch,dit_route --plot docs/figures/quality_vs_compute_1000.png
 # the 8x stage: two workers side by side on the same list, one torch thread each; each arm-seed
 # is trained by one of them, under its own lock (bench_quality.train_all), so two run at once.
-# An arm-seed takes about 1.5-2 h so; checkpoints (bench_out/) do not outlive the machine, points
+# An arm-seed takes about 2-2.6 h so (BENCHMARKS.md); checkpoints (bench_out/) do not outlive the machine, points
 # (benchmarks/results/) do: commit an arm-seed's points.json once all 12 points are in.
 LONG=(--train-fraction 0.1 --budget-scale 8 --evals 12 --arms dit_full,dit_patch,dit_route
       --out bench_out/quality-long --results benchmarks/results/quality-compute-long
