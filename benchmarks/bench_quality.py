@@ -464,8 +464,9 @@ def train_all(arms: list[str], seeds: list[int], out: Path, res_dir: Path, evals
     Why: several workers may share ``out`` and the same list (tools/quality_sweep.sh runs two
     side by side, one torch thread each, which uses 2 cores better than one 2-thread process), so
     each arm-seed is trained under its own lock, exactly once. One held by another worker is put
-    off and awaited once this worker has nothing else to do; if that worker died, it is taken
-    over and continued from its last checkpoint."""
+    off and awaited once this worker has nothing else to do; one whose worker died (a killed
+    sweep, rerun) is taken over at once and continued from its last checkpoint, so a rerun
+    finishes what was half done before it starts anything new."""
     results: dict[str, dict[int, list[dict]]] = {a: {} for a in arms}
     put_off: list[tuple[str, int]] = []
     for seed in seeds:  # all arms of a seed first: partial results stay comparable
@@ -473,9 +474,9 @@ def train_all(arms: list[str], seeds: list[int], out: Path, res_dir: Path, evals
             if (done := complete_points(res_dir, arm, seed, evals)) is not None:
                 results[arm][seed] = done
                 continue
-            lock = filelock.FileLock(arm_lock(out, arm, seed))
-            if not lock.acquire():
-                log.info("%s seed %d: another worker holds %s; later", arm, seed, lock.path)
+            lock = filelock.take(arm_lock(out, arm, seed))
+            if lock is None:
+                log.info("%s seed %d: another worker holds %s; later", arm, seed, arm_lock(out, arm, seed))
                 put_off.append((arm, seed))
                 continue
             try:

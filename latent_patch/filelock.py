@@ -136,6 +136,36 @@ def _break(path: Path, dead: tuple) -> None:
         aside.unlink(missing_ok=True)
 
 
+def _owner_gone(owner: dict) -> bool:
+    """The owner ran on this host and its pid is gone: dead for sure, no need to wait ``STALE_S``."""
+    return owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+        and not pid_alive(owner["pid"])
+
+
+def take(path: str | Path) -> FileLock | None:
+    """A hold on ``path`` now, or None while a live process holds it; a dead owner's lock is taken over.
+
+    Why: a caller that tries each lock once and moves on (bench_quality.train_all) would
+    otherwise put off the work a killed run left half done and start new work instead. Only an
+    owner gone from this host counts as dead here; a lock of another host is judged by waiting
+    (:class:`_Waiter`)."""
+    path = Path(path)
+    for _ in range(2):  # once more after breaking: another process may take it first
+        lock = FileLock(path)
+        if lock.acquire():
+            return lock
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        owner = lock_owner(path)
+        if not _owner_gone(owner):
+            return None
+        _say(f"taking over {path}: its owner (pid {owner['pid']}) is gone")
+        _break(path, (st.st_ino, st.st_mtime_ns, owner.get("token")))
+    return None
+
+
 class _Waiter:
     """A waiter's view of another process's lock: sleep (backing off), report, or break a dead lock."""
 
@@ -154,8 +184,7 @@ class _Waiter:
         if (st.st_ino, st.st_mtime_ns) != self.seen:
             self.seen, self.since = (st.st_ino, st.st_mtime_ns), now
         owner = lock_owner(self.path)
-        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
-                and not pid_alive(owner["pid"]):
+        if _owner_gone(owner):
             why = f"its owner (pid {owner['pid']}) is gone"
         elif now - self.since > STALE_S:
             why = f"not touched for {STALE_S:.0f} s ({_name(owner)} presumed dead)"

@@ -159,7 +159,8 @@ def test_workers_sharing_a_sweep_train_each_arm_seed_once_and_await_the_ones_ano
 
 
 def test_an_arm_seed_whose_worker_died_is_taken_over_and_trained(tmp_path):
-    """A lock left by a killed worker (its pid gone on this host) does not stall the sweep."""
+    """A lock left by a killed worker (its pid gone on this host) is taken over on the first pass:
+    a rerun sweep finishes the half-done arm-seed before starting the next."""
     import json
     import socket
     import subprocess
@@ -177,8 +178,9 @@ def test_an_arm_seed_whose_worker_died_is_taken_over_and_trained(tmp_path):
         trained.append((arm, seed))
         return _write_points(res, arm, seed, 6)
 
-    got = bq.train_all(["dit_full"], [0], out, res, 6, run)
-    assert trained == [("dit_full", 0)] and len(got["dit_full"][0]) == 6
+    got = bq.train_all(["dit_full"], [0, 1], out, res, 6, run)
+    assert trained == [("dit_full", 0), ("dit_full", 1)]  # in order: taken over at once, not put off
+    assert len(got["dit_full"][0]) == 6 and not any(out.rglob("train.lock"))
 
 
 def test_a_checkpoint_written_for_a_later_segment_is_refused_not_filed_under_the_wrong_fraction(tmp_path,

@@ -77,3 +77,25 @@ def test_waiting_times_out_on_a_live_lock_and_leaves_it(tmp_path, monkeypatch, c
         filelock.do_once(path, lambda: None, lambda: pytest.fail("must not work"), "it", timeout_s=0.3,
                          progress=lambda: "3 of 9 done")
     assert "waiting for it: node-7 pid 12 holds" in capsys.readouterr().err and path.exists()
+
+
+def test_take_holds_a_free_lock_breaks_a_dead_ones_and_leaves_a_live_or_foreign_one(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    free = filelock.take(tmp_path / "free")
+    assert free is not None and filelock.lock_owner(tmp_path / "free")["token"] == free.token
+    assert filelock.take(tmp_path / "free") is None  # held by a live process (us)
+    free.release()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    (tmp_path / "dead").write_text(json.dumps({"host": socket.gethostname(), "pid": dead, "token": "killed"}))
+    taken = filelock.take(tmp_path / "dead")
+    assert taken is not None and filelock.lock_owner(tmp_path / "dead")["token"] == taken.token
+    assert f"its owner (pid {dead}) is gone" in capsys.readouterr().err
+    taken.release()
+    foreign = json.dumps({"host": "node-7", "pid": dead, "token": "t"})  # another host: judged by waiting only
+    (tmp_path / "foreign").write_text(foreign)
+    assert filelock.take(tmp_path / "foreign") is None and (tmp_path / "foreign").read_text() == foreign
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign"]
