@@ -46,7 +46,7 @@ def build(arm: str, warmup: int):
     C, R, B = cfg.model.latent_channels, cfg.model.latent_size, cfg.data.batch_size
     loader = synthetic_loader(4 * B, C, R, cfg.model.num_classes, B)
     trainer = build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae)
-    plan = StepPlan(size=R, mult=1, patches=B, full_equiv=float(B), sizes=[R])
+    plan = StepPlan(size=R, mult=1, patches=B, full_equiv=float(B))
     for _ in range(warmup):
         timed_step(trainer, plan)
     return trainer, plan

@@ -121,10 +121,10 @@ def run(args: argparse.Namespace) -> dict:
     schedule = PatchSchedule(PatchConfig(sizes=[0.5, 1.0], probs=[0.5, 0.5]), R)
     gen = torch.Generator().manual_seed(args.seed)
     draws = [schedule.sample(gen) for _ in range(args.steps)]
-    full_plan = StepPlan(size=R, mult=1, patches=B, full_equiv=float(B), sizes=[R])
+    full_plan = StepPlan(size=R, mult=1, patches=B, full_equiv=float(B))
 
     def patch_plan(s: int, m: int) -> StepPlan:
-        return StepPlan(size=s, mult=m, patches=B * m, full_equiv=B * m * (s / R) ** 2, sizes=[s])
+        return StepPlan(size=s, mult=m, patches=B * m, full_equiv=B * m * (s / R) ** 2)
 
     for _ in range(args.warmup):  # allocator, autotuning, both shapes
         timed_step(trainer, full_plan)

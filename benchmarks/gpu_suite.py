@@ -378,8 +378,8 @@ def train_config(sizes: Sizes, preset: str, compiled: bool) -> TrainConfig:
 def step_plans(B: int, R: int) -> dict[str, StepPlan]:
     """A full step (side R, batch B) and a patch step (side R/2, batch 2B), as bench_train plans them."""
     half = R // 2
-    return {"full": StepPlan(size=R, mult=1, patches=B, full_equiv=float(B), sizes=[R]),
-            "patch": StepPlan(size=half, mult=2, patches=2 * B, full_equiv=2 * B * (half / R) ** 2, sizes=[half])}
+    return {"full": StepPlan(size=R, mult=1, patches=B, full_equiv=float(B)),
+            "patch": StepPlan(size=half, mult=2, patches=2 * B, full_equiv=2 * B * (half / R) ** 2)}
 
 
 def timed_steps(suite: Suite, trainer: Any, plans: dict[str, StepPlan], rounds: int,

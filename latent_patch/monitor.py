@@ -99,27 +99,29 @@ class Window:
     first_step: int = 1
     patches: int = 0
     full_equiv: float = 0.0
-    sizes: dict[int, int] = field(default_factory=dict)
+    sides: list[int] = field(default_factory=list)  # this rank's patch side at each step
+    sizes: dict[int, int] = field(default_factory=dict)  # steps per side over ALL ranks (flush_losses)
     start: float = field(default_factory=time.perf_counter)
     paused: float = 0.0  # seconds spent in checkpoints / previews, excluded from throughput
 
     def add(self, plan: Any, loss: torch.Tensor) -> None:
-        """One step's device loss and its plan (``train.StepPlan``: patches, full_equiv, sizes)."""
+        """One step's device loss and its plan (``train.StepPlan``: size, patches, full_equiv)."""
         self.losses.append(loss)
+        self.sides.append(plan.size)
         self.patches += plan.patches
         self.full_equiv += plan.full_equiv
-        for s in plan.sizes:
-            self.sizes[s] = self.sizes.get(s, 0) + 1
 
 
 def flush_losses(accelerator: Any, w: Window, patches_seen: int) -> torch.Tensor:
     """Mean over ranks of each step's loss, on the host; a non-finite one stops the run, naming its step.
 
     This is the only place losses reach the host, and it runs before every log line and every
-    checkpoint, so a checkpoint is never written after a NaN/inf loss.
+    checkpoint, so a checkpoint is never written after a NaN/inf loss. It also gathers every
+    rank's patch side of each step (:func:`check_sides`).
     """
     if not w.losses:
         return torch.zeros(0)
+    check_sides(accelerator, w)
     hist = accelerator.reduce(torch.stack(w.losses), reduction="mean").float().cpu()
     bad = (~torch.isfinite(hist)).nonzero()
     if len(bad):
@@ -130,6 +132,28 @@ def flush_losses(accelerator: Any, w: Window, patches_seen: int) -> torch.Tensor
             f"lower optim.lr or raise optim.warmup_patches, then --resume auto"
         )
     return hist
+
+
+def check_sides(accelerator: Any, w: Window) -> None:
+    """Gather each step's patch side from every rank; refuse a step where they differ; count the mix.
+
+    Why: ranks draw the side from generators they hold identically (``train.plan_step``), with no
+    communication; should they ever drift apart (a changed seed, a resume that restored one rank's
+    generator only), DDP would silently wait for the slowest rank and the schedule's saving would
+    be lost. The logged mix counts the sides of all ranks, so it shows what was run, not one
+    rank's view. One small gather per check point, never per step.
+    """
+    mine = torch.tensor(w.sides, dtype=torch.int64, device=accelerator.device)
+    every = accelerator.gather(mine).view(accelerator.num_processes, -1).cpu()
+    differ = (every != every[0]).any(dim=0).nonzero()
+    if len(differ):
+        i = int(differ[0])
+        raise TrainingError(
+            f"ranks drew different patch sides at step {w.first_step + i}: {every[:, i].tolist()} (rank order); "
+            "every rank must hold the same schedule generator (train.plan_step): same run.seed on all ranks"
+        )
+    sides, counts = every.flatten().unique(return_counts=True)
+    w.sizes = {int(s): int(c) for s, c in zip(sides, counts)}
 
 
 def check_finite_weights(net: torch.nn.Module, step: int, patches_seen: int) -> None:

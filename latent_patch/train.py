@@ -63,7 +63,6 @@ class StepPlan:
     patches: int  # all ranks, all micro-batches
     full_equiv: float
     flops: float = 0.0  # training FLOPs of the step, all ranks
-    sizes: list[int] = field(default_factory=list)  # every rank's side this step (for the logged mix)
 
 
 @dataclass
@@ -222,7 +221,7 @@ def plan_step(trainer: Trainer) -> StepPlan:
     size, mult = trainer.schedule.sample(trainer.schedule_gen, progress)
     n = trainer.cfg.data.batch_size * trainer.accum * mult * trainer.world_size
     return StepPlan(size=size, mult=mult, patches=n, full_equiv=n * (size / trainer.R) ** 2,
-                    flops=n * trainer.flops_per_patch.get(size, 0.0), sizes=[size] * trainer.world_size)
+                    flops=n * trainer.flops_per_patch.get(size, 0.0))
 
 
 def next_batch(trainer: Trainer, mult: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

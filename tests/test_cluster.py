@@ -11,7 +11,7 @@ import torch
 from latent_patch import config, dist
 from latent_patch.checkpoint import Progress
 from latent_patch.config import PatchConfig, TrainConfig
-from latent_patch.monitor import TrainingError
+from latent_patch.monitor import TrainingError, Window, flush_losses
 from latent_patch.patches import PatchSchedule
 from latent_patch.seeds import derive_seed
 from latent_patch.train import plan_step, split_batch
@@ -31,12 +31,45 @@ def test_every_rank_draws_the_same_patch_side_each_step():
     sides = []
     for _ in range(400):
         plans = [plan_step(t) for t in ranks]
-        assert len({p.size for p in plans}) == 1 and set(plans[0].sizes) == {plans[0].size}
+        assert len({p.size for p in plans}) == 1
         assert len({(p.patches, p.flops) for p in plans}) == 1  # every rank counts the same progress
         sides.append(plans[0].size)
     assert 0.42 < sides.count(16) / len(sides) < 0.58  # the schedule's mix over steps is unchanged
     p = plan_step(_rank_view(0, 8))
     assert p.patches == 8 * 8 * p.mult and p.flops == p.patches * {16: 1.0, 32: 4.0}[p.size]
+
+
+class _TwoRanks:
+    """Rank 0's accelerator in a 2-process group whose rank 1 ran ``other_sides``: gather and reduce
+    answer as torch.distributed would, so flush_losses sees both ranks' steps."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, other_sides: list[int]):
+        self.other = torch.tensor(other_sides)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, self.other.to(t.dtype)])
+
+    def reduce(self, t: torch.Tensor, reduction: str) -> torch.Tensor:
+        return t
+
+
+def _window(sides: list[int]) -> Window:
+    w = Window(first_step=11)
+    for s in sides:
+        w.add(SimpleNamespace(size=s, patches=8, full_equiv=8.0), torch.tensor(0.5))
+    return w
+
+
+def test_the_logged_mix_counts_every_ranks_sides_and_ranks_that_differ_stop_the_run():
+    # the logged size mix is gathered from the ranks, not copied from this rank's own draw
+    w = _window([16, 32, 16])
+    flush_losses(_TwoRanks([16, 32, 16]), w, 24)
+    assert w.sizes == {16: 4, 32: 2}
+    # a rank that drew another side (step 12 of the window starting at step 11) stops the run
+    with pytest.raises(TrainingError, match=r"different patch sides at step 12: \[32, 16\]"):
+        flush_losses(_TwoRanks([16, 16, 16]), _window([16, 32, 16]), 24)
 
 
 @pytest.mark.parametrize("world, expect", [(1, (32, 8)), (8, (32, 1)), (16, (16, 1)), (64, (4, 1)), (256, (1, 1))])
