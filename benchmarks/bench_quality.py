@@ -363,8 +363,10 @@ def plot(results: dict[str, dict[int, list[dict]]], path: Path, title: str) -> N
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for ax, family in zip(axes, ("unet", "dit")):
+    families = [f for f in ("unet", "dit") if any(ARMS[a][0] == f and any(by.values()) for a, by in results.items())]
+    families = families or ["unet", "dit"]  # a sweep with no point yet still draws its empty axes
+    fig, axes = plt.subplots(1, len(families), figsize=(max(5.5 * len(families), 7.5), 4), dpi=100, squeeze=False)
+    for ax, family in zip(axes[0], families):
         for arm, by_seed in results.items():
             runs = [pts for pts in by_seed.values() if pts]
             if ARMS[arm][0] != family or not runs:
