@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +33,7 @@ import numpy as np
 
 from . import config as config_mod
 from . import fsutil
-from .cli import HelpFormatter
+from .cli import HelpFormatter, positive_int
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DATA = ASSETS / "fashion_mnist"
@@ -240,18 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (resumes when it exists)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config")
-    p.add_argument("--num-samples", type=int, default=500, help="samples for FD and class accuracy")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's sampler.steps)")
+    p.add_argument("--num-samples", type=positive_int, default=500, help="samples for FD and class accuracy")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the config's sampler.steps)")
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance weight (default: the config's sampler.cfg_scale)")
-    p.add_argument("--encode-batch-size", type=int, default=256, help="images per VAE call while encoding")
+    p.add_argument("--encode-batch-size", type=positive_int, default=256, help="images per VAE call while encoding")
     p.add_argument("--vae", default="demo", help="VAE spec: the shipped demo VAE, or a folder / hub id")
     p.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
+    """Run the demo; a refusal (bad override, missing file, a stage's error) is one ``prog: error:``
+    line and exit status 1, like every entry point, and what the stages finished is kept."""
+    from .checkpoint import CheckpointError
+    from .monitor import TrainingError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, TrainingError, CheckpointError) as err:  # ConfigError is a ValueError
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The five stages in order, each skipped where its output is complete and its settings unchanged."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

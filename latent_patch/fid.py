@@ -490,8 +490,14 @@ def iter_npz_batches(path: str | Path, batch_size: int = 100) -> Iterator[tuple[
     archive: 50k x 256 px is 9.8 GB, read once, batch by batch, never whole into memory."""
     import zipfile
 
-    with zipfile.ZipFile(path) as zf:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path}: not a samples .npz (not a zip archive)") from None
+    with zf:
         names = set(zf.namelist())
+        if "arr_0.npy" not in names:
+            raise ValueError(f"{path}: no arr_0 (the images) in this .npz; it holds {sorted(names)}")
         if "labels.npy" in names:
             with zf.open("labels.npy") as f:
                 labels = np.load(f, allow_pickle=False)
