@@ -14,22 +14,10 @@ import argparse
 import sys
 
 from latent_patch.codec import DEFAULT_VAE
-from latent_patch.cli import HelpFormatter
+from latent_patch.cli import HelpFormatter, int_at_least
 from latent_patch.config import EncodeConfig
 from latent_patch.encode import run_encode, verify
 from latent_patch.images import DEFAULT_MAX_PIXELS
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,31 +33,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder for shard-*.tar + manifest.json (default: shards/)")
     p.add_argument("--vae", default=DEFAULT_VAE,
                    help=f"hub id, local AutoencoderKL folder, or 'demo' (default: {DEFAULT_VAE})")
-    p.add_argument("--resolution", type=_int_at_least(8), default=256,
+    p.add_argument("--resolution", type=int_at_least(8), default=256,
                    help="ADM center-crop size (default: 256)")
     p.add_argument("--flips", choices=("none", "both"), default="none",
                    help="'both' also stores the encode of each horizontally flipped image "
                    "(default: none)")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=EncodeConfig.shard_size,
+    p.add_argument("--shard-size", type=int_at_least(1), default=EncodeConfig.shard_size,
                    help=f"max samples per shard (default: {EncodeConfig.shard_size})")
-    p.add_argument("--num-jobs", type=_int_at_least(1), default=1,
+    p.add_argument("--num-jobs", type=int_at_least(1), default=1,
                    help="independent jobs in total, e.g. a SLURM array (default: 1)")
-    p.add_argument("--job-index", type=_int_at_least(0), default=0,
+    p.add_argument("--job-index", type=int_at_least(0), default=0,
                    help="this job's index, 0-based (default: 0)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64,
+    p.add_argument("--batch-size", type=int_at_least(1), default=64,
                    help="images per VAE call (default: 64)")
     p.add_argument("--labels", help="label file for a flat folder (LOC_val_solution.csv or "
                    "'filename label' lines)")
-    p.add_argument("--workers", type=_int_at_least(0), default=None,
+    p.add_argument("--workers", type=int_at_least(0), default=None,
                    help="decoding worker processes (default: cores - 1 with a GPU, "
                    "0 = inline on the CPU)")
-    p.add_argument("--threads", type=_int_at_least(1), default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch threads of the encoding process on the CPU (default: its cores)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
                    help="VAE compute precision on the GPU (default fp16; the CPU uses fp32)")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda (default: cuda:LOCAL_RANK "
                    "when available)")
-    p.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS,
                    help=f"skip images with more pixels, a decompression-bomb guard (default: "
                    f"{DEFAULT_MAX_PIXELS}, PIL's own hard limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import config as config_mod
 from . import fsutil
-from .cli import HelpFormatter, positive_int
+from .cli import HelpFormatter, int_at_least
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DATA = ASSETS / "fashion_mnist"
@@ -241,11 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (resumes when it exists)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config")
-    p.add_argument("--num-samples", type=positive_int, default=500, help="samples for FD and class accuracy")
-    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the config's sampler.steps)")
+    p.add_argument("--num-samples", type=int_at_least(1), default=500, help="samples for FD and class accuracy")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="sampler steps (default: the config's sampler.steps)")
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance weight (default: the config's sampler.cfg_scale)")
-    p.add_argument("--encode-batch-size", type=positive_int, default=256, help="images per VAE call while encoding")
+    p.add_argument("--encode-batch-size", type=int_at_least(1), default=256, help="images per VAE call while encoding")
     p.add_argument("--vae", default="demo", help="VAE spec: the shipped demo VAE, or a folder / hub id")
     p.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     return p

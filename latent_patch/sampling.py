@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import checkpoint, dist, fid, fsutil
-from .cli import HelpFormatter, differences, non_negative_int, positive_int
+from .cli import HelpFormatter, differences, int_at_least
 from .codec import VAECodec, make_decoder, model_norm
 from .config import SamplerConfig
 from .edm import AUTHORS_IMAGENET256, ImageSampler, plan_batches
@@ -358,16 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
         "`sample.py export ...` (a diffusers pipeline folder)."))
     p.add_argument("--checkpoint", required=True, help="run folder (latest complete checkpoint) or checkpoint folder")
     p.add_argument("--out", required=True, help="output folder (parts/, samples.npz, images/, grid.png, *.json)")
-    p.add_argument("--num-samples", type=positive_int, default=50_000, help="samples to make (50,000 for FID)")
+    p.add_argument("--num-samples", type=int_at_least(1), default=50_000, help="samples to make (50,000 for FID)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per sampler batch (per process)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="samples per sampler batch (per process)")
     p.add_argument("--classes", type=_int_list, default=None, help="comma-separated class list to cycle through")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     g.add_argument("--no-ema", dest="weights", action="store_const", const="model", help="same as --weights model")
     p.add_argument("--vae", default=None, help="VAE spec (hub id, folder, 'demo'); default: the manifest's")
     p.add_argument("--decode-dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp16 on GPU, fp32 on CPU")
-    p.add_argument("--decode-batch-size", type=positive_int, default=None, help="VAE decode chunk (default: the batch)")
+    p.add_argument("--decode-batch-size", type=int_at_least(1), default=None, help="VAE decode chunk (default: the batch)")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="autocast for the network (default auto: bf16 on a GPU, none on the CPU)")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=["edm", "authors"], default=None,
                    help="base settings instead of the run's: edm (18-step Heun, w 1) or authors (256 steps, churn 40, "
                         "w 1.3); the flags below override either")
-    s.add_argument("--steps", type=positive_int, default=None, help="time steps (EDM: 18)")
+    s.add_argument("--steps", type=int_at_least(1), default=None, help="time steps (EDM: 18)")
     s.add_argument("--method", choices=["heun", "euler"], default=None, help="ODE step (EDM: heun)")
     s.add_argument("--sigma-min", type=float, default=None, help="lowest noise level (EDM: 0.002)")
     s.add_argument("--sigma-max", type=float, default=None, help="highest noise level (EDM: 80)")
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg-interval", type=_float_pair, default=None, help="LO,HI: guide only where LO <= sigma <= HI")
     o = p.add_argument_group("outputs and scoring")
     o.add_argument("--save", default="npz,png", help="comma list of npz, png")
-    o.add_argument("--grid", type=non_negative_int, default=64, help="samples in grid.png (0: none)")
+    o.add_argument("--grid", type=int_at_least(0), default=64, help="samples in grid.png (0: none)")
     o.add_argument("--fid-ref", default=None, help="stats npz, ADM reference npz, image folder or tar shards")
     o.add_argument("--features", default="inception", choices=["inception", "demo"],
                    help="FID features: Inception-v3 (the standard) or the demo classifier's")
@@ -497,10 +497,10 @@ def main_ref(argv: Sequence[str] | None = None) -> Path:
                                 formatter_class=HelpFormatter)
     p.add_argument("--source", required=True, help="image folder, folder of image tar shards, or one tar")
     p.add_argument("--out", required=True, help="output .npz (mu, sigma, provenance)")
-    p.add_argument("--resolution", type=positive_int, default=None,
+    p.add_argument("--resolution", type=int_at_least(1), default=None,
                    help="ADM-crop every image to this size first (use the generated resolution)")
-    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N images")
-    p.add_argument("--batch-size", type=positive_int, default=100, help="images per feature-extractor call")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N images")
+    p.add_argument("--batch-size", type=int_at_least(1), default=100, help="images per feature-extractor call")
     add_extractor_args(p)
     args = p.parse_args(argv)
     extractor = fid.build_extractor(args.features, inception=args.inception)
@@ -517,7 +517,7 @@ def main_fid(argv: Sequence[str] | None = None) -> dict:
                                 formatter_class=HelpFormatter)
     p.add_argument("--samples", required=True, help="sampling OUT folder or a samples .npz")
     p.add_argument("--fid-ref", required=True, help="stats npz, ADM reference npz, image folder or tar shards")
-    p.add_argument("--batch-size", type=positive_int, default=100, help="images per feature-extractor call")
+    p.add_argument("--batch-size", type=int_at_least(1), default=100, help="images per feature-extractor call")
     add_extractor_args(p)
     args = p.parse_args(argv)
     src = Path(args.samples)
