@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -262,8 +261,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     try:
         return run(args)
     except (ValueError, FileNotFoundError, TrainingError, CheckpointError) as err:  # ConfigError is a ValueError
-        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -2,8 +2,8 @@
 
 Work units are shards, and shard ``j`` always holds the same inputs, span ``j`` of a seeded
 permutation of the listing (:func:`input_order`, :func:`shard_span`), so the output does not
-depend on how the work is split and a class-sorted source gives shards of mixed classes. Worker ``w`` of ``W`` (``W = num_jobs * world_size``,
-``w = job_index * world_size + rank``) takes the shards with ``j % W == w`` that are not complete
+depend on how the work is split and a class-sorted source gives shards of mixed classes. Worker
+``w`` of ``W`` (``W = num_jobs * world_size``, ``w = job_index * world_size + rank``) takes the shards with ``j % W == w`` that are not complete
 yet; a killed run is resumed by re-running the same command. Batches never straddle shards, so a
 shard's bytes do not depend on which worker (or how many) encoded it, given the same numerics:
 on the CPU the torch thread count changes the VAE's fp32 results at the 1e-7 level, which can
