@@ -15,9 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch>=2.4" "torchvision>=0.19"
-	@# setuptools prints a generic notice for every editable install of a flat layout (the
-	@# package folder beside the project's files): expected here, so it is filtered by its text.
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
 test: setup
