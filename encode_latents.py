@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_at_least(1), default=64,
                    help="images per VAE call (default: 64)")
     p.add_argument("--labels", help="label file for a flat folder (LOC_val_solution.csv or "
-                   "'filename label' lines)")
+                   "'filename label' lines) (default: none: labels from class subfolders or the tars' .cls)")
     p.add_argument("--workers", type=int_at_least(0), default=None,
                    help="decoding worker processes (default: cores - 1 with a GPU, "
                    "0 = inline on the CPU)")

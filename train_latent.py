@@ -31,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", default=None,
                         help="'auto' = latest complete checkpoint of run.out_dir (fresh start if none); "
-                             "or a checkpoint / run folder")
+                             "or a checkpoint / run folder (default: a fresh start, refused where run.out_dir "
+                             "already holds checkpoints)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (same as run.progress=false)")
     parser.add_argument("--build-cache", action="store_true",
                         help="only build data.cache (in-memory mode) and exit: one process, before the GPU job")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 run.out_dir=runs/x")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
     try:
         cfg = config_mod.load(TrainConfig, args.config, [*args.overrides, *(["run.progress=false"] if args.no_progress else [])])
     except config_mod.ConfigError as err:

@@ -208,3 +208,37 @@ def test_every_help_marks_required_and_shows_defaults(capsys):
     assert "--config CONFIG YAML config (see configs/) (required)" in flat["others"]
     for name, text in flat.items():  # no option hides its set default
         assert "(default: None)" not in text and "(default: False)" not in text, name
+
+
+def test_every_option_of_every_entry_point_states_its_default(monkeypatch):
+    """Each option that takes a value says its default (shown by the formatter or in its own words),
+    is marked required, or sits in a group whose title states the defaults (sample.py's sampler)."""
+    import argparse
+
+    parsers: list[argparse.ArgumentParser] = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_intermixed_args", capture)
+    encode_cli, _ = _entry_point_parsers()  # every entry point builds its parser and parses
+    from latent_patch import demo, pipeline, sampling
+
+    for fn in (encode_cli.main, pipeline.main_export):
+        with pytest.raises(SystemExit):
+            fn([])
+    parsers += [sampling.build_parser(), demo.build_parser()]
+    assert len({p.prog for p in parsers}) == 7, [p.prog for p in parsers]
+    missing = []
+    for p in parsers:
+        fmt = p._get_formatter()
+        for group in p._action_groups:
+            for action in group._group_actions:
+                if not action.option_strings or action.nargs == 0:  # positionals and on/off flags
+                    continue
+                text = fmt._get_help_string(action)
+                if not ("default" in text or "required" in text or "defaults" in (group.title or "")):
+                    missing.append(f"{p.prog} {action.option_strings[0]}: {text}")
+    assert not missing, missing
