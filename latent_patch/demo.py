@@ -128,8 +128,9 @@ def train_config(out: Path, config: Path, overrides: Sequence[str], steps: int |
         f"data.shards={out / 'shards'}", f"run.out_dir={out / 'run'}", *sampler, *overrides])
 
 
-def train_stage(out: Path, cfg):
-    """Stage 3: train (or finish training) the patch model of ``cfg``."""
+def train_stage(out: Path, cfg) -> int:
+    """Stage 3: train (or finish training) the patch model of ``cfg``; returns the patches this call
+    trained (0 when already trained, less than the budget when it resumed a killed run)."""
     from . import checkpoint
     from .train import train
 
@@ -137,26 +138,28 @@ def train_stage(out: Path, cfg):
     done = run_dir / "demo_trained.json"
     if done.is_file():
         log.info("[3/5] training: %s (already trained)", run_dir)
-        return cfg
+        return 0
     log.info("[3/5] training %s for %s patches -> %s (a progress bar with the time left follows)",
              describe_model(cfg.model), f"{cfg.run.total_patches:,}", run_dir)
-    progress = train(cfg, resume_spec="auto" if checkpoint.find_latest(run_dir) else None)
+    latest = checkpoint.find_latest(run_dir)
+    progress = train(cfg, resume_spec="auto" if latest else None)
     fsutil.atomic_write_json(done, {"patches": progress.patches, "full_equiv": progress.full_equiv})
+    return progress.patches - (checkpoint.patches_at(latest) if latest else 0)
 
 
 def sample_stage(out: Path, num_samples: int, sampler, ref: Path, vae: str = "demo") -> Path:
     """Stage 4: class-balanced samples from the EMA weights, scored with the demo classifier.
 
-    The sampler is the run's recommended one (``cfg.sampler``), passed explicitly so that a run
-    trained before a re-run changed it still samples with this invocation's settings."""
-    from .sampling import main as sample_main
+    The sampler is the run's recommended one (``cfg.sampler``), every field passed explicitly so
+    that a run trained before a re-run changed it samples with this invocation's settings."""
+    from .sampling import main as sample_main, sampler_flags
 
     samples = out / "samples"
     log.info("[4/5] sampling %d images (%d %s steps, guidance %.2g) -> %s", num_samples, sampler.steps,
              sampler.method, sampler.cfg_scale, samples)
     sample_main(["--checkpoint", str(out / "run"), "--out", str(samples), "--num-samples", str(num_samples),
-                 "--steps", str(sampler.steps), "--cfg-scale", str(sampler.cfg_scale), "--batch-size", "100",
-                 "--vae", vae, "--save", "npz", "--grid", "100", "--fid-ref", str(ref), "--features", "demo"])
+                 *sampler_flags(sampler), "--batch-size", "100", "--vae", vae, "--save", "npz", "--grid", "100",
+                 "--fid-ref", str(ref), "--features", "demo"])
     return samples
 
 
@@ -257,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     from .monitor import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
     try:
         return run(args)
     except (ValueError, FileNotFoundError, TrainingError, CheckpointError) as err:  # ConfigError is a ValueError
@@ -283,16 +286,28 @@ def run(args: argparse.Namespace) -> Path:
     seconds["encode"], t = time.perf_counter() - t, time.perf_counter()
     ref = reference_stage(out)
     seconds["reference"], t = time.perf_counter() - t, time.perf_counter()
-    train_stage(out, cfg)
+    trained = train_stage(out, cfg)
     seconds["train"], t = time.perf_counter() - t, time.perf_counter()
     samples = sample_stage(out, args.num_samples, cfg.sampler, ref, args.vae)
     seconds["sample"] = time.perf_counter() - t
     path = report_stage(out, samples, cfg, seconds)
-    m = fsutil.read_json(path)
-    print(f"\ndemo done: FD {m['fd']:.2f}, class accuracy {100 * m['class_accuracy']:.1f}% "
-          f"on {m['num_samples']} samples after {m['patches_seen']:,} patches", flush=True)
-    print(f"metrics: {path}\ngrid per class: {m['grid_per_class']}\ntraining curve: {m['training_curve']}", flush=True)
+    print(summary_line(fsutil.read_json(path), path, seconds, trained), flush=True)
     return path
+
+
+def summary_line(m: dict, path: Path, seconds: dict[str, float], trained: int) -> str:
+    """The demo's one closing line: its figures, its budget, where the report went, and the rates of
+    this invocation over each whole stage (``trained``: patches this call trained; 0 leaves the
+    training rate out, as when the run was already trained)."""
+    rates = []
+    if trained > 0 and seconds.get("train", 0) > 0:
+        rates.append(f"training {trained / seconds['train']:.0f} patches/s")
+    if seconds.get("sample", 0) > 0:
+        rates.append(f"sampling and scoring {m['num_samples']} images {seconds['sample']:.0f} s")
+    took = f"{sum(seconds.values()) / 60:.1f} min in all" + (f" ({', '.join(rates)})" if rates else "")
+    return (f"demo done: FD {m['fd']:.2f}, class accuracy {100 * m['class_accuracy']:.1f}% on {m['num_samples']} "
+            f"samples after {m['patches_seen']:,} patches; report {path} (grid {Path(m['grid_per_class']).name}, "
+            f"curve {Path(m['training_curve'] or 'none').name}); {took}")
 
 
 if __name__ == "__main__":

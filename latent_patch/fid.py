@@ -522,3 +522,15 @@ def write_metrics(out_dir: str | Path, metrics: dict) -> Path:
     path = Path(out_dir) / "metrics.json"
     fsutil.atomic_write_json(path, metrics)
     return path
+
+
+def score_line(metrics: dict, samples: str | Path, path: str | Path) -> str:
+    """The scoring job's one summary line: the figure, what was scored against what, where the
+    metrics went, and the feature rate over the whole pass (``metrics["seconds"]``)."""
+    figure = (f"FID {metrics['fid']:.3f}" if "fid" in metrics else f"FD {metrics['fd']:.3f}")
+    if metrics.get("class_accuracy") is not None:
+        figure += f", class accuracy {100 * metrics['class_accuracy']:.1f}%"
+    n, secs = metrics["num_samples"], metrics.get("seconds", 0.0)
+    rate = f"{n / secs:.1f} images/s" if secs > 0 else "no time measured"
+    return (f"scoring done: {figure} ({metrics['features']} features) of {n} samples in {samples} against "
+            f"{metrics['ref']} ({metrics['ref_num']} images); metrics in {path}; features in {secs:.1f} s ({rate})")

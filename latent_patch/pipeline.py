@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -330,7 +330,11 @@ def main_export(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     p.add_argument("--vae", default=None, help="VAE spec (hub id, folder, 'demo'); default: the manifest's")
     args = p.parse_args(argv)
+    t0 = time.perf_counter()
     ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
     out = export_pipeline(ckpt, args.out, use_ema=args.weights == "ema", vae=args.vae)
-    print(json.dumps({"out": str(out), "checkpoint": str(ckpt), "weights": args.weights}), flush=True)
+    secs = time.perf_counter() - t0
+    mib = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 2**20
+    print(f"export done: LatentPatchPipeline ({args.weights} weights of {ckpt}) in {out}, {mib:.1f} MiB; "
+          f"{secs:.1f} s ({mib / max(secs, 1e-9):.1f} MiB/s)", flush=True)
     return out

@@ -340,6 +340,24 @@ def sampler_from_args(args: argparse.Namespace, recommended: SamplerConfig | Non
     return dataclasses.replace(base, **overrides)
 
 
+SAMPLER_FLAGS = {"steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
+                 "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise",
+                 "method": "--method", "cfg_scale": "--cfg-scale", "cfg_interval": "--cfg-interval"}
+
+
+def sampler_flags(sampler: SamplerConfig) -> list[str]:
+    """Flags that make ``sample.py`` use exactly ``sampler``, whatever the checkpoint recommends.
+
+    Why: a caller that holds its own sampler (the demo after its config changed, a sweep) must not
+    inherit any field from the run's config.yaml: every field is passed over the EDM base."""
+    flags = ["--preset", "edm"]
+    for name, flag in SAMPLER_FLAGS.items():
+        value = getattr(sampler, name)
+        if value is not None:
+            flags += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return flags
+
+
 def _int_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
@@ -361,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int_at_least(1), default=50_000, help="samples to make (50,000 for FID)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="samples per sampler batch (per process)")
-    p.add_argument("--classes", type=_int_list, default=None, help="comma-separated class list to cycle through")
+    p.add_argument("--classes", type=_int_list, default=None, help="comma-separated class list to cycle through (default: every class, 0 .. num_classes-1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     g.add_argument("--no-ema", dest="weights", action="store_const", const="model", help="same as --weights model")
@@ -377,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "without guidance if it has none)")
     s.add_argument("--preset", choices=["edm", "authors"], default=None,
                    help="base settings instead of the run's: edm (18-step Heun, w 1) or authors (256 steps, churn 40, "
-                        "w 1.3); the flags below override either")
+                        "w 1.3); the flags below override either (default: the run's recommended sampler)")
     s.add_argument("--steps", type=int_at_least(1), default=None, help="time steps (EDM: 18)")
     s.add_argument("--method", choices=["heun", "euler"], default=None, help="ODE step (EDM: heun)")
     s.add_argument("--sigma-min", type=float, default=None, help="lowest noise level (EDM: 0.002)")
@@ -390,11 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--S-noise", "--s-noise", dest="S_noise", type=float, default=None,
                    help="noise inflation of churn (EDM: 1)")
     s.add_argument("--cfg-scale", type=float, default=None, help="guidance weight w (1 = no guidance, one pass; EDM: 1)")
-    s.add_argument("--cfg-interval", type=_float_pair, default=None, help="LO,HI: guide only where LO <= sigma <= HI")
+    s.add_argument("--cfg-interval", type=_float_pair, default=None, help="LO,HI: guide only where LO <= sigma <= HI (EDM: none, guidance at every sigma)")
     o = p.add_argument_group("outputs and scoring")
     o.add_argument("--save", default="npz,png", help="comma list of npz, png")
     o.add_argument("--grid", type=int_at_least(0), default=64, help="samples in grid.png (0: none)")
-    o.add_argument("--fid-ref", default=None, help="stats npz, ADM reference npz, image folder or tar shards")
+    o.add_argument("--fid-ref", default=None, help="stats npz, ADM reference npz, image folder or tar shards to "
+                   "score against (default: none, no scoring)")
     o.add_argument("--features", default="inception", choices=["inception", "demo"],
                    help="FID features: Inception-v3 (the standard) or the demo classifier's")
     o.add_argument("--inception", default=None, help="Inception TorchScript file (default /tmp/inception-2015-12-05.pt)")
@@ -477,8 +496,8 @@ def score_out(out_dir: str | Path, num_samples: int, ref: str, features: str, in
     stats = fid.load_reference(ref, extractor, resolution=int(first.shape[1]), cache_dir=out_dir,
                                recompute=ref_from_images)
     metrics = fid.score_batches(iter_samples(out_dir, num_samples), extractor, stats, str(ref), progress=progress)
-    fid.write_metrics(out_dir, metrics)
-    print(json.dumps(metrics), flush=True)
+    path = fid.write_metrics(out_dir, metrics)
+    print(fid.score_line(metrics, out_dir, path), flush=True)
     return metrics
 
 
@@ -498,16 +517,21 @@ def main_ref(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--source", required=True, help="image folder, folder of image tar shards, or one tar")
     p.add_argument("--out", required=True, help="output .npz (mu, sigma, provenance)")
     p.add_argument("--resolution", type=int_at_least(1), default=None,
-                   help="ADM-crop every image to this size first (use the generated resolution)")
-    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N images")
+                   help="ADM-crop every image to this size first (use the generated resolution; default: "
+                   "none, each image at its own size)")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N images (default: all)")
     p.add_argument("--batch-size", type=int_at_least(1), default=100, help="images per feature-extractor call")
     add_extractor_args(p)
     args = p.parse_args(argv)
+    t0 = time.perf_counter()
     extractor = fid.build_extractor(args.features, inception=args.inception)
     stats = fid.compute_stats(args.source, extractor, args.resolution, args.batch_size, args.limit)
     stats.save(args.out)
-    print(json.dumps({"out": str(args.out), "num": stats.num, "features": stats.extractor,
-                      "dim": int(stats.mu.shape[0]), "resolution": stats.resolution}), flush=True)
+    secs = time.perf_counter() - t0
+    size = f"{stats.resolution} px" if stats.resolution else "native size"
+    print(f"fid-ref done: statistics of {stats.num} images of {args.source} ({stats.extractor} features, "
+          f"{stats.mu.shape[0]}-d, {size}) in {args.out}; {secs:.1f} s ({stats.num / max(secs, 1e-9):.1f} images/s)",
+          flush=True)
     return Path(args.out)
 
 
@@ -528,6 +552,6 @@ def main_fid(argv: Sequence[str] | None = None) -> dict:
     extractor = fid.build_extractor(args.features, inception=args.inception)
     ref = fid.load_reference(args.fid_ref, extractor, resolution, cache_dir=npz.parent, recompute=args.ref_from_images)
     metrics = fid.score_batches(itertools.chain([first], batches), extractor, ref, str(args.fid_ref))
-    fid.write_metrics(npz.parent, metrics)
-    print(json.dumps(metrics), flush=True)
+    path = fid.write_metrics(npz.parent, metrics)
+    print(fid.score_line(metrics, npz, path), flush=True)
     return metrics

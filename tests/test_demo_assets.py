@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -164,7 +165,7 @@ def test_demo_rerun_with_other_settings_moves_stale_outputs_aside(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_reruns(tmp_path, one_thread_per_module):
+def test_demo_runs_end_to_end_and_reruns(tmp_path, one_thread_per_module, capsys):
     """README command one, shrunk (tiny U-Net, seconds of training, 20 samples): every stage runs
     and writes its report; a re-run resumes; other sampler settings redo only the samples."""
     from latent_patch import demo
@@ -174,6 +175,11 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, one_thread_per_module):
     out = tmp_path / "demo_out"
     path = demo.main(["--out", str(out), *small])
     m = json.loads(path.read_text())
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # one summary line: figures, report, rates
+    assert re.fullmatch(rf"demo done: FD {m['fd']:.2f}, class accuracy {100 * m['class_accuracy']:.1f}% on 20 samples "
+                        rf"after {m['patches_seen']:,} patches; report {re.escape(str(path))} \(grid grid_per_class.png, "
+                        rf"curve training_curve.png\); [\d.]+ min in all \(training \d+ patches/s, sampling and "
+                        rf"scoring 20 images \d+ s\)", last), last
     assert m["num_samples"] == 20 and m["model"].startswith("adm-tiny (") and m["model_params"] > 0
     assert 640 <= m["patches_seen"] < 640 + 4 * 64  # the budget is patches: the first step at or past it stops
     # FD and accuracy recomputed here from samples.npz, the classifier and the reference npz
@@ -202,8 +208,20 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, one_thread_per_module):
     trained = (out / "run" / "demo_trained.json").read_text()
     demo.main(["--out", str(out), *small])  # same settings: nothing retrained, nothing moved
     assert (out / "run" / "demo_trained.json").read_text() == trained and not list(out.glob("superseded-*"))
+    assert "training" not in capsys.readouterr().out.strip().splitlines()[-1].split("min in all")[1]  # no rate
     demo.main(["--out", str(out), *small, "--cfg-scale", "2"])
     (moved,) = out.glob("superseded-*")
     assert sorted(p.name for p in moved.iterdir()) == ["grid_per_class.png", "metrics.json", "samples",
                                                        "training_curve.png"]
     assert (out / "run" / "demo_trained.json").read_text() == trained  # the model was kept
+
+    def used() -> dict:
+        return json.loads((out / "samples" / "sampling.json").read_text())["identity"]["sampler"]
+
+    assert used()["cfg_scale"] == 2.0
+    # any other sampler key changed by an override: re-sampled with it, though the run's config says heun
+    demo.main(["--out", str(out), *small, "--cfg-scale", "2", "sampler.method=euler", "sampler.rho=5"])
+    assert {k: used()[k] for k in ("method", "rho", "cfg_scale", "steps")} == {
+        "method": "euler", "rho": 5.0, "cfg_scale": 2.0, "steps": 2}
+    assert json.loads(path.read_text())["sampler"]["method"] == "euler"
+    assert (out / "run" / "demo_trained.json").read_text() == trained  # still not retrained

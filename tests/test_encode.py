@@ -371,7 +371,17 @@ def test_cli_reports_errors_and_verifies(encoded: Path, tmp_path: Path, capsys) 
     assert cli.main(["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     assert "missing: no such file or folder" in capsys.readouterr().err
     assert cli.main(["--verify", "--out", str(encoded)]) == 0
-    assert "13 shards" in capsys.readouterr().out
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "13 shards" in out[-1] and "MiB/s" in out[-1], out
+    bad = tmp_path / "bad"
+    shutil.copytree(encoded, bad)
+    tar = sorted(bad.glob("shard-*.tar"))[1]
+    tar.write_bytes(tar.read_bytes()[:-1] + b"x")
+    assert cli.main(["--verify", "--out", str(bad)]) == 1
+    got = capsys.readouterr()
+    assert any(tar.name in line and line.startswith("FAIL") for line in got.out.splitlines()), got.out
+    err = got.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("encode_latents.py: error: 1 problem(s)") and tar.name in err[0], err
 
 
 @pytest.mark.slow

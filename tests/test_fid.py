@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -144,8 +145,10 @@ def test_tar_shards_and_fid_ref_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fid, "build_extractor", lambda *a, **k: ext)
     sampling.main_ref(["--source", str(tmp_path / "shards"), "--out", str(tmp_path / "ref.npz"), "--resolution", "64",
                   "--features", "demo"])
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["num"] == 10 and line["dim"] == 8
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # one summary line: what, where, rate
+    assert re.fullmatch(rf"fid-ref done: statistics of 10 images of {re.escape(str(tmp_path / 'shards'))} \(\S+ "
+                        rf"features, 8-d, 64 px\) in {re.escape(str(tmp_path / 'ref.npz'))}; [\d.]+ s \([\d.]+ images/s\)",
+                        line), line
     stats = fid.Stats.load(tmp_path / "ref.npz")
     assert stats.num == 10 and stats.resolution == 64
 

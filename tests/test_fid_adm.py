@@ -105,9 +105,11 @@ def test_sampling_scores_against_the_stored_2048d_stats(run, tmp_path, monkeypat
     sample_cli.main(["--checkpoint", str(run), "--out", str(out), "--num-samples", "12", "--batch-size", "12",
                      "--steps", "2", "--save", "npz", "--grid", "0", "--no-progress",
                      "--fid-ref", str(tmp_path / "VIRTUAL_ref.npz")])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out.strip().splitlines()[-1]  # the job's last line: the score's summary
     metrics = json.loads((out / "metrics.json").read_text())
-    assert printed == metrics
+    assert printed.startswith(f"scoring done: FID {metrics['fid']:.3f} (inception features) of 12 samples in {out} "
+                              f"against {tmp_path / 'VIRTUAL_ref.npz'}") and f"metrics in {out / 'metrics.json'}" in printed
+    assert printed.endswith(" images/s)"), printed
     arr, _ = load_npz(out)
     assert arr.shape == (12, GEN, GEN, 3)
     assert set(seen) == {(GEN, GEN)}  # only the samples were featurised: arr_0 was not touched
@@ -160,8 +162,9 @@ def test_fid_ref_command_and_ref_from_images_on_sampling(run, tmp_path, monkeypa
         Image.fromarray(img).save(tmp_path / "real" / f"{i:03d}.png")
     sample_cli.main(["fid-ref", "--source", str(tmp_path / "real"), "--out", str(tmp_path / "ref.npz"),
                      "--resolution", str(GEN), "--features", "demo"])
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line == {"out": str(tmp_path / "ref.npz"), "num": 12, "features": "toy", "dim": K, "resolution": GEN}
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"fid-ref done: statistics of 12 images of {tmp_path / 'real'} (toy features, {K}-d, "
+                           f"{GEN} px) in {tmp_path / 'ref.npz'}; ") and line.endswith(" images/s)"), line
     feats = informative(np.stack([adm_crop(im, GEN) for im in real]))
     with np.load(tmp_path / "ref.npz") as f:
         np.testing.assert_allclose(f["mu"], feats.mean(0), rtol=1e-12)
@@ -171,6 +174,9 @@ def test_fid_ref_command_and_ref_from_images_on_sampling(run, tmp_path, monkeypa
     np.savez(tmp_path / "samples.npz", arr_0=samples)
     sample_cli.main(["fid", "--samples", str(tmp_path / "samples.npz"), "--fid-ref", str(tmp_path / "ref.npz")])
     m = json.loads((tmp_path / "metrics.json").read_text())
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"scoring done: FD {m['fd']:.3f} (toy features) of 9 samples in {tmp_path / 'samples.npz'} "
+                           f"against {tmp_path / 'ref.npz'} (12 images); metrics in {tmp_path / 'metrics.json'}"), line
     s, r = informative(samples), feats
     mu1, s1, mu2, s2 = s.mean(0), np.cov(s, rowvar=False), r.mean(0), np.cov(r, rowvar=False)
     want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)

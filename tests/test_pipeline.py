@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -177,13 +178,16 @@ def test_export_is_diffusers_layout_with_ema_weights_and_norm(demo_run, exported
     assert all(torch.equal(saved["precond.net." + k], v) for k, v in ema.items())  # the EMA weights, exactly
 
 
-def test_export_replaces_an_earlier_export_and_refuses_other_folders(demo_run, tmp_path):
+def test_export_replaces_an_earlier_export_and_refuses_other_folders(demo_run, tmp_path, capsys):
     from latent_patch.pipeline import main_export
 
     out = tmp_path / "pipe"
     main_export(["--checkpoint", str(demo_run), "--out", str(out), "--weights", "model"])
     main_export(["--checkpoint", str(demo_run), "--out", str(out)])
     assert (out / "model_index.json").is_file() and not list(tmp_path.glob(".*pipe*"))
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # one summary line: what, where, size, rate
+    assert re.fullmatch(rf"export done: LatentPatchPipeline \(ema weights of {re.escape(str(demo_run))}\S*\) in "
+                        rf"{re.escape(str(out))}, [\d.]+ MiB; [\d.]+ s \([\d.]+ MiB/s\)", line), line
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")

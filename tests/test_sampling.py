@@ -403,6 +403,15 @@ def test_sampler_defaults_come_from_the_run_then_presets_then_flags(tmp_path, on
              "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "method": "heun", "cfg_interval": None}
     assert dataclasses.asdict(AUTHORS_IMAGENET256) == paper
     assert authors == {**paper, "steps": 2}
+    # sampler_flags (the demo's way to pass its own sampler): nothing of the run's recommended one leaks,
+    # not its interval nor its method, and every field comes through exactly
+    from latent_patch.sampling import sampler_flags
+
+    mine = SamplerConfig(steps=2, sigma_min=0.01, sigma_max=40.0, rho=5.0, S_churn=1.5, S_min=0.1, S_max=9.0,
+                         S_noise=1.001, method="heun", cfg_scale=1.7, cfg_interval=None)
+    assert used("flags", *sampler_flags(mine)) == dataclasses.asdict(mine)
+    interval = dataclasses.replace(mine, cfg_interval=[0.5, 2.0], method="euler")
+    assert used("flags-interval", *sampler_flags(interval)) == dataclasses.asdict(interval)
 
 
 # --------------------------------------------------------------------------- multi-process and kill
