@@ -381,12 +381,13 @@ def manifest_header(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params
 
 
 def finalize(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict,
-             num_shards: int) -> Path | None:
-    """Write manifest.json when every shard is complete; else say how many remain."""
+             num_shards: int, rate: str = "") -> Path | None:
+    """Write manifest.json when every shard is complete; else say how many remain. Either way one
+    summary line ends the job, with ``rate`` (this process's images and img/s over its whole run)."""
     out = Path(cfg.out)
     remaining = [j for j in range(num_shards) if not shards.is_complete(out, j)]
     if remaining:
-        print(f"this part is done; {len(remaining)} of {num_shards} shards remain for other "
+        print(f"this part is done{rate}; {len(remaining)} of {num_shards} shards remain for other "
               f"jobs/processes (first: {shards.shard_name(remaining[0])}); manifest.json is "
               "written by whichever finishes last", flush=True)
         return None
@@ -396,8 +397,8 @@ def finalize(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict,
         raise ValueError(f"--source {cfg.source}: no valid image among {len(listing)} inputs "
                          f"(e.g. {why}); no manifest written")
     path = shards.write_manifest(out, man)
-    print(f"manifest: {path} ({man['num_images']} images, {man['num_samples']} samples, "
-          f"{len(man['skipped'])} skipped, {num_shards} shards)", flush=True)
+    print(f"encoding done: {path} ({man['num_images']} images, {man['num_samples']} samples, "
+          f"{len(man['skipped'])} skipped, {num_shards} shards){rate}", flush=True)
     return path
 
 
@@ -440,15 +441,15 @@ def run_encode(cfg: EncodeConfig) -> dict:
                              show=cfg.progress and info.is_main)
         secs = time.perf_counter() - t0
         done["seconds"], done["img_per_s"] = secs, done["images"] / secs if secs > 0 else 0.0
-        if todo:
-            print(f"worker {w}: {done['images']} images -> {done['samples']} samples, "
-                  f"{done['skipped']} skipped, {secs:.1f} s ({done['img_per_s']:.1f} img/s)",
-                  flush=True)
+        rate = (f"; this process encoded {done['images']} images -> {done['samples']} samples, "
+                f"{done['skipped']} skipped, in {secs:.1f} s ({done['img_per_s']:.1f} img/s)") if todo else ""
         if grouped:
             dist.barrier()
         manifest = None
         if info.is_main or not grouped:
-            manifest = finalize(cfg, listing, codec, params, num_shards)
+            manifest = finalize(cfg, listing, codec, params, num_shards, rate)
+        elif todo:  # its line is its summary: the manifest is rank 0's
+            print(f"worker {w}/{wn} done{rate}", flush=True)
         done["manifest"] = str(manifest) if manifest else None
         return done
     finally:

@@ -232,7 +232,8 @@ class TrainBar:
         self.bar.update(step)
         if not self.bar.disable:  # --no-progress, and every rank but the main one
             seconds = max(self.train_seconds(), 1e-9)
-            self.bar.set_postfix_str(f"{self.full_equiv / seconds:.0f} full/s, loss {self.loss:.4f}", refresh=False)
+            loss = f"loss {self.loss:.4f}" if math.isfinite(self.loss) else "loss at the first log point"
+            self.bar.set_postfix_str(f"{self.full_equiv / seconds:.0f} full/s, {loss}", refresh=False)
 
     def train_seconds(self) -> float:
         """Seconds of training in this invocation (checkpoints, previews and evaluations excluded)."""

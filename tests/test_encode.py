@@ -141,8 +141,12 @@ def test_jobs_split_gives_identical_shards(encoded: Path, tree, tiny_vae_dir, tm
     for i in range(3):
         assert not (out / "manifest.json").exists()
         run_encode(cfg_for(tree[0], out, tiny_vae_dir, num_jobs=3, job_index=i, batch_size=8))
+        last = capsys.readouterr().out.strip().splitlines()[-1]  # each job's one summary line, with its rate
+        assert re.search(r"this process encoded \d+ images -> \d+ samples, \d+ skipped, in [\d.]+ s "
+                         r"\([\d.]+ img/s\)", last), last
         if i < 2:
-            assert "shards remain" in capsys.readouterr().out
+            assert last.startswith("this part is done;") and "shards remain" in last, last
+    assert last.startswith(f"encoding done: {out / 'manifest.json'} (99 images, 198 samples, "), last
     assert shard_bytes(out) == shard_bytes(encoded)
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (out, encoded))
     assert a == b

@@ -45,6 +45,7 @@ def test_bar_counts_the_patch_budget_from_where_a_resume_starts_and_excludes_pau
     for _ in range(10):
         clock.now += 2.0
         bar.update(plan(64, 16.0))
+    assert "loss at the first log point" in bar.bar.postfix  # no loss logged yet: not "loss nan"
     bar.paused += 5.0  # a checkpoint
     clock.now += 5.0
     assert bar.train_seconds() == pytest.approx(20.0)
