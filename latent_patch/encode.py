@@ -312,6 +312,7 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
     chunk = max(1, cfg.batch_size // 2) if cfg.flips == "both" else cfg.batch_size
     plan = plan_chunks(todo, k, input_order(len(listing)), chunk)
     workers, threads = choose_parallelism(cfg, codec.device)
+    before = torch.get_num_threads()  # restored after: a caller that trains next (the demo) keeps its own
     if codec.device.type == "cpu":
         torch.set_num_threads(threads)
     loader = make_loader(listing, cfg, plan, workers, pin=codec.device.type == "cuda")
@@ -343,6 +344,7 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
     finally:
         committer.shutdown()
         bar.close()
+        torch.set_num_threads(before)
     return done
 
 

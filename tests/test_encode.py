@@ -579,3 +579,15 @@ def test_shards_of_a_class_sorted_source_mix_its_classes(encoded: Path) -> None:
     order = enc.input_order(102)
     assert sorted(order.tolist()) == list(range(102)) and order.tolist() != list(range(102))
     assert np.array_equal(order, enc.input_order(102))  # a function of the listing size and the seed only
+
+
+def test_encoding_leaves_the_callers_thread_count(tree, tiny_vae_dir, tmp_path) -> None:
+    """Encoding on the CPU sets its own torch thread count; the caller's comes back after (the demo
+    trains in the same process, and a fresh run must train like a resumed one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_encode(cfg_for(tree[0], tmp_path / "out", tiny_vae_dir, threads=2, flips="none"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
