@@ -546,6 +546,9 @@ def main_fid(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     src = Path(args.samples)
     npz = src / "samples.npz" if src.is_dir() else src
+    if not npz.is_file():
+        raise FileNotFoundError(f"--samples {src}: " + ("this folder holds no samples.npz (sampling not assembled?)"
+                                                       if src.is_dir() else "no such folder or .npz file"))
     batches = fid.iter_npz_batches(npz, args.batch_size)  # streamed: the images are read once
     first = next(batches)
     resolution = int(first[0].shape[1])

@@ -32,9 +32,12 @@ def _refusal(capsys, fn, argv: list[str]) -> str:
     (["--checkpoint", "RUN", "--out", "OUT", "--num-samples", "-3"], "sample.py", "--num-samples: -3 must be at least 1"),
     (["--checkpoint", "RUN", "--out", "OUT", "--batch-size", "0"], "sample.py", "--batch-size: 0 must be at least 1"),
     (["fid", "--samples", "README.md", "--fid-ref", "ref.npz"], "sample.py", "README.md: not a samples .npz"),
+    (["fid", "--samples", "/nonexistent/out", "--fid-ref", "ref.npz"], "sample.py",
+     "--samples /nonexistent/out: no such folder or .npz file"),
+    (["fid", "--samples", "configs", "--fid-ref", "ref.npz"], "sample.py", "this folder holds no samples.npz"),
 ])
 def test_sample_py_refusals_are_one_error_line(capsys, argv, prog, says):
-    line = _refusal(capsys, sample_cli.main, [str(ROOT / a) if a == "README.md" else a for a in argv])
+    line = _refusal(capsys, sample_cli.main, [str(ROOT / a) if a in ("README.md", "configs") else a for a in argv])
     assert line.startswith(f"{prog}: error: ") and says in line
 
 
