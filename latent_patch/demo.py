@@ -303,7 +303,8 @@ def summary_line(m: dict, path: Path, seconds: dict[str, float], trained: int) -
     if trained > 0 and seconds.get("train", 0) > 0:
         rates.append(f"training {trained / seconds['train']:.0f} patches/s")
     if seconds.get("sample", 0) > 0:
-        rates.append(f"sampling and scoring {m['num_samples']} images {seconds['sample']:.0f} s")
+        rates.append(f"sampling and scoring {m['num_samples']} images in {seconds['sample']:.0f} s "
+                     f"({m['num_samples'] / seconds['sample']:.1f} images/s)")
     took = f"{sum(seconds.values()) / 60:.1f} min in all" + (f" ({', '.join(rates)})" if rates else "")
     return (f"demo done: FD {m['fd']:.2f}, class accuracy {100 * m['class_accuracy']:.1f}% on {m['num_samples']} "
             f"samples after {m['patches_seen']:,} patches; report {path} (grid {Path(m['grid_per_class']).name}, "

@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int_at_least(1), default=50_000, help="samples to make (50,000 for FID)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="samples per sampler batch (per process)")
-    p.add_argument("--classes", type=_int_list, default=None, help="comma-separated class list to cycle through (default: every class, 0 .. num_classes-1)")
+    p.add_argument("--classes", type=_int_list, default=None,
+                   help="comma-separated class list to cycle through (default: every class, 0 .. num_classes-1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     g.add_argument("--no-ema", dest="weights", action="store_const", const="model", help="same as --weights model")
@@ -408,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--S-noise", "--s-noise", dest="S_noise", type=float, default=None,
                    help="noise inflation of churn (EDM: 1)")
     s.add_argument("--cfg-scale", type=float, default=None, help="guidance weight w (1 = no guidance, one pass; EDM: 1)")
-    s.add_argument("--cfg-interval", type=_float_pair, default=None, help="LO,HI: guide only where LO <= sigma <= HI (EDM: none, guidance at every sigma)")
+    s.add_argument("--cfg-interval", type=_float_pair, default=None,
+                   help="LO,HI: guide only where LO <= sigma <= HI (EDM: none, guidance at every sigma)")
     o = p.add_argument_group("outputs and scoring")
     o.add_argument("--save", default="npz,png", help="comma list of npz, png")
     o.add_argument("--grid", type=int_at_least(0), default=64, help="samples in grid.png (0: none)")

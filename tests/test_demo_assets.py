@@ -179,7 +179,7 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, one_thread_per_module, capsys
     assert re.fullmatch(rf"demo done: FD {m['fd']:.2f}, class accuracy {100 * m['class_accuracy']:.1f}% on 20 samples "
                         rf"after {m['patches_seen']:,} patches; report {re.escape(str(path))} \(grid grid_per_class.png, "
                         rf"curve training_curve.png\); [\d.]+ min in all \(training \d+ patches/s, sampling and "
-                        rf"scoring 20 images \d+ s\)", last), last
+                        rf"scoring 20 images in \d+ s \([\d.]+ images/s\)\)", last), last
     assert m["num_samples"] == 20 and m["model"].startswith("adm-tiny (") and m["model_params"] > 0
     assert 640 <= m["patches_seen"] < 640 + 4 * 64  # the budget is patches: the first step at or past it stops
     # FD and accuracy recomputed here from samples.npz, the classifier and the reference npz
