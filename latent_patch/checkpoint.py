@@ -405,14 +405,6 @@ def load_inference_model(
     return net, cfg, read_manifest(ckpt)
 
 
-def patches_at(ckpt: Path) -> int:
-    """Patches seen when ``ckpt`` was written, from its weights' header (no tensor is read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
-        return int((f.metadata() or {}).get("patches", 0))
-
-
 def describe(ckpt: Path) -> str:
     """One line for logs: folder and step."""
     m = _NAME_RE.match(ckpt.name)

@@ -1,11 +1,12 @@
-"""What every command line shares: ``--help`` that marks required options and shows defaults, and
-refusals that name only the settings that differ (not two whole dicts).
+"""What every command line shares: ``--help`` that marks required options and shows defaults,
+refusals that name only the settings that differ (not two whole dicts), and the sampler as
+``sample.py`` flags (for callers that drive it, like the demo).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Mapping
+from typing import Any, Mapping
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -56,3 +57,22 @@ def differences(old: Mapping, new: Mapping, prefix: str = "", skip: tuple[str, .
         elif a != b:
             diffs.append(f"{name}: {'(absent)' if key not in old else repr(a)} -> {'(absent)' if key not in new else repr(b)}")
     return diffs
+
+
+SAMPLER_FLAGS = {"steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
+                 "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise",
+                 "method": "--method", "cfg_scale": "--cfg-scale", "cfg_interval": "--cfg-interval"}
+
+
+def sampler_flags(sampler: Any) -> list[str]:
+    """Flags that make ``sample.py`` use exactly ``sampler`` (a ``config.SamplerConfig``), whatever the
+    checkpoint recommends.
+
+    Why: a caller that holds its own sampler (the demo after its config changed, a sweep) must not
+    inherit any field from the run's config.yaml: every field is passed over the EDM base."""
+    flags = ["--preset", "edm"]
+    for name, flag in SAMPLER_FLAGS.items():
+        value = getattr(sampler, name)
+        if value is not None:
+            flags += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return flags

@@ -144,7 +144,15 @@ def train_stage(out: Path, cfg) -> int:
     latest = checkpoint.find_latest(run_dir)
     progress = train(cfg, resume_spec="auto" if latest else None)
     fsutil.atomic_write_json(done, {"patches": progress.patches, "full_equiv": progress.full_equiv})
-    return progress.patches - (checkpoint.patches_at(latest) if latest else 0)
+    return progress.patches - (patches_at(latest / checkpoint.MODEL_FILE) if latest else 0)
+
+
+def patches_at(weights: Path) -> int:
+    """Patches seen when a checkpoint's weights were written, from their header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return int((f.metadata() or {}).get("patches", 0))
 
 
 def sample_stage(out: Path, num_samples: int, sampler, ref: Path, vae: str = "demo") -> Path:
@@ -152,7 +160,8 @@ def sample_stage(out: Path, num_samples: int, sampler, ref: Path, vae: str = "de
 
     The sampler is the run's recommended one (``cfg.sampler``), every field passed explicitly so
     that a run trained before a re-run changed it samples with this invocation's settings."""
-    from .sampling import main as sample_main, sampler_flags
+    from .cli import sampler_flags
+    from .sampling import main as sample_main
 
     samples = out / "samples"
     log.info("[4/5] sampling %d images (%d %s steps, guidance %.2g) -> %s", num_samples, sampler.steps,

@@ -340,24 +340,6 @@ def sampler_from_args(args: argparse.Namespace, recommended: SamplerConfig | Non
     return dataclasses.replace(base, **overrides)
 
 
-SAMPLER_FLAGS = {"steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
-                 "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise",
-                 "method": "--method", "cfg_scale": "--cfg-scale", "cfg_interval": "--cfg-interval"}
-
-
-def sampler_flags(sampler: SamplerConfig) -> list[str]:
-    """Flags that make ``sample.py`` use exactly ``sampler``, whatever the checkpoint recommends.
-
-    Why: a caller that holds its own sampler (the demo after its config changed, a sweep) must not
-    inherit any field from the run's config.yaml: every field is passed over the EDM base."""
-    flags = ["--preset", "edm"]
-    for name, flag in SAMPLER_FLAGS.items():
-        value = getattr(sampler, name)
-        if value is not None:
-            flags += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return flags
-
-
 def _int_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 

@@ -405,7 +405,7 @@ def test_sampler_defaults_come_from_the_run_then_presets_then_flags(tmp_path, on
     assert authors == {**paper, "steps": 2}
     # sampler_flags (the demo's way to pass its own sampler): nothing of the run's recommended one leaks,
     # not its interval nor its method, and every field comes through exactly
-    from latent_patch.sampling import sampler_flags
+    from latent_patch.cli import sampler_flags
 
     mine = SamplerConfig(steps=2, sigma_min=0.01, sigma_max=40.0, rho=5.0, S_churn=1.5, S_min=0.1, S_max=9.0,
                          S_noise=1.001, method="heun", cfg_scale=1.7, cfg_interval=None)
