@@ -6,6 +6,7 @@ refusals that name only the settings that differ (not two whole dicts), and the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any, Mapping
 
 
@@ -59,20 +60,16 @@ def differences(old: Mapping, new: Mapping, prefix: str = "", skip: tuple[str, .
     return diffs
 
 
-SAMPLER_FLAGS = {"steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
-                 "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise",
-                 "method": "--method", "cfg_scale": "--cfg-scale", "cfg_interval": "--cfg-interval"}
-
-
 def sampler_flags(sampler: Any) -> list[str]:
     """Flags that make ``sample.py`` use exactly ``sampler`` (a ``config.SamplerConfig``), whatever the
-    checkpoint recommends.
+    checkpoint recommends: each field ``x_y`` is sample.py's ``--x-y``.
 
     Why: a caller that holds its own sampler (the demo after its config changed, a sweep) must not
     inherit any field from the run's config.yaml: every field is passed over the EDM base."""
     flags = ["--preset", "edm"]
-    for name, flag in SAMPLER_FLAGS.items():
-        value = getattr(sampler, name)
+    for f in dataclasses.fields(sampler):
+        value = getattr(sampler, f.name)
         if value is not None:
-            flags += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            flags += ["--" + f.name.replace("_", "-"), text]
     return flags

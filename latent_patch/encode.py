@@ -466,14 +466,14 @@ def verify(out: str | Path) -> int:
     job's summary: ``ok: ...`` on stdout, or one ``encode_latents.py: error: ...`` on stderr."""
     t0 = time.perf_counter()
     problems = shards.verify_shards(out)
-    man = fsutil.read_json(Path(out) / shards.MANIFEST)
     secs = time.perf_counter() - t0
     for p in problems:
         print(f"FAIL {p}", flush=True)
-    if problems:
-        print(f"encode_latents.py: error: {len(problems)} problem(s) in {out}/manifest.json's "
-              f"{len(man['shards'])} shards (listed above, first: {problems[0]})", file=sys.stderr, flush=True)
+    if problems:  # a missing manifest is one of them: it is read only once the set is intact
+        print(f"encode_latents.py: error: {len(problems)} problem(s) in the shards of {out} "
+              f"(listed above, first: {problems[0]})", file=sys.stderr, flush=True)
         return 1
+    man = fsutil.read_json(Path(out) / shards.MANIFEST)
     mib = sum((Path(out) / e["name"]).stat().st_size for e in man["shards"]) / 2**20
     print(f"ok: {len(man['shards'])} shards, {man['num_samples']} samples match {out}/manifest.json; "
           f"{mib:.1f} MiB checked in {secs:.1f} s ({mib / max(secs, 1e-9):.0f} MiB/s)", flush=True)

@@ -101,6 +101,7 @@ class Window:
     full_equiv: float = 0.0
     sides: list[int] = field(default_factory=list)  # this rank's patch side at each step
     sizes: dict[int, int] = field(default_factory=dict)  # steps per side over ALL ranks (flush_losses)
+    sides_checked: int = 0  # steps of ``sides`` already gathered and counted in ``sizes``
     start: float = field(default_factory=time.perf_counter)
     paused: float = 0.0  # seconds spent in checkpoints / previews, excluded from throughput
 
@@ -141,19 +142,23 @@ def check_sides(accelerator: Any, w: Window) -> None:
     communication; should they ever drift apart (a changed seed, a resume that restored one rank's
     generator only), DDP would silently wait for the slowest rank and the schedule's saving would
     be lost. The logged mix counts the sides of all ranks, so it shows what was run, not one
-    rank's view. One small gather per check point, never per step.
+    rank's view. One small gather per check point of the steps since the last one, never per step.
     """
-    mine = torch.tensor(w.sides, dtype=torch.int64, device=accelerator.device)
+    start = w.sides_checked
+    if start == len(w.sides):  # every rank steps in lockstep: all skip together
+        return
+    mine = torch.tensor(w.sides[start:], dtype=torch.int64, device=accelerator.device)
     every = accelerator.gather(mine).view(accelerator.num_processes, -1).cpu()
     differ = (every != every[0]).any(dim=0).nonzero()
     if len(differ):
         i = int(differ[0])
         raise TrainingError(
-            f"ranks drew different patch sides at step {w.first_step + i}: {every[:, i].tolist()} (rank order); "
-            "every rank must hold the same schedule generator (train.plan_step): same run.seed on all ranks"
+            f"ranks drew different patch sides at step {w.first_step + start + i}: {every[:, i].tolist()} (rank "
+            "order); every rank must hold the same schedule generator (train.plan_step): same run.seed on all ranks"
         )
-    sides, counts = every.flatten().unique(return_counts=True)
-    w.sizes = {int(s): int(c) for s, c in zip(sides, counts)}
+    for side, count in zip(*every.flatten().unique(return_counts=True)):
+        w.sizes[int(side)] = w.sizes.get(int(side), 0) + int(count)
+    w.sides_checked = len(w.sides)
 
 
 def check_finite_weights(net: torch.nn.Module, step: int, patches_seen: int) -> None:

@@ -332,11 +332,9 @@ def sampler_from_args(args: argparse.Namespace, recommended: SamplerConfig | Non
     """The flags over a base: ``--preset`` if given, else the run's recommended sampler, else EDM's."""
     bases = {"authors": AUTHORS_IMAGENET256, "edm": SamplerConfig(), None: recommended or SamplerConfig()}
     base = bases[args.preset]
-    overrides = {k: v for k, v in {
-        "steps": args.steps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho,
-        "S_churn": args.S_churn, "S_min": args.S_min, "S_max": args.S_max, "S_noise": args.S_noise,
-        "method": args.method, "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval,
-    }.items() if v is not None}
+    # each field x_y is the flag --x-y, whose dest is the field's name (cli.sampler_flags is the inverse)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)
+                 if getattr(args, f.name) is not None}
     return dataclasses.replace(base, **overrides)
 
 
