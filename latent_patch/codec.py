@@ -165,9 +165,11 @@ class VAECodec:
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = self.vae.decode(x).sample.float()
         with torch.inference_mode():
-            finite = torch.isfinite(out).all()
+            # the flag is copied FIRST: the images' event then completes both copies (an event
+            # waits for everything queued before it on the stream), so result() never reads a
+            # flag still in flight (a stale True wrote NaN pixels, a stale False decoded a good batch twice)
+            finite_host, _ = _copy_to_host(torch.isfinite(out).all())
             images, done = _copy_to_host(_to_uint8(out.clamp(-1, 1)))
-            finite_host, _ = _copy_to_host(finite)
 
         def result() -> torch.Tensor:
             if done is not None:
@@ -187,7 +189,8 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A host copy of ``t`` and, on CUDA, the event that marks it complete (pinned, non-blocking)."""
+    """A host copy of ``t`` and, on CUDA, the event that marks it complete (pinned, non-blocking):
+    the event also completes every copy queued before it on the stream, never one queued after."""
     if t.device.type != "cuda":
         return t.cpu(), None
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

@@ -264,3 +264,55 @@ def test_fp16_decode_that_overflows_is_redone_in_fp32(vaes, caplog):
         half = _codec(plain, torch.float16).decode(z)
     full = _codec(plain, torch.float32).decode(z)
     assert "redone" not in caplog.text and not torch.equal(half, full) and (half - full).abs().max() < 0.02
+
+
+class _AsyncCopies:
+    """``codec._copy_to_host`` as a device does it: each host tensor holds a stale value until an
+    event recorded after its copy is synchronized; an event completes every copy queued before it
+    on the stream, none queued after. The stale flag is ``stale_flag``, stale pixels are 0."""
+
+    def __init__(self, stale_flag: bool) -> None:
+        self.stale_flag = stale_flag
+        self.queued: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, "_AsyncCopies.Event"]:
+        host = torch.full(t.shape, self.stale_flag, dtype=t.dtype) if t.dtype == torch.bool else torch.zeros_like(t)
+        self.queued.append((host, t.clone()))
+        return host, self.Event(self, len(self.queued))
+
+    class Event:
+        def __init__(self, copies: "_AsyncCopies", after: int) -> None:
+            self.copies, self.after = copies, after
+
+        def synchronize(self) -> None:
+            with torch.inference_mode():  # the hosts are inference tensors, as the real ones
+                for host, value in self.copies.queued[: self.after]:
+                    host.copy_(value)
+
+
+@pytest.mark.parametrize("stale_flag", [True, False])
+def test_queued_decode_waits_for_the_finite_flag(vaes, monkeypatch, caplog, stale_flag):
+    """Issue 27: decode_uint8_start's result must not read the overflow flag before its copy lands.
+    A stale True wrote an overflowed fp16 batch's NaN pixels as uint8; a stale False decoded a good
+    batch a second time."""
+    plain, hot = vaes
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    vae, dtype = (hot, torch.float16) if stale_flag else (plain, torch.bfloat16)
+    expected = _codec(vae, dtype).decode_uint8(z)  # fp32 redo for the hot one, bf16 pixels for the plain one
+    assert torch.equal(expected, _codec(vae, torch.float32).decode_uint8(z)) == stale_flag  # the premise
+    monkeypatch.setattr(codec_mod, "_copy_to_host", _AsyncCopies(stale_flag))
+    decodes: list = []  # autocast on, per decode
+    real = vae.decode
+
+    def decode(*a, **k):
+        decodes.append(torch.is_autocast_enabled("cpu"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(vae, "decode", decode)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="latent_patch.codec"):
+        images = _codec(vae, dtype).decode_uint8_start(z)()
+    assert torch.equal(images, expected), "the flag was read before its copy landed"
+    assert ("redone in fp32" in caplog.text) == stale_flag
+    if not stale_flag:
+        assert decodes == [True], "a good batch was decoded again"
