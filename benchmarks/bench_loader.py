@@ -1,15 +1,22 @@
 """How fast do latents come out of the loader, next to the floor set by reading the tars at all?
 
-Builds temporary shards at the ImageNet-256 latent size (mean and std 4x32x32 float16, stacked
-as (2, 4, 32, 32) per design.md, plus cls and json members) and measures in one process:
+Builds temporary shard sets at the ImageNet-256 latent size (mean and std 4x32x32 float16,
+stacked as (2, 4, 32, 32) per design.md, plus cls and json members), written by webdataset's
+TarWriter (so without the encoder's sample index: the loader makes it once, timed apart as
+``index_once_s``), and measures on each set, in one process:
 
-(a) streaming: an exact pass of the real loader (batch 256, in-process reader) against Python's
-    tarfile reading every member's bytes of the same shards; target ratio >= 0.5;
+(a) streaming: an exact pass of the real loader (batch 256, in-process reader, the default 256
+    streams) against Python's tarfile reading every member's bytes of the same shards; target
+    ratio >= 0.85 on every set;
 (b) in memory: random batch gathers from the in-RAM array; target >= 200,000 samples/s.
 
+The sets: ``--quick`` the small one (6,000 samples in 1,000-sample shards: each shard cut among
+~43 streams); the full run adds a mid-size one (60,000 samples: each shard cut among ~4 streams,
+the case where a stream that parsed its shard from the start cost several times the read);
+``--samples/--per-shard`` one set of your own. Generated in a temporary folder, never kept.
 Both reads run from the page cache (one untimed warm-up read), alternate, and the best of
 several rounds is kept, so a busy shared machine disturbs the ratio as little as possible.
-Last stdout line: one JSON object.
+Last stdout line: one JSON object (``ratio``: the lowest of the sets; ``sets``: each one's figures).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import webdataset as wds
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from latent_patch.config import DataConfig  # noqa: E402
 from latent_patch.loader import build_loader  # noqa: E402
+from latent_patch.shards import open_manifest, refs_from_manifest, with_indexes  # noqa: E402
 
 LATENT = (4, 32, 32)
 
@@ -103,41 +111,65 @@ def memory_rate(root: Path, batch: int, seconds: float, rounds: int) -> tuple[fl
     return best, load_s, len(loader.latents)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small run (finishes well within 60 s)")
-    ap.add_argument("--samples", type=int, default=None, help="samples to write (20000; 6000 with --quick)")
-    ap.add_argument("--per-shard", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per path (5; 3 with --quick)")
-    args = ap.parse_args()
-    samples = args.samples or (6000 if args.quick else 20000)
-    rounds = args.rounds or (3 if args.quick else 5)
+def index_once(root: Path) -> float:
+    """Seconds to make the sample index of shards written without one (once per shard set)."""
+    t = time.perf_counter()
+    with_indexes(refs_from_manifest(open_manifest(root), root))
+    return time.perf_counter() - t
 
+
+def measure_set(samples: int, per_shard: int, batch: int, rounds: int) -> dict:
+    """Write one set, then alternate raw reads and loader passes; the figures of the best rounds."""
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        write_shards(root, samples, args.per_shard)
-        print(f"wrote {samples} samples ({len(list(root.glob('*.tar')))} shards) in {time.perf_counter() - t:.1f} s")
+        write_shards(root, samples, per_shard)
+        shards = len(list(root.glob("*.tar")))
+        print(f"== {samples} samples in {shards} shards of {per_shard} (written in {time.perf_counter() - t:.1f} s)")
+        index_s = index_once(root)
+        print(f"sample index     : made once in {index_s:.2f} s (the encoder writes it with each shard)")
         raw_read(root)  # warm the page cache for both paths
         raws, loads = [], []
         for _ in range(rounds):
             raws.append(rate(raw_read, root))
-            loads.append(rate(loader_pass, root, args.batch))
+            loads.append(rate(loader_pass, root, batch))
         raw_best, load_best = max(raws), max(loads)
         print(f"raw tarfile read : best {raw_best:9.0f}  median {statistics.median(raws):9.0f} samples/s")
         print(f"streaming loader : best {load_best:9.0f}  median {statistics.median(loads):9.0f} samples/s"
-              f"  (exact pass, batch {args.batch}, in-process reader, shuffle buffer 2000)")
-        print(f"ratio loader/raw : {load_best / raw_best:.2f} (target >= 0.5)")
-        mem, load_s, n = memory_rate(root, args.batch, 0.5, 2 * rounds)
+              f"  (exact pass, batch {batch}, in-process reader, shuffle buffer 2000)")
+        print(f"ratio loader/raw : {load_best / raw_best:.2f} (target >= 0.85)")
+        mem, load_s, n = memory_rate(root, batch, 0.5, 2 * rounds)
         print(f"in-memory        : loaded {n} samples in {load_s:.1f} s; gather {mem:9.0f} samples/s (target >= 200000)")
+    return {"samples": samples, "per_shard": per_shard, "shards": shards, "ratio": round(load_best / raw_best, 3),
+            "loader_samples_s": round(load_best), "raw_samples_s": round(raw_best),
+            "loader_median_samples_s": round(statistics.median(loads)),
+            "raw_median_samples_s": round(statistics.median(raws)), "index_once_s": round(index_s, 3),
+            "memory_samples_s": round(mem), "memory_load_s": round(load_s, 2)}
 
+
+QUICK_SET = (6000, 1000)
+MIDSIZE_SET = (60000, 1000)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the small set only (finishes well within 60 s)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="one set of this many samples instead (default: 6000, then 60000 unless --quick)")
+    ap.add_argument("--per-shard", type=int, default=1000, help="samples per shard of --samples' set (1000)")
+    ap.add_argument("--batch", type=int, default=256, help="loader batch size (256)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per path (5; 3 with --quick)")
+    args = ap.parse_args()
+    rounds = args.rounds or (3 if args.quick else 5)
+    sets = ([(args.samples, args.per_shard)] if args.samples else [QUICK_SET] if args.quick
+            else [QUICK_SET, MIDSIZE_SET])
+    results = [measure_set(n, per, args.batch, rounds) for n, per in sets]
+    low = min(results, key=lambda r: r["ratio"])
+    print(f"lowest ratio {low['ratio']:.2f} over {len(results)} set(s) (target >= 0.85 on each)")
     print(json.dumps({
-        "loader_samples_s": round(load_best), "raw_samples_s": round(raw_best),
-        "ratio": round(load_best / raw_best, 3), "memory_samples_s": round(mem),
-        "loader_median_samples_s": round(statistics.median(loads)), "raw_median_samples_s": round(statistics.median(raws)),
-        "memory_load_s": round(load_s, 2), "samples": samples, "batch": args.batch, "rounds": rounds,
-        "latent": [2, *LATENT], "quick": args.quick,
+        "ratio": low["ratio"], "loader_samples_s": low["loader_samples_s"], "raw_samples_s": low["raw_samples_s"],
+        "memory_samples_s": min(r["memory_samples_s"] for r in results), "sets": results,
+        "batch": args.batch, "rounds": rounds, "latent": [2, *LATENT], "quick": args.quick,
     }))
 
 

@@ -6,7 +6,9 @@ sizes; ranks and workers deal the streams out, and the position (each stream's c
 on every rank, so a run resumes exactly under any world size, worker count or batch size.
 (webdataset's split_by_node / split_by_worker deal whole shards, which leaves ranks with unequal or
 empty shares; the manifest's per-shard counts let us cut evenly instead. webdataset still opens the
-user's own URLs, ``pipe:`` included, through ``gopen``.) Also the types both loaders share
+user's own URLs, ``pipe:`` included, through ``gopen``.) A stream's piece of a shard seeks straight to its first sample
+by the shard's sample index (``shards.reader.with_indexes``), so it costs what it yields however
+many streams share the shard. Also the types both loaders share
 (:class:`Batch`, :class:`DatasetInfo`); ``loader.py`` holds the in-memory mode and ``build_loader``.
 """
 
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .seeds import derive_seed
-from .shards import SampleDecoder, ShardError, ShardRef, read_shard
+from .shards import SampleDecoder, ShardError, ShardRef, read_shard, with_indexes
 
 _F16 = np.dtype("<f2")
 
@@ -331,7 +333,8 @@ class StreamLoader:
     def __init__(self, info: DatasetInfo, refs: Sequence[ShardRef], batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle_buffer: int = 16384, num_workers: int = 0,
                  infinite: bool = True, pin_memory: bool = False, slots: int = DataConfig.stream_slots):
-        self.info, self.refs = info, list(refs)
+        self.info = info
+        self.refs = with_indexes(refs, first=rank * len(refs) // max(world_size, 1))  # a stream's piece seeks to its start
         self.latent_shape, self.num_classes, self.vae = info.latent_shape, info.num_classes, info.vae
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer, self.num_workers, self.infinite = shuffle_buffer, num_workers, infinite

@@ -7,14 +7,18 @@ training needs: latent shape, class names and counts, the VAE and its factors, l
 
 - ``writer``:   the encoder's side: tars, sidecars, atomic commit of each shard.
 - ``manifest``: file names, the manifest (assemble, write, read and check), verification.
-- ``reader``:   the loader's side: one shard's samples, checked, without unpickling anything.
+- ``reader``:   the loader's side: one shard's samples (or a range, found by the shard's index),
+                checked, without unpickling anything.
 """
 
 from .manifest import (
     FORMAT, JOB_FILE, MANIFEST, URL_SCHEME, ShardError, assemble_manifest, manifest_file, num_shards_for,
     open_manifest, read_sidecars, shard_name, shard_paths, sidecar_name, verify_shards, write_manifest,
 )
-from .reader import LABEL_EXT, LATENT_EXT, SampleDecoder, ShardRef, read_shard, refs_from_manifest, refs_from_urls
+from .reader import (
+    INDEX_SUFFIX, LABEL_EXT, LATENT_EXT, SampleDecoder, ShardRef, index_path, read_shard, refs_from_manifest,
+    refs_from_urls, scan_offsets, with_indexes,
+)
 from .writer import (
     LatentStats, ShardBuilder, TarStream, encode_sample, is_complete, npy_bytes, remove_stale, sample_key,
 )
@@ -22,7 +26,7 @@ from .writer import (
 __all__ = [
     "FORMAT", "JOB_FILE", "MANIFEST", "URL_SCHEME", "ShardError", "assemble_manifest", "manifest_file",
     "num_shards_for", "open_manifest", "read_sidecars", "shard_name", "shard_paths", "sidecar_name",
-    "verify_shards", "write_manifest", "LABEL_EXT", "LATENT_EXT", "SampleDecoder", "ShardRef", "read_shard",
+    "verify_shards", "write_manifest", "INDEX_SUFFIX", "index_path", "scan_offsets", "with_indexes", "LABEL_EXT", "LATENT_EXT", "SampleDecoder", "ShardRef", "read_shard",
     "refs_from_manifest", "refs_from_urls", "LatentStats", "ShardBuilder", "TarStream", "encode_sample",
     "is_complete", "npy_bytes", "remove_stale", "sample_key",
 ]

@@ -167,9 +167,9 @@ def _count_samples(path: Path) -> tuple[int, int]:
 
 
 def verify_shards(path_or_dir: str | Path, deep: bool = True, strays: bool = True) -> list[str]:
-    """Check every shard against the manifest: present, sha256 equal, (deep) sample count equal,
-    and (strays) no shard tar in the folder that the manifest does not list. Returns the problems
-    found, empty when the set is intact.
+    """Check every shard against the manifest: present, sha256 equal, (deep) sample count equal
+    and its sample index (where there is one) true to its headers, and (strays) no shard tar in
+    the folder that the manifest does not list. Returns the problems found, empty when intact.
 
     Reads every byte (slow on big sets): ``encode_latents.py --verify`` and ``data.verify=true``.
     """
@@ -197,10 +197,14 @@ def verify_shards(path_or_dir: str | Path, deep: bool = True, strays: bool = Tru
             problems.append(f"{p}: sha256 {digest[:16]}... != manifest {sh['sha256'][:16]}...")
             continue
         if deep:
+            from .reader import index_problem  # reader imports this module
+
             n, uniq = _count_samples(p)
             if n != sh["num_samples"] or uniq != n:
                 problems.append(f"{p}: {n} samples ({uniq} distinct) != manifest "
                                 f"{sh['num_samples']}")
+            elif stale := index_problem(p, n):
+                problems.append(stale)
     extra = sorted(p.name for p in out.glob("shard-*.tar") if strays and p.name not in listed)
     problems += [f"{out / name}: not in the manifest" for name in extra]
     return problems

@@ -1,7 +1,8 @@
 """Writing shards: webdataset-layout tars of posteriors, each committed with its sidecar.
 
-Crash safety rests on one ordering: a shard's tar is written under a temporary name, its sidecar
-(``shard-XXXXXX.json``: counts, sha256, skip reasons, latent statistics) is written atomically,
+Crash safety rests on one ordering: a shard's tar is written under a temporary name, its index
+(``shard-XXXXXX.idx.npy``: each sample's byte offset, for readers of a range) and its sidecar
+(``shard-XXXXXX.json``: counts, sha256, skip reasons, latent statistics) are written atomically,
 and only then is the tar renamed to its final name. So a final-named tar always has a sidecar, a
 complete shard is "final tar + sidecar exist", and a killed writer leaves only ``.*.tmp`` files
 that the next run deletes. ``manifest.json`` is assembled from the sidecars alone (no re-reading
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ import numpy as np
 
 from .. import fsutil
 from .manifest import FORMAT, shard_name, sidecar_name
+from .reader import index_bytes, index_path
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -109,7 +112,7 @@ def remove_stale(out_dir: str | Path, j: int) -> int:
     """Delete temp files a killed writer of shard ``j`` left behind (only this shard's: other
     processes may be writing theirs right now). Returns how many were removed."""
     n = 0
-    for stem in (shard_name(j), sidecar_name(j)):
+    for stem in (shard_name(j), sidecar_name(j), index_path(shard_name(j)).name):
         for p in Path(out_dir).glob(f".{stem}.*.tmp"):
             p.unlink(missing_ok=True)
             n += 1
@@ -170,11 +173,13 @@ class ShardBuilder:
         self.tmp = fsutil.tmp_path(self.final)
         self._file = open(self.tmp, "wb")
         self._tar = TarStream(self._file)
+        self._offsets: list[int] = []  # where each sample begins, then the end of the data
 
     def add(self, index: int, source: str, label: int, latent: np.ndarray,
             flip: bool = False) -> None:
         """One sample: ``latent`` is (2, C, h, w) [mean, std], unscaled; stored as float16."""
         lat16 = np.ascontiguousarray(latent, dtype=np.float16)
+        self._offsets.append(self._tar.offset)
         self._tar.write(encode_sample(sample_key(index, source, flip), lat16, label, source, flip))
         self.stats.add(lat16)
         self.num_samples += 1
@@ -189,11 +194,12 @@ class ShardBuilder:
     def close(self) -> None:
         """Finish the temporary tar (cheap); :meth:`commit` may then run in another thread."""
         if not self._file.closed:
+            self._offsets.append(self._tar.offset)
             self._tar.close()
             self._file.close()
 
     def commit(self) -> dict:
-        """Hash the tar, write the sidecar, then rename the tar: a final tar implies a sidecar.
+        """Hash the tar, write the index and the sidecar, then rename the tar: a final tar implies both.
 
         Pure I/O (re-read for sha256, fsyncs): the encoder runs it off the VAE's thread."""
         self.close()
@@ -203,6 +209,7 @@ class ShardBuilder:
                 "skipped": self.skipped, "latent_shape": self.latent_shape,
                 "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
                 "stats": self.stats.to_json(), "job_id": self.job_id}
+        fsutil.atomic_write_bytes(index_path(self.final), index_bytes(self._offsets, os.path.getsize(self.tmp)))
         fsutil.atomic_write_json(self.out_dir / sidecar_name(self.index), side)
         fsutil.commit(self.tmp, self.final)
         return side
