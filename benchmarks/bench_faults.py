@@ -10,14 +10,15 @@ mid-work: once a seeded number of complete units (shards, checkpoints, sample pa
 disk, never the last one, plus a seeded share of half a unit's time (the seed, every unit count
 and delay are printed; the full run also times a quarter of the later kills from process start,
 to hit a resumed run's set-up). It re-runs the same command until it finishes and compares the
-output with an uninterrupted run of the same job: the key set of the shards (duplicates counted
-with tarfile), every shard's sha256 against the manifest, the training losses after each resume
-(which must say it resumed from the checkpoint at the kill) and the final weights, the sampled
-arrays. Bad inputs are judged one by one (see faults/). The last line printed is one JSON object:
-{"kills", "resumed_ok", "min_kill_position", "samples_lost", "samples_duplicated", "bad_inputs",
-"bad_inputs_handled", ..., "stages": {stage: {"positions": [fraction of the output kept on disk
-at each kill; training: the latest checkpoint's patches / total], "resumed": [what each re-run
-said it kept], "moments", ...}}}.
+output with an uninterrupted run of the same job (same batch size, same torch thread count:
+faults.THREADS, which each chain checks before it compares bits): the key set of the shards
+(duplicates counted with tarfile), every shard's sha256 against the manifest, the training
+losses after each resume (which must say it resumed from the checkpoint at the kill) and the
+final weights, the sampled arrays. Bad inputs are judged one by one (see faults/). The last line
+printed is one JSON object: {"kills", "resumed_ok", "min_kill_position", "samples_lost",
+"samples_duplicated", "bad_inputs", "bad_inputs_handled", ..., "torch_threads", "stages":
+{stage: {"positions": [fraction of the output kept on disk at each kill; training: the latest
+checkpoint's patches / total], "resumed": [what each re-run said it kept], "moments", ...}}}.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (shared CPUs)
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # the references must match the 1-thread CLIs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faults as F  # noqa: E402
@@ -91,6 +91,7 @@ def run(plan: Plan, work: Path, seed: int, mode: str) -> dict:
     res = F.encode_in_process(src, enc_ref, vae, shard_size=SHARD_SIZE)
     if res.rc:
         raise SystemExit(f"reference encoding failed: {res.text[-2000:]}")
+    F.note_threads(enc_ref, res.threads)
     pool = ThreadPoolExecutor(max_workers=plan.parallel)
     futures: list[Future] = []
     start_stage(pool, futures, lambda c: F.EncodeStage(src, work / f"enc1_{c}", enc_ref, vae, 1, SHARD_SIZE),
@@ -103,22 +104,24 @@ def run(plan: Plan, work: Path, seed: int, mode: str) -> dict:
                                                       plan.train_images, CKPT_EVERY, train_ready),
                 "train", plan, seed * 1000 + 300, F.Timing(9.0, 2.0))
     reference(F.train_cli, F.train_argv(enc_ref, run_ref, CLASSES, resume=None, total=plan.train_images,
-                                        ckpt_every=CKPT_EVERY), train_ready)
+                                        ckpt_every=CKPT_EVERY), run_ref, train_ready)
     save, smp_ready = ("npz" if mode == "quick" else "npz,png"), threading.Event()
     smp = lambda c: F.SampleStage(run_ref, work / f"smp_{c}", work / "smp_ref", plan.samples,  # noqa: E731
                                   SAMPLE_BATCH, SAMPLE_STEPS, save, smp_ready)
     start_stage(pool, futures, smp, "sample", plan, seed * 1000 + 400, F.Timing(6.0, 1.0))
-    reference(F.sample_cli, smp(0).argv(work / "smp_ref"), smp_ready)
+    reference(F.sample_cli, smp(0).argv(work / "smp_ref"), work / "smp_ref", smp_ready)
     outcomes = bad_inputs(work / "bad", vae, enc_ref, run_ref)
     chains = [c for f in futures for c in f.result()]
     pool.shutdown()
     return F.summarize(outcomes, chains, time.monotonic() - t0, mode)
 
 
-def reference(cli, argv: list[str], ready: threading.Event) -> None:
-    """An uninterrupted run in this process while its stage's kill chain already runs; the
-    chain's final comparison waits for ``ready``."""
+def reference(cli, argv: list[str], out: Path, ready: threading.Event) -> None:
+    """An uninterrupted run into ``out``, in this process while its stage's kill chain already
+    runs, at the killed runs' torch thread count (call_cli pins it), noted beside ``out`` for the
+    chain's final comparison, which waits for ``ready``."""
     res = cli(argv)
+    F.note_threads(out, res.threads)
     ready.set()  # also on failure: waiting chains then fail fast instead of hanging
     if res.rc:
         raise SystemExit(f"reference run failed: {res.text[-2000:]}")
@@ -151,7 +154,7 @@ def main() -> int:
     mode = "quick" if args.quick else "full"
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(F.THREADS)  # the bad inputs' runs too (call_cli pins every CLI call anyway)
     say(f"fault suite ({mode}): {plan.kills} kill(s) per stage, base seed {args.seed}")
     if args.keep:
         work = Path(args.keep)

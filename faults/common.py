@@ -20,7 +20,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -76,15 +76,63 @@ class ChainResult:
 
 # ============================================================================ running the CLIs
 
-def child_env(threads: int = 1) -> dict[str, str]:
-    """Environment for the CLIs under test: one pinned thread count (so CPU numerics match the
-    in-process references bit for bit), sleeping OpenMP threads, and the checkout importable."""
+THREADS = 1
+"""torch's intra-op thread count of every run whose output is compared bit for bit: the processes
+started with :func:`child_env` and the references made in this process (:func:`call_cli`,
+:func:`pinned_threads`). CPU kernels split their sums by thread count, so two counts can round
+differently: at 1 and 2 threads one AMD CPU's VAE decoder (its first convolution, 4.8e-7) moved one
+pixel of one sample by one level, which a bit-for-bit check reads as a resume bug. The batch size
+is the other half of "the same float ops": compared runs use one batch size too."""
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int = THREADS) -> Iterator[int]:
+    """torch's intra-op threads in this process set to ``threads`` for the block, the caller's count
+    restored after; yields the count torch reports inside (what the block's work runs at)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def child_env(threads: int = THREADS) -> dict[str, str]:
+    """Environment for the processes under test: ``threads`` torch threads (OpenMP and MKL; the
+    count the in-process references are pinned to, so CPU numerics match them bit for bit),
+    sleeping OpenMP threads, and the checkout importable."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
     extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *extra])
     return env
+
+
+def env_threads(env: dict[str, str]) -> int | None:
+    """The torch thread count a process started with ``env`` runs at (None: torch's default, which
+    depends on the machine's cores)."""
+    value = env.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() else None
+
+
+def threads_note(out: Path) -> Path:
+    """Where the thread count a reference output ``out`` was made at is noted: beside it, so
+    nothing inside the output changes."""
+    return out.with_name(out.name + ".threads")
+
+
+def note_threads(out: Path, threads: int | None) -> None:
+    threads_note(out).write_text(f"{threads}\n")
+
+
+def noted_threads(out: Path) -> int | None:
+    """The thread count noted for ``out`` by :func:`note_threads` (None: not noted)."""
+    note = threads_note(out)
+    text = note.read_text().strip() if note.is_file() else ""
+    return int(text) if text.isdigit() else None
 
 
 def script_cmd(script: str, *args: Any, nproc: int = 1) -> list[str]:
@@ -105,6 +153,7 @@ class CliResult:
     rc: int
     text: str
     uncaught: str | None = None
+    threads: int | None = None  # torch's intra-op thread count the call ran at
 
 
 def root_script(name: str) -> Any:
@@ -115,12 +164,14 @@ def root_script(name: str) -> Any:
     return module
 
 
-def call_cli(main: Callable[..., Any], argv: list[str]) -> CliResult:
-    """Run a CLI's main(argv) in this process (no interpreter start-up: the suite stays fast),
+def call_cli(main: Callable[..., Any], argv: list[str], threads: int = THREADS) -> CliResult:
+    """Run a CLI's main(argv) in this process (no interpreter start-up: the suite stays fast) at
+    ``threads`` torch threads (the count of :func:`child_env`'s processes, whatever the caller's),
     capturing everything it prints and turning exits and escaped exceptions into a CliResult."""
     buf = io.StringIO()
     uncaught = None
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+    with (pinned_threads(threads) as ran_at, contextlib.redirect_stdout(buf),
+          contextlib.redirect_stderr(buf)):
         try:
             ret = main([str(a) for a in argv])
             rc = ret if isinstance(ret, int) else 0
@@ -131,7 +182,7 @@ def call_cli(main: Callable[..., Any], argv: list[str]) -> CliResult:
         except Exception as err:  # what a user would see as a traceback
             rc, uncaught = 1, type(err).__name__
             print(f"{type(err).__name__}: {err}")
-    return CliResult(rc, buf.getvalue(), uncaught)
+    return CliResult(rc, buf.getvalue(), uncaught, ran_at)
 
 
 class Proc:
@@ -140,7 +191,9 @@ class Proc:
 
     def __init__(self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT):
         self.t0, self.wall0 = time.monotonic(), time.time()
-        self.p = subprocess.Popen(cmd, cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
+        env = env or child_env()
+        self.threads = env_threads(env)  # the torch thread count it runs at
+        self.p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

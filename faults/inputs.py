@@ -26,7 +26,7 @@ RES = 32  # pixels; the tiny VAE downsamples 4x, giving the 4 x 8 x 8 latents th
 
 # ============================================================================ verdicts
 from .common import (  # noqa: F401
-    CliResult, Outcome, call_cli, make_image_tree, metrics_records, npy_object_payload, pattern, pickle_payload, read_npy, root_script, tar_samples, torch_zip_payload,
+    THREADS, CliResult, Outcome, call_cli, make_image_tree, metrics_records, npy_object_payload, pattern, pickle_payload, read_npy, root_script, tar_samples, torch_zip_payload,
 )
 
 
@@ -301,10 +301,11 @@ def check_image_cases(out: Path, src: Path, cases: list[ImageCase],
 
 
 def encode_in_process(src: Path, out: Path, vae: Path, shard_size: int = 8, **extra: Any) -> CliResult:
-    """encode_latents.py's main() on ``src`` (same flags as the kill suite), in this process."""
+    """encode_latents.py's main() on ``src`` (same flags as the kill suite: its batch size and
+    ``--threads`` THREADS, which encoding pins itself), in this process."""
     cli = root_script("encode_latents.py")
     argv = ["--source", src, "--out", out, "--vae", vae, "--resolution", RES, "--shard-size",
-            shard_size, "--batch-size", 4, "--threads", 1, "--workers", 0, "--device", "cpu",
+            shard_size, "--batch-size", 4, "--threads", THREADS, "--workers", 0, "--device", "cpu",
             "--no-progress"]
     for flag, value in extra.items():
         argv += [f"--{flag.replace('_', '-')}", value]

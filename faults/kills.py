@@ -28,7 +28,7 @@ RES = 32  # pixels; the tiny VAE downsamples 4x, giving the 4 x 8 x 8 latents th
 
 # ============================================================================ verdicts
 from .common import (  # noqa: F401
-    ChainResult, KillRecord, Outcome, Proc, key_diff, last_per_step, manifest_keys, metrics_records, npz_arrays, script_cmd, sha256_file, tar_samples,
+    THREADS, ChainResult, KillRecord, Outcome, Proc, key_diff, last_per_step, manifest_keys, metrics_records, noted_threads, npz_arrays, script_cmd, sha256_file, tar_samples, threads_note,
 )
 from .inputs import (  # noqa: F401
     train_argv,
@@ -92,6 +92,28 @@ class Stage:
         """Stage-specific figures for the summary, read after :meth:`final`."""
         return {}
 
+    def reference(self) -> Path | None:
+        """The uninterrupted run's output that :meth:`final` compares with (None: none)."""
+        return None
+
+    def thread_problems(self, runs: set[int | None]) -> list[str]:
+        """The premise of comparing bits: the reference was made at the torch thread count noted
+        beside it (``note_threads``) and every run of the chain (``runs``: their counts) at that
+        same count. Another count may round differently, a pixel one level off that no resume
+        caused; so a reference of another or an unknown count is a problem, not a pass by luck."""
+        ref = self.reference()
+        if ref is None:
+            return []
+        made_at = noted_threads(ref)
+        if made_at is None:
+            return [f"{ref.name}: the torch thread count it was made at is not noted in "
+                    f"{threads_note(ref).name}, so its bits are not comparable"]
+        if runs != {made_at}:
+            counts = ", ".join("torch's default" if t is None else str(t) for t in sorted(runs, key=str))
+            return [f"the reference {ref.name} was made at {made_at} torch thread(s), the runs compared "
+                    f"with it at {counts}: bits may differ for that alone"]
+        return []
+
 
 class EncodeStage(Stage):
     """encode_latents.py into ``out``; reference: an uninterrupted encoding ``ref`` of ``src``."""
@@ -110,8 +132,11 @@ class EncodeStage(Stage):
     def command(self) -> list[str]:
         return script_cmd("encode_latents.py", "--source", self.src, "--out", self.out, "--vae",
                           self.vae, "--resolution", RES, "--shard-size", self.shard_size,
-                          "--batch-size", 4, "--threads", 1, "--workers", 0, "--device", "cpu",
+                          "--batch-size", 4, "--threads", THREADS, "--workers", 0, "--device", "cpu",
                           "--no-progress", nproc=self.nproc)
+
+    def reference(self) -> Path:
+        return self.ref
 
     def kept(self) -> int:
         """Final-named shards with their sidecar (the tar is renamed last: both mean complete)."""
@@ -196,6 +221,9 @@ class TrainStage(Stage):
     def command(self) -> list[str]:
         return script_cmd("train_latent.py", *train_argv(self.shards, self.run, self.num_classes,
                                                          total=self.total, ckpt_every=self.ckpt_every))
+
+    def reference(self) -> Path:
+        return self.ref_run
 
     def kept(self) -> int:
         from latent_patch import checkpoint
@@ -334,6 +362,9 @@ class SampleStage(Stage):
     def command(self) -> list[str]:
         return script_cmd("sample.py", *self.argv(self.out))
 
+    def reference(self) -> Path:
+        return self.ref
+
     def started(self, proc: Proc) -> bool:
         """sampling.json is (re)written just before the sampling loop starts."""
         p = self.out / "sampling.json"
@@ -416,7 +447,8 @@ class Timing:
 def kill_chain(stage: Stage, seed: int, kills: int, timing: Timing, timeout: float = 300.0,
                log: Callable[[str], None] = lambda s: None, p_any: float = 0.25) -> ChainResult:
     """SIGKILL ``stage``'s command ``kills`` times, re-running the same command after each kill,
-    then let it finish and compare with the reference.
+    then let it finish and compare with the reference, which must have been made at the torch
+    thread count the chain's runs ran at (:meth:`Stage.thread_problems`).
 
     Each kill waits for an event on disk ("event"): a seeded number of complete units, drawn
     between one more than the run started with and the last but one, then a seeded share of
@@ -432,6 +464,7 @@ def kill_chain(stage: Stage, seed: int, kills: int, timing: Timing, timeout: flo
     records: list[KillRecord] = []
     outrun: list[KillRecord] = []  # kills the job outran: not counted, their checks still reported
     pending: tuple[KillRecord, Any] | None = None
+    threads: set[int | None] = set()  # the torch thread counts the chain's runs ran at
     for attempt in range(1, 3 * kills + 2):
         start = stage.kept()
         want = len(records) < kills and start + 1 < stage.units  # a unit to wait for before the last
@@ -439,6 +472,7 @@ def kill_chain(stage: Stage, seed: int, kills: int, timing: Timing, timeout: flo
         target = rng.randint(start + 1, stage.units - 1) if want else 0
         share = rng.random()
         proc = Proc(stage.command())
+        threads.add(proc.threads)
         delay = _kill_after(proc, stage, mode, start, target, share, timing, timeout) if want else None
         rc = None if delay is not None else proc.finish(timeout)
         if pending:
@@ -476,7 +510,7 @@ def kill_chain(stage: Stage, seed: int, kills: int, timing: Timing, timeout: flo
         lost, dup, problems = stage.final()
     except Exception as err:
         lost, dup, problems = 0, 0, [f"final comparison failed: {type(err).__name__}: {err}"]
-    problems = [p for rec in outrun for p in rec.problems] + problems
+    problems = [p for rec in outrun for p in rec.problems] + problems + stage.thread_problems(threads)
     result = _chain(stage, seed, records, lost, dup, problems, t_start)
     result.extra = stage.report() if not problems else {}
     return result
@@ -578,5 +612,5 @@ def summarize(outcomes: list[Outcome], chains: list[ChainResult], seconds: float
         "bad_inputs": len(outcomes), "bad_inputs_handled": sum(o.handled for o in outcomes),
         "unhandled": [o.kind for o in outcomes if not o.handled],
         "answered_by_traceback": [o.kind for o in outcomes if o.traceback], "stages": stages,
-        "mode": mode, "seconds": round(seconds, 1),
+        "mode": mode, "torch_threads": THREADS, "seconds": round(seconds, 1),
     }

@@ -14,30 +14,30 @@ from PIL import Image
 # oversubscribed CPU spinning threads made the tiny VAE 10-100x slower. Must precede torch's import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from faults.common import pinned_threads  # noqa: E402  (imports no torch)
+
 _MODES = ("RGB", "L", "RGBA", "P", "CMYK")
+
+# Thread counts: every run whose bits a test compares runs at faults.THREADS torch threads, in
+# this process (these fixtures, faults.call_cli) and in the processes tests start
+# (faults.child_env): CPU kernels split their sums by thread count, so two counts may round
+# differently on some CPU. Tiny tensors also run faster on one thread, without OpenMP stalls on a
+# shared CPU.
 
 
 @pytest.fixture(scope="module")
 def one_thread_per_module():
-    """Tiny tensors: one intra-op thread is faster here and avoids OpenMP stalls on a shared CPU."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """faults.THREADS torch threads for the whole module (the caller's count restored after)."""
+    with pinned_threads():
+        yield
 
 
 @pytest.fixture
 def one_thread():
-    """torchrun workers run with one intra-op thread; match it so in-process references are
-    bitwise comparable (the sampling tests)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    """faults.THREADS torch threads for one test: the count of the processes tests start (torchrun
+    workers), so in-process references are bitwise comparable with them (the sampling tests)."""
+    with pinned_threads():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -103,19 +103,17 @@ def class_tree():
 
 @pytest.fixture
 def fresh_accelerate():
-    """One intra-op thread (the 2-core test machine is shared: threads only contend) and a clean
-    accelerate singleton, since tests switch mixed precision."""
-    import torch
+    """faults.THREADS torch threads (the runs a training test compares run at one count; the 2-core
+    test machine is shared: more threads only contend) and a clean accelerate singleton, since
+    tests switch mixed precision."""
     from accelerate.state import AcceleratorState, GradientState
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
+    with pinned_threads():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        yield
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from faults.common import pinned_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "latent_patch" / "assets"
 DATA = ASSETS / "fashion_mnist"
@@ -39,9 +41,11 @@ def _dir_bytes(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def test_split():
-    """All held-out images as uint8 (N, 3, 64, 64) + labels, decoded once for the module."""
-    torch.set_num_threads(2)
-    return _tools().load_split(DATA, "test")
+    """All held-out images as uint8 (N, 3, 64, 64) + labels, decoded once for the module; its
+    tests run at 2 torch threads (they compare to tolerances only), the count before restored
+    after the module (it used to stay at 2 for every later module of the session)."""
+    with pinned_threads(2):
+        yield _tools().load_split(DATA, "test")
 
 
 # ----------------------------------------------------------------------------- data

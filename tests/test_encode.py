@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from faults.common import THREADS
 from latent_patch import codec as codec_mod
 from latent_patch import encode as enc
 from latent_patch import shards
@@ -58,8 +59,10 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 
 
 def cfg_for(src: Path, out: Path, vae: Path, **kw) -> EncodeConfig:
+    """Encoding pins its own torch threads (``threads``): faults.THREADS, the count of every
+    encoding whose bytes a test compares with these (another count may round the fp16 differently)."""
     base = dict(source=str(src), out=str(out), vae=str(vae), resolution=RES, flips="both",
-                shard_size=16, batch_size=8, progress=False, device="cpu", threads=1)
+                shard_size=16, batch_size=8, progress=False, device="cpu", threads=THREADS)
     base.update(kw)
     return EncodeConfig(**base)
 
@@ -395,7 +398,7 @@ def test_torchrun_two_processes_byte_identical(encoded: Path, tree, tiny_vae_dir
     cmd = [str(torchrun), "--nproc_per_node", "2", str(ROOT / "encode_latents.py"),
            "--source", str(tree[0]), "--out", str(out), "--vae", str(tiny_vae_dir),
            "--resolution", str(RES), "--flips", "both", "--shard-size", "16", "--batch-size", "8",
-           "--no-progress", "--device", "cpu", "--threads", "1"]
+           "--no-progress", "--device", "cpu", "--threads", str(THREADS)]  # cfg_for's batch and threads
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert shard_bytes(out) == shard_bytes(encoded)

@@ -39,10 +39,15 @@ def src(work: Path) -> Path:
     return work / "src"
 
 
+# The uninterrupted references are made in this process (call_cli: at F.THREADS torch threads, the
+# count of the killed runs' processes) and note that count beside them: each chain's comparison
+# checks it against its own runs' (Stage.thread_problems) before it trusts a difference in bits.
+
 @pytest.fixture(scope="module")
 def enc_ref(work: Path, src: Path, tiny_vae_dir: Path) -> Path:
     res = F.encode_in_process(src, work / "enc_ref", tiny_vae_dir, shard_size=SHARD_SIZE)
     assert res.rc == 0, res.text
+    F.note_threads(work / "enc_ref", res.threads)
     return work / "enc_ref"
 
 
@@ -51,6 +56,7 @@ def run_ref(work: Path, enc_ref: Path) -> Path:
     res = F.train_cli(F.train_argv(enc_ref, work / "run_ref", CLASSES, resume=None, total=TOTAL,
                                    ckpt_every=CKPT_EVERY))
     assert res.rc == 0, res.text[-3000:]
+    F.note_threads(work / "run_ref", res.threads)
     return work / "run_ref"
 
 
@@ -63,6 +69,7 @@ def smp_ref(work: Path, run_ref: Path) -> Path:
     stage = sample_stage(work, run_ref, "unused")
     res = F.sample_cli(stage.argv(work / "smp_ref"))
     assert res.rc == 0, res.text[-3000:]
+    F.note_threads(work / "smp_ref", res.threads)
     return work / "smp_ref"
 
 
@@ -121,7 +128,11 @@ def test_train_killed_resumes_from_last_checkpoint_with_identical_losses(chains)
     assert all(re.fullmatch(r"step [1-9]\d* at [\d,]+ patches", s) for s in resumed), resumed
 
 
-def test_sample_killed_then_rerun_gives_identical_arrays(chains):
+def test_sample_killed_then_rerun_gives_identical_arrays(chains, smp_ref):
+    # the premise of comparing bits (issue 27): the reference and every run at one torch thread
+    # count (one AMD CPU's VAE decoder rounds one pixel differently at 1 and 2 threads); a
+    # chain whose runs ran at another count than the noted one reports it as a problem
+    assert F.noted_threads(smp_ref) == F.THREADS
     assert_stage_ok(chains["sample"].result(), 1)
 
 
@@ -212,6 +223,60 @@ def test_sample_checks_have_teeth(work, run_ref, smp_ref):
     arrays = F.npz_arrays(part)
     np.savez(part, **{**arrays, "indices": arrays["indices"] + 1})
     assert any(part.name in p for p in stage.after_kill()[0])
+
+
+def test_in_process_runs_and_started_processes_share_one_thread_count():
+    """The pin behind every bit-for-bit check of the suite: a CLI run in this process (a
+    reference) and a process started with the harness's environment (a killed run) both run at
+    F.THREADS torch threads, whatever this process had set; and the caller's count comes back."""
+    import torch
+
+    outer = torch.get_num_threads()
+    torch.set_num_threads(F.THREADS + 1)  # a caller at another count, on a machine of any size
+    try:
+        res = F.call_cli(lambda argv: print(torch.get_num_threads()), [])
+        assert res.rc == 0 and int(res.text) == res.threads == F.THREADS
+        assert torch.get_num_threads() == F.THREADS + 1
+    finally:
+        torch.set_num_threads(outer)
+    child = F.Proc([sys.executable, "-c", "import torch; print(torch.get_num_threads())"])
+    assert child.finish(120) == 0, child.text
+    assert int(child.lines[-1]) == child.threads == F.THREADS
+
+
+class _DoneStage(F.Stage):
+    """A job with nothing to kill (one unit) and nothing wrong in its output, compared with ``ref``."""
+
+    name, units = "done", 1
+
+    def __init__(self, ref: Path):
+        self.ref = ref
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "pass"]
+
+    def final(self) -> tuple[int, int, list[str]]:
+        return 0, 0, []
+
+    def reference(self) -> Path:
+        return self.ref
+
+
+def test_thread_checks_have_teeth(work, smp_ref):
+    """A chain compared with a reference made at another torch thread count than its runs, or at
+    an unnoted one, reports it: a difference in bits would then say nothing about resume."""
+    assert F.kill_chain(_DoneStage(smp_ref), 0, 1, F.Timing(0.1, 0.1)).problems == []
+    other = work / "smp_ref_other_threads"
+    shutil.copytree(smp_ref, other)
+    found = F.kill_chain(_DoneStage(other), 0, 1, F.Timing(0.1, 0.1)).problems
+    assert len(found) == 1 and "not noted" in found[0], found
+    off = F.THREADS + 1
+    F.note_threads(other, off)
+    found = F.kill_chain(_DoneStage(other), 0, 1, F.Timing(0.1, 0.1)).problems
+    assert len(found) == 1 and f"made at {off} torch thread(s), the runs compared with it at {F.THREADS}" in found[0]
+    stage = _DoneStage(smp_ref)  # runs at other counts than the reference's, or at torch's default
+    assert stage.thread_problems({F.THREADS}) == []
+    assert all(len(stage.thread_problems(runs)) == 1 for runs in ({off}, {F.THREADS, off}, {F.THREADS, None}))
 
 
 class _OutrunStage(F.Stage):

@@ -8,7 +8,6 @@ normalisation) with random weights, written as train.py writes a checkpoint; no 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -99,7 +98,6 @@ FRESH_PROCESS = textwrap.dedent("""
     from latent_patch.edm import index_labels
 
     folder, out, steps, cfg, seed, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-    torch.set_num_threads(1)  # as the test process: the thread count is part of "same float ops"
     idx = list(range(n))
     labels = index_labels(idx, 10).tolist()
     gens = lambda: LatentPatchPipeline.sample_generators(idx, seed=seed)
@@ -111,7 +109,7 @@ FRESH_PROCESS = textwrap.dedent("""
     assert type(pipe) is LatentPatchPipeline, type(pipe)
     names = [pipe.config.class_names[i] for i in labels]  # labels by name: the same classes
     res["generic_np"] = pipe(class_labels=names, generator=gens(), output_type="np", **kw).images
-    np.savez(out, labels=np.asarray(labels), **res)
+    np.savez(out, labels=np.asarray(labels), threads=torch.get_num_threads(), **res)
 """)
 
 
@@ -120,26 +118,31 @@ def test_export_loads_in_a_fresh_process_and_equals_sample_py(demo_run, exported
 
     Compared: the uint8 pixels of sample.py's samples.npz (samples 0..N-1 of --seed SEED, one batch)
     against the pipeline's for the same labels and per-sample generators, bit for bit: both run the
-    same float32 CPU ops on the same batch with one thread (edm.sample, then codec's decoder), so
-    no tolerance is needed ("np" is uint8 / 255; PIL is the uint8 itself).
+    same float32 CPU ops on the same batch at one torch thread count (faults.THREADS: sample.py
+    pinned in this process, the fresh process by its environment; edm.sample, then codec's
+    decoder), so no tolerance is needed ("np" is uint8 / 255; PIL is the uint8 itself).
     """
+    import faults as F
     import sample as sample_cli
 
     out = tmp_path / "samples"
-    sample_cli.main(["--checkpoint", str(demo_run), "--out", str(out), "--num-samples", str(N), "--batch-size", str(N),
-                     "--steps", str(STEPS), "--cfg-scale", str(CFG), "--seed", str(SEED), "--save", "npz",
-                     "--grid", "0", "--amp", "none", "--compile", "false", "--no-progress"])
+    made = F.call_cli(sample_cli.main, [
+        "--checkpoint", str(demo_run), "--out", str(out), "--num-samples", str(N), "--batch-size", str(N),
+        "--steps", str(STEPS), "--cfg-scale", str(CFG), "--seed", str(SEED), "--save", "npz", "--grid", "0",
+        "--amp", "none", "--compile", "false", "--no-progress"])
+    assert made.rc == 0, made.text[-3000:]
     with np.load(out / "samples.npz") as f:
         ref, ref_labels = f["arr_0"], f["labels"]
 
     res_file = tmp_path / "pipeline.npz"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    env = dict(F.child_env(), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(exported), str(res_file), str(STEPS), str(CFG),
                            str(SEED), str(N)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(res_file) as f:
         res = {k: f[k] for k in f.files}
 
+    assert int(res.pop("threads")) == made.threads == F.THREADS  # the premise: one thread count
     assert ref.shape == (N, 64, 64, 3) and ref.std() > 5  # real images, not a constant
     assert res["labels"].tolist() == ref_labels.tolist()
     for key in ("class_np", "generic_np"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from faults.common import child_env, pinned_threads
 from latent_patch import checkpoint as ckpt
 from latent_patch import config
 from latent_patch.config import TrainConfig
@@ -203,12 +203,8 @@ def run_a(shards, tiny_vae, tmp_path_factory) -> Path:
     cfg = tiny_cfg(shards, out, "run.total_patches=1200", "run.log_every_patches=1", "run.ckpt_every_patches=600",
                    "run.keep_last=0", "eval.preview_every_patches=500", f"eval.vae={tiny_vae}",
                    "run.tensorboard=true", "model.dropout=0.1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with pinned_threads():  # the count of the runs compared with it (fresh_accelerate's)
         train(cfg)
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
@@ -365,8 +361,8 @@ def torchrun(shards: Path, out: Path, *args: str) -> subprocess.CompletedProcess
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--standalone",
            str(ROOT / "train_latent.py"), "--config", str(TINY), f"data.shards={shards}", f"run.out_dir={out}",
            "run.total_patches=400", "run.log_every_patches=1", "run.ckpt_every_patches=200", "run.keep_last=0", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    # both runs a test compares start here, with one environment: faults.THREADS torch threads each
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
