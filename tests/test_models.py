@@ -246,3 +246,68 @@ def test_routed_training_flops_are_counted():
     # 24 of 28 blocks on half the tokens (attention quadratic): a bit over 1 - 24/56 of the FLOPs
     assert 0.5 < routed / full < 1 - 24 / 56 + 0.02
     assert forward_flops(ModelConfig(preset="DiT-XL/2")) == full  # sampling (no route) costs the same
+
+
+# --------------------------------------------------------------------------- precision of the residual stream
+
+def _dit_reference(net: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The DiT forward written out with no casts: what an fp32 forward must equal bit for bit."""
+    tokens = net.x_embedder(x).flatten(2).transpose(1, 2) + net.pos_embed(x[:, -2:])
+    c = net.t_embedder(net.t_proj(t)) + net.y_embedder(y)
+    for block in net.blocks:
+        tokens = block(tokens, c)
+    return net.unpatchify(net.final_layer(tokens, c), x.shape[2] // 2, x.shape[3] // 2)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_dit_residual_stream_stays_fp32_under_bf16_autocast(routed, checkpointed):
+    """Issue 27: autocast runs the matmuls in bf16, but the tokens between blocks, the tokens routed
+    around blocks and the condition c stay fp32 (the position embedding was cast to the patch
+    embedding's bf16, and the whole stream with it). An fp32 forward is unchanged, bit for bit."""
+    from latent_patch.models.dit import draw_route
+
+    net = _routed_dit(route_ratio=0.5, route_start=1, route_end=3)  # the routed tokens rejoin at the final layer
+    if checkpointed:
+        net.enable_gradient_checkpointing()
+    x, t, y = torch.randn(2, 6, 8, 8), torch.randn(2), torch.tensor([1, 10])
+    route = draw_route(2, 16, torch.Generator().manual_seed(0)) if routed else None
+    assert torch.equal(_dit_reference(net, x, t, y), net(x, t, y))  # fp32: bit-identical
+    stream, matmuls = set(), set()
+    hooks = [m.register_forward_hook(lambda m, args, out: stream.update(a.dtype for a in args))
+             for m in [*net.blocks, net.final_layer]]
+    hooks += [b.register_forward_hook(lambda m, args, out: stream.add(out.dtype)) for b in net.blocks]
+    hooks.append(net.blocks[0].attn.qkv.register_forward_hook(lambda m, args, out: matmuls.add(out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, t, y, route=route)
+    out.float().square().sum().backward()  # checkpointed: the blocks run again, under the saved autocast
+    for h in hooks:
+        h.remove()
+    assert stream == {torch.float32} and matmuls == {torch.bfloat16}
+
+
+def test_dit_small_block_updates_survive_in_the_residual_under_bf16():
+    """Each block adds ~1e-3 of a residual of ~0.8: below bf16's resolution (2^-8 relative), so a
+    bf16 stream rounded most updates away; the fp32 stream keeps them (matmul rounding only)."""
+    net = _routed_dit()
+    with torch.no_grad():
+        for block in net.blocks:  # gates only: shift 0, scale 0, both gates 1e-3
+            block.adaLN_modulation[-1].weight.zero_()
+            block.adaLN_modulation[-1].bias.view(6, -1).zero_()[[2, 5]] = 1e-3
+    x, t, y = torch.randn(2, 6, 8, 8), torch.randn(2), torch.tensor([1, 2])
+
+    def update(bf16: bool) -> torch.Tensor:
+        """What the blocks added to the residual stream, all of them together."""
+        seen = {}
+        first = net.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(first=args[0].float()))
+        last = net.blocks[-1].register_forward_hook(lambda m, args, out: seen.update(last=out.float()))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            net(x, t, y)
+        first.remove()
+        last.remove()
+        assert seen["first"].abs().mean() > 0.5  # the premise: updates far below the residual's bf16 step
+        return seen["last"] - seen["first"]
+
+    exact, bf16 = update(False), update(True)
+    assert 5e-4 < exact.abs().mean() < 2e-3
+    assert (bf16 - exact).norm() / exact.norm() < 0.05

@@ -189,10 +189,14 @@ class DiT(ModelMixin, ConfigMixin):
         B, _, H, W = x.shape
         if H % p or W % p:
             raise ValueError(f"input {H}x{W} is not divisible by the DiT patch size {p}")
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, T, D)
-        tokens = tokens + self.pos_embed(x[:, -2:]).to(tokens.dtype)
-        t = self.t_proj(c_noise.reshape(-1).expand(B)).to(tokens.dtype)
-        c = self.t_embedder(t) + self.y_embedder(class_labels)
+        # the residual stream (tokens between blocks, the routed-around ones, c) stays in the
+        # weights' dtype, fp32 under autocast, which runs only the matmuls in bf16: a bf16 stream
+        # loses every block update under 1/256 of the residual (DiT and TREAD keep it fp32 too)
+        dtype = self.x_embedder.weight.dtype
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2).to(dtype)  # (B, T, D)
+        tokens = tokens + self.pos_embed(x[:, -2:]).to(dtype)
+        t = self.t_proj(c_noise.reshape(-1).expand(B)).to(dtype)
+        c = (self.t_embedder(t) + self.y_embedder(class_labels)).to(dtype)
         cfg = self.config
         for i, block in enumerate(self.blocks):
             if route is not None and i == cfg.route_start:
