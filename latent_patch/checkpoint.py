@@ -510,7 +510,8 @@ def resume(run: RunState, ckpt: Path) -> None:
     What each rank needs, and no process holds a second copy: every rank takes the weights and the
     whole AdamW state (DDP keeps it on each rank), the EMA only where ``run.ema`` exists; the files
     are mapped (see ``copy_weights``, ``load_state``), so a node reads each page once, and every
-    tensor is copied straight to the training device.
+    tensor is copied straight to the training device. A state saved before FLOP counting leaves
+    ``run.progress.flops`` NaN (unknown): ``train.settle_flops`` counts it or refuses the run.
     """
     verify(ckpt)
     check_same_model(ckpt, run.cfg)
@@ -523,7 +524,7 @@ def resume(run: RunState, ckpt: Path) -> None:
         run.accelerator.scaler.load_state_dict(state["scaler"])
     patches = state["patches"] if "patches" in state else state["images"]  # "images": before issue 10
     run.progress = Progress(step=int(state["step"]), patches=int(patches), full_equiv=float(state["full_equiv"]),
-                            flops=float(state.get("flops", 0.0)))
+                            flops=float(state.get("flops", "nan")))  # NaN: saved before FLOP counting
     run.schedule_gen.set_state(state["schedule_gens"][0])  # shared by all ranks: any process count continues it
     if run.loader is not None and hasattr(run.loader, "seek"):
         run.loader.seek(run.progress.patches)  # where the run's sample count puts the data; a saved position refines it

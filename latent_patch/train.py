@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import checkpoint, dist
 from . import config as config_mod
 from .codec import LatentNorm, draw_latent, latent_norm
-from .config import EMAConfig, OptimConfig, RunConfig, TrainConfig
+from .config import EMAConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from .dist import adopt_slurm_env, compile_network, configure_device, resolve_compile, resolve_precision
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
@@ -183,8 +184,13 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
         gen=gen, accum=accumulation_steps(cfg, world), R=R, C=C,
         scaling_factor=float(vae["scaling_factor"]), shift_factor=float(vae.get("shift_factor") or 0.0),
         manifest=manifest, norm=norm, offset_step=offset_multiple(net), route_ratio=cfg.model.route_ratio or 0.0,
-        flops_per_patch={s: 3 * forward_flops(cfg.model, s, routed=True) for s in schedule.sizes},
+        flops_per_patch={s: patch_flops(cfg.model, s) for s in schedule.sizes},
     )
+
+
+def patch_flops(model: ModelConfig, side: int) -> float:
+    """Training FLOPs of one patch at ``side``: 3 x forward (backward ~ 2x), routed as training routes."""
+    return 3 * forward_flops(model, side, routed=True)
 
 
 @contextlib.contextmanager
@@ -348,8 +354,39 @@ def prepare_run(cfg: TrainConfig, resume_spec: str | None) -> tuple[Trainer, Pat
     trainer = build_trainer(cfg, acc, iter(()), loader, latent_shape, manifest["vae"], manifest)
     if ckpt is not None:
         checkpoint.resume(trainer, ckpt)
+        settle_flops(trainer, ckpt)
     trainer.batches = iter(loader)  # after load_state_dict, so iteration starts at the saved position
     return trainer, ckpt
+
+
+def settle_flops(trainer: Trainer, ckpt: Path) -> None:
+    """Give a checkpoint saved before FLOP counting (no "flops" in its state) its training FLOPs.
+
+    Why: counted from 0, a FLOP budget would overshoot by the checkpoint's FLOPs and the
+    progressive ramp (``run_fraction``) would go back. Its patches give them exactly when its
+    run (the checkpoint's config) could draw one patch side only; otherwise a FLOP budget is
+    refused, and without one the FLOP figures count from this resume."""
+    p, run = trainer.progress, trainer.cfg.run
+    if not math.isnan(p.flops):  # counted
+        return
+    saved = checkpoint.load_config(ckpt)
+    with refusal(f"{ckpt}: "):
+        schedule = PatchSchedule(saved.patch, trainer.R, multiple_of=patch_multiple(trainer.net))
+    sides = sorted({s for f in (0.0, 1.0) for s, q in zip(schedule.sizes, schedule.probs_at(f)) if q > 0})
+    if len(sides) == 1 or p.patches == 0:
+        p.flops = p.patches * patch_flops(saved.model, sides[0])  # the routing its patches trained with
+        log.info("%s was saved before FLOP counting: %s patches at side %d are %.4g training FLOPs",
+                 ckpt, f"{p.patches:,}", sides[0], p.flops)
+        return
+    if run.total_flops > 0 or run.stop_flops > 0:
+        raise checkpoint.CheckpointError(
+            f"{ckpt} was saved before FLOP counting and its run drew patch sides {sides} in unrecorded numbers, "
+            f"so its FLOPs are unknown and run.total_flops={run.total_flops:g} run.stop_flops={run.stop_flops:g} "
+            "cannot be honoured: resume it with a patch budget (run.total_patches) and run.total_flops=0 "
+            "run.stop_flops=0")
+    log.warning("%s was saved before FLOP counting and drew patch sides %s: its FLOPs are unknown, so the FLOP "
+                "figures count from this resume", ckpt, sides)
+    p.flops = 0.0
 
 
 def start_outputs(trainer: Trainer, ckpt: Path | None) -> None:

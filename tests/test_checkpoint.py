@@ -264,3 +264,58 @@ def test_pruning_keeps_the_newest_writes_after_a_resume_from_an_earlier_step(tmp
     assert [s for s, _ in ckpt.list_complete(tmp_path)] == [3, 4]  # 3' (newest) and 4 (next newest)
     fake_checkpoint(tmp_path, 2, b"older step, newest write", keep_last=1)
     assert [s for s, _ in ckpt.list_complete(tmp_path)] == [2]  # the checkpoint just written survives
+
+
+# --------------------------------------------------------------------------- checkpoints saved before FLOP counting
+
+def _without_flops(run: Path) -> tuple[Path, float]:
+    """The run's latest checkpoint made as code before FLOP counting saved it: no "flops" in its
+    state (and DONE's size of state.pt updated). Returns it and the FLOPs it had counted."""
+    final = ckpt.find_latest(run)
+    state = dict(ckpt.load_state(final / ckpt.STATE_FILE))
+    flops = state.pop("flops")
+    ckpt.save_state(final / "state.new", state)  # not over the mapped file (load_state maps it)
+    os.replace(final / "state.new", final / ckpt.STATE_FILE)
+    done = ckpt.fsutil.read_json(final / ckpt.DONE)
+    done["files"][ckpt.STATE_FILE] = (final / ckpt.STATE_FILE).stat().st_size
+    ckpt.fsutil.atomic_write_json(final / ckpt.DONE, done)
+    return final, flops
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_a_checkpoint_saved_before_flop_counting_resumes_with_its_flops_or_is_refused(shards, tmp_path, capsys):
+    """Issue 27: such a checkpoint resumed at 0 FLOPs: run.total_flops / stop_flops overshot and the
+    progressive ramp went back. One patch side: its FLOPs follow from its patches, exactly; several:
+    a FLOP budget is refused in one line naming the checkpoint, and without one the run resumes."""
+    from latent_patch import train as train_mod
+    from latent_patch.models import forward_flops
+    from tests.trainkit import TINY, tiny_cfg
+    from train_latent import main
+
+    common = ["run.total_patches=64", "run.ckpt_every_patches=64", "run.progress=false"]
+    one_side = ["patch.sizes=[0.5]", "patch.probs=[1.0]"]
+    train_mod.train(tiny_cfg(shards, tmp_path / "one", *common, *one_side))
+    old, flops = _without_flops(tmp_path / "one")
+    assert flops > 0
+    budget = f"run.total_flops={10 * flops}"
+    trainer, _ = train_mod.prepare_run(tiny_cfg(shards, tmp_path / "one", *common, *one_side, budget), str(old))
+    trainer.accelerator.end_training()
+    assert trainer.progress.patches == 64 and trainer.progress.flops == pytest.approx(flops, rel=1e-12)
+
+    train_mod.train(tiny_cfg(shards, tmp_path / "two", *common))  # sides 4 and 8
+    old, _ = _without_flops(tmp_path / "two")
+    for flag in (budget, "run.stop_flops=1e9"):
+        capsys.readouterr()
+        rc = main(["--config", str(TINY), f"data.shards={shards}", f"run.out_dir={tmp_path / 'two'}",
+                   "run.tensorboard=false", "--resume", str(old), "run.total_patches=128", flag])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and err[-1].startswith(f"train_latent.py: error: {old} was saved before FLOP counting and "
+                                              "its run drew patch sides [4, 8] in unrecorded numbers")
+        assert err[-1].endswith("resume it with a patch budget (run.total_patches) and run.total_flops=0 "
+                                "run.stop_flops=0")
+    resumed_at = ckpt.load_state(old / ckpt.STATE_FILE)["patches"]
+    done = train_mod.train(tiny_cfg(shards, tmp_path / "two", *common, "run.total_patches=128"), str(old))
+    assert "the FLOP figures count from this resume" in (tmp_path / "two" / "log.txt").read_text()
+    cost = {s: 3 * forward_flops(trainer.cfg.model, s) for s in (4, 8)}
+    new = done.patches - resumed_at  # only this resume's patches are counted
+    assert new > 0 and cost[4] * new <= done.flops <= cost[8] * new
