@@ -1,12 +1,13 @@
-# latent-patch: `make demo` runs the whole pipeline on the embedded default; `make test` runs the tests.
-# Both create the virtual environment first (.venv, pip; torch resolves from the registry or local wheels).
+# latent-patch: `make demo` runs the whole pipeline on the embedded default; `make test` runs the tests;
+# `make bench-quick` runs every benchmark's --quick and says which targets are met (before every change lands).
+# Each creates the virtual environment first (.venv, pip; torch resolves from the registry or local wheels).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench-quick clean
 
 setup: $(STAMP)
 
@@ -24,8 +25,8 @@ test: setup
 demo: setup
 	$(PY) -m latent_patch.demo
 
-bench: setup
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b --quick | tail -n 1; done
+bench-quick: setup
+	$(PY) benchmarks/quick.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
