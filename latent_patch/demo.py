@@ -11,7 +11,8 @@ It runs the same stages a GPU user runs on ImageNet, on the Fashion-MNIST images
   5. a report: metrics.json, a grid per class, the training curve
 
 The training budget is a number of patches (``run.total_patches`` in configs/demo.yaml), not
-minutes: the same command gives the same figures on any machine; only the time differs.
+minutes: on one machine the same command gives the same bits whatever its load, only later;
+another CPU or core count rounds floats differently (within about 0.15 FD, README).
 
 Every stage resumes: re-running the command after an interruption continues where it stopped.
 A re-run with other settings (config, overrides, VAE, sampler) never mixes old outputs
