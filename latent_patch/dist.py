@@ -171,13 +171,6 @@ def resolve_precision(setting: str | bool, device_type: str) -> str:
     return str(setting)
 
 
-def resolve_amp(setting: str, device_type: str) -> str:
-    """Sampling autocast (``sample.py --amp``): "auto" is bf16 on CUDA and none elsewhere."""
-    if setting == "auto":
-        return "bf16" if device_type == "cuda" else "none"
-    return setting
-
-
 def resolve_compile(setting: str | bool, device_type: str) -> bool:
     """torch.compile: "auto" compiles on CUDA only (on the CPU it costs minutes and buys little)."""
     if setting == "auto":

@@ -26,10 +26,20 @@ def test_auto_defaults_per_device_type():
     assert (run.mixed_precision, run.compile) == ("auto", "auto")
     assert dist.resolve_precision("auto", "cuda") == "bf16" and dist.resolve_precision("auto", "cpu") == "no"
     assert dist.resolve_precision(False, "cuda") == "no" and dist.resolve_precision("fp16", "cuda") == "fp16"
-    assert dist.resolve_amp("auto", "cuda") == "bf16" and dist.resolve_amp("auto", "cpu") == "none"
-    assert dist.resolve_amp("none", "cuda") == "none"  # an explicit fp32 choice stays
     assert dist.resolve_compile("auto", "cuda") and not dist.resolve_compile("auto", "cpu")
     assert dist.resolve_compile(True, "cpu") and not dist.resolve_compile(False, "cuda")
+
+
+def test_fid_sampling_defaults_to_fp32_on_every_device():
+    """Issue 27: sample.py's network precision is fp32 unless asked (DiT, ADM and EDM2 sample their
+    published FIDs in fp32/TF32); bf16 moved the demo's FD (README). No device-dependent 'auto'."""
+    from latent_patch.sampling import build_parser
+
+    args = build_parser().parse_args(["--checkpoint", "run", "--out", "out"])
+    assert args.amp == "none"
+    assert build_parser().parse_args(["--checkpoint", "run", "--out", "out", "--amp", "bf16"]).amp == "bf16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--checkpoint", "run", "--out", "out", "--amp", "auto"])
 
 
 def test_tf32_only_on_cuda(monkeypatch):
