@@ -511,7 +511,7 @@ def resume(run: RunState, ckpt: Path) -> None:
     whole AdamW state (DDP keeps it on each rank), the EMA only where ``run.ema`` exists; the files
     are mapped (see ``copy_weights``, ``load_state``), so a node reads each page once, and every
     tensor is copied straight to the training device. A state saved before FLOP counting leaves
-    ``run.progress.flops`` NaN (unknown): ``train.settle_flops`` counts it or refuses the run.
+    ``run.progress.flops`` NaN (unknown): ``budget.settle_flops`` counts it or refuses the run.
     """
     verify(ckpt)
     check_same_model(ckpt, run.cfg)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,14 +31,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, dist
 from . import config as config_mod
+from .budget import run_ended, run_fraction, settle_flops, training_flops
 from .codec import LatentNorm, draw_latent, latent_norm
-from .config import EMAConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from .config import EMAConfig, OptimConfig, TrainConfig
 from .dist import adopt_slurm_env, compile_network, configure_device, resolve_compile, resolve_precision
 from .edm import Precond, edm_loss
 from .evaluate import Evaluator, Previewer
 from .loader import build_loader
 from .models import (
-    build_model, check_latents_fit, enable_grad_checkpointing, forward_flops, offset_multiple, patch_multiple,
+    build_model, check_latents_fit, enable_grad_checkpointing, offset_multiple, patch_multiple,
 )
 from .models.dit import draw_route
 from .monitor import (
@@ -184,13 +184,8 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
         gen=gen, accum=accumulation_steps(cfg, world), R=R, C=C,
         scaling_factor=float(vae["scaling_factor"]), shift_factor=float(vae.get("shift_factor") or 0.0),
         manifest=manifest, norm=norm, offset_step=offset_multiple(net), route_ratio=cfg.model.route_ratio or 0.0,
-        flops_per_patch={s: patch_flops(cfg.model, s) for s in schedule.sizes},
+        flops_per_patch={s: training_flops(cfg.model, s) for s in schedule.sizes},
     )
-
-
-def patch_flops(model: ModelConfig, side: int) -> float:
-    """Training FLOPs of one patch at ``side``: 3 x forward (backward ~ 2x), routed as training routes."""
-    return 3 * forward_flops(model, side, routed=True)
 
 
 @contextlib.contextmanager
@@ -203,17 +198,6 @@ def refusal(prefix: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- one optimizer step
-
-def run_fraction(run: RunConfig, p: checkpoint.Progress) -> float:
-    """How far through its budget the run is, for schedules (the progressive patch ramp): the
-    larger of patches / total_patches and FLOPs / total_flops, whichever budget ends it first.
-    A budget in FLOPs alone (total_patches set out of reach, as bench_quality does) used to
-    leave this at ~0: the progressive ramp never started. ``run.stop_flops`` does not move it."""
-    frac = p.patches / max(run.total_patches, 1)
-    if run.total_flops > 0:
-        frac = max(frac, p.flops / run.total_flops)
-    return min(1.0, frac)
-
 
 def plan_step(trainer: Trainer) -> StepPlan:
     """Draw this step's patch side, ONE for every rank and micro-batch, from a generator that every
@@ -359,36 +343,6 @@ def prepare_run(cfg: TrainConfig, resume_spec: str | None) -> tuple[Trainer, Pat
     return trainer, ckpt
 
 
-def settle_flops(trainer: Trainer, ckpt: Path) -> None:
-    """Give a checkpoint saved before FLOP counting (no "flops" in its state) its training FLOPs.
-
-    Why: counted from 0, a FLOP budget would overshoot by the checkpoint's FLOPs and the
-    progressive ramp (``run_fraction``) would go back. Its patches give them exactly when its
-    run (the checkpoint's config) could draw one patch side only; otherwise a FLOP budget is
-    refused, and without one the FLOP figures count from this resume."""
-    p, run = trainer.progress, trainer.cfg.run
-    if not math.isnan(p.flops):  # counted
-        return
-    saved = checkpoint.load_config(ckpt)
-    with refusal(f"{ckpt}: "):
-        schedule = PatchSchedule(saved.patch, trainer.R, multiple_of=patch_multiple(trainer.net))
-    sides = sorted({s for f in (0.0, 1.0) for s, q in zip(schedule.sizes, schedule.probs_at(f)) if q > 0})
-    if len(sides) == 1 or p.patches == 0:
-        p.flops = p.patches * patch_flops(saved.model, sides[0])  # the routing its patches trained with
-        log.info("%s was saved before FLOP counting: %s patches at side %d are %.4g training FLOPs",
-                 ckpt, f"{p.patches:,}", sides[0], p.flops)
-        return
-    if run.total_flops > 0 or run.stop_flops > 0:
-        raise checkpoint.CheckpointError(
-            f"{ckpt} was saved before FLOP counting and its run drew patch sides {sides} in unrecorded numbers, "
-            f"so its FLOPs are unknown and run.total_flops={run.total_flops:g} run.stop_flops={run.stop_flops:g} "
-            "cannot be honoured: resume it with a patch budget (run.total_patches) and run.total_flops=0 "
-            "run.stop_flops=0")
-    log.warning("%s was saved before FLOP counting and drew patch sides %s: its FLOPs are unknown, so the FLOP "
-                "figures count from this resume", ckpt, sides)
-    p.flops = 0.0
-
-
 def start_outputs(trainer: Trainer, ckpt: Path | None) -> None:
     """Rank 0 readies the run folder: stale checkpoint parts out, logs trimmed, config, trackers."""
     cfg, acc, run_dir = trainer.cfg, trainer.accelerator, Path(trainer.cfg.run.out_dir)
@@ -418,12 +372,6 @@ def out_of_time(trainer: Trainer, start: float) -> bool:
         return False
     flag = torch.tensor(float(time.perf_counter() - start >= budget), device=trainer.accelerator.device)
     return bool(trainer.accelerator.reduce(flag, reduction="sum") > 0)
-
-
-def run_ended(run: RunConfig, p: checkpoint.Progress) -> bool:
-    """This invocation's end: the patch budget, the FLOP budget or the earlier stop
-    (run.stop_flops) is reached."""
-    return p.patches >= run.total_patches or 0 < run.total_flops <= p.flops or 0 < run.stop_flops <= p.flops
 
 
 def train(cfg: TrainConfig, resume_spec: str | None = None) -> checkpoint.Progress:

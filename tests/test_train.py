@@ -631,7 +631,7 @@ def test_progressive_ramp_follows_a_flop_budget_and_stop_flops_splits_a_run_exac
     progressive ramp follows total_flops (it used to stay at its start: only small patches), and
     run.stop_flops ends a segment that resumes into the same run, loss for loss."""
     from latent_patch.models import forward_flops
-    from latent_patch.train import run_fraction
+    from latent_patch.budget import run_fraction
 
     base = ["run.total_patches=100000000", "run.log_every_patches=1", "run.ckpt_every_patches=100000000",
             "patch.sizes=[0.5,1.0]", "patch.probs=[0.5,0.5]", "patch.progressive=true",

@@ -6,19 +6,21 @@ never read back). ``manifest.json`` lists the shards with counts and sha256 and 
 training needs: latent shape, class names and counts, the VAE and its factors, latent statistics.
 
 - ``writer``:   the encoder's side: tars, sidecars, atomic commit of each shard.
-- ``manifest``: file names, the manifest (assemble, write, read and check), verification.
+- ``manifest``: file names, the manifest (assemble, write, read and check).
+- ``verify``:   a whole set checked against its manifest (sha256, counts, indexes).
 - ``reader``:   the loader's side: one shard's samples (or a range, found by the shard's index),
                 checked, without unpickling anything.
 """
 
 from .manifest import (
     FORMAT, JOB_FILE, MANIFEST, URL_SCHEME, ShardError, assemble_manifest, manifest_file, num_shards_for,
-    open_manifest, read_sidecars, shard_name, shard_paths, sidecar_name, verify_shards, write_manifest,
+    open_manifest, read_sidecars, shard_name, shard_paths, sidecar_name, write_manifest,
 )
 from .reader import (
     INDEX_SUFFIX, LABEL_EXT, LATENT_EXT, SampleDecoder, ShardRef, index_path, read_shard, refs_from_manifest,
     refs_from_urls, scan_offsets, with_indexes,
 )
+from .verify import verify_shards
 from .writer import (
     LatentStats, ShardBuilder, TarStream, encode_sample, is_complete, npy_bytes, remove_stale, sample_key,
 )

@@ -1,5 +1,5 @@
-"""The shard set's manifest: names of the files, the manifest (assembled from the shards'
-sidecars, written atomically, read back with every field checked) and verification of a set.
+"""The shard set's manifest: names of the files and the manifest (assembled from the shards'
+sidecars, written atomically, read back with every field checked); ``verify`` checks a set.
 
 Layout of a shard folder (docs/design.md)::
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +67,7 @@ def open_manifest(path_or_dir: str | Path) -> dict:
     return m
 
 
-def _plain_relative(name: str) -> bool:
+def plain_relative(name: str) -> bool:
     """A manifest may only name files under its own folder: no URL, no absolute path, no '..'."""
     p = Path(name)
     return bool(name) and not URL_SCHEME.match(name) and not p.is_absolute() and ".." not in p.parts and "\n" not in name
@@ -79,7 +78,7 @@ def shard_paths(manifest: dict, root: str | Path) -> list[Path]:
     paths = []
     for s in manifest["shards"]:
         name = s["name"]
-        if not _plain_relative(name):
+        if not plain_relative(name):
             raise ShardError(f"manifest shard name {name!r} refused: only plain paths relative to {root} are allowed")
         p = Path(root) / name
         if not p.is_file():
@@ -154,57 +153,3 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
 
 def num_shards_for(num_inputs: int, inputs_per_shard: int) -> int:
     return max(1, math.ceil(num_inputs / inputs_per_shard))
-
-
-def _count_samples(path: Path) -> tuple[int, int]:
-    """(samples, distinct keys) in a tar, read with tarfile only."""
-    keys: list[str] = []
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            if m.isfile() and m.name.endswith(".latent.npy"):
-                keys.append(m.name[: -len(".latent.npy")])
-    return len(keys), len(set(keys))
-
-
-def verify_shards(path_or_dir: str | Path, deep: bool = True, strays: bool = True) -> list[str]:
-    """Check every shard against the manifest: present, sha256 equal, (deep) sample count equal
-    and its sample index (where there is one) true to its headers, and (strays) no shard tar in
-    the folder that the manifest does not list. Returns the problems found, empty when intact.
-
-    Reads every byte (slow on big sets): ``encode_latents.py --verify`` and ``data.verify=true``.
-    """
-    mpath = manifest_file(path_or_dir)
-    out = mpath.parent
-    if not mpath.is_file():
-        return [f"{mpath}: missing (the encoding is not finished)"]
-    man = fsutil.read_json(mpath)
-    problems: list[str] = []
-    listed = set()
-    for sh in man["shards"]:
-        p = out / sh["name"]
-        listed.add(sh["name"])
-        if not _plain_relative(sh["name"]):
-            problems.append(f"manifest shard name {sh['name']!r} refused: only plain relative paths")
-            continue
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-            continue
-        if not sh.get("sha256"):
-            problems.append(f"{p}: manifest has no 'sha256' for this shard")
-            continue
-        digest = fsutil.sha256_file(p)
-        if digest != sh["sha256"]:
-            problems.append(f"{p}: sha256 {digest[:16]}... != manifest {sh['sha256'][:16]}...")
-            continue
-        if deep:
-            from .reader import index_problem  # reader imports this module
-
-            n, uniq = _count_samples(p)
-            if n != sh["num_samples"] or uniq != n:
-                problems.append(f"{p}: {n} samples ({uniq} distinct) != manifest "
-                                f"{sh['num_samples']}")
-            elif stale := index_problem(p, n):
-                problems.append(stale)
-    extra = sorted(p.name for p in out.glob("shard-*.tar") if strays and p.name not in listed)
-    problems += [f"{out / name}: not in the manifest" for name in extra]
-    return problems
