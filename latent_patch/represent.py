@@ -24,6 +24,9 @@ from .dist import autocast
 from .seeds import derive_seed
 
 CONFIG_KEYS = ("architecture", "model_args", "image_size", "mean", "std")
+DEMO_REPR_DIR = Path(__file__).resolve().parent / "assets" / "demo_repr"
+"""The demo's encoder (``--repr demo``): trained without labels on the demo's training images only
+(``tools/train_demo_repr.py``), a stand-in for DINOv2 as the demo VAE is for the SD-VAE."""
 
 
 def save_folder(model: torch.nn.Module, folder: str | Path, model_args: dict, image_size: int,
@@ -141,13 +144,18 @@ class ReprEncoder:
     @classmethod
     def load(cls, spec: str, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None, image_size: int | None = None) -> "ReprEncoder":
-        """Load from a local folder (see :func:`save_folder`) or a timm model id (pretrained from
-        the hub; ``image_size`` rebuilds it for another input size); both then share the rest."""
+        """Load from a local folder (see :func:`save_folder`), ``"demo"`` (:data:`DEMO_REPR_DIR`) or
+        a timm model id (pretrained from the hub; ``image_size`` rebuilds it for another input
+        size); all then share the rest."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        path = Path(spec).expanduser()
+        if spec == "demo":
+            if not (DEMO_REPR_DIR / "config.json").is_file():
+                raise FileNotFoundError(f"the demo encoder is not built yet ({DEMO_REPR_DIR} has no "
+                                        "config.json): run `python tools/train_demo_repr.py` first")
+        path = DEMO_REPR_DIR if spec == "demo" else Path(spec).expanduser()
         if path.is_dir():
             model, cfg = _from_folder(path, image_size)
-            name = str(path.resolve())
+            name = "demo" if spec == "demo" else str(path.resolve())
         elif timm.is_model(spec):
             model, cfg = _from_hub(spec, image_size)
             name = spec

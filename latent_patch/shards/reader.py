@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LATENT_EXT = "latent.npy"
 LABEL_EXT = "cls"
+REPR_EXT = "repr.npy"  # optional: the representation encoder's float16 (gh, gw, K) grid (issue 28)
 _WANTED = (LATENT_EXT, LABEL_EXT)  # every other member is skipped without being read
 _F16 = np.dtype("<f2")
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import fsutil
 from .manifest import FORMAT, shard_name, sidecar_name
-from .reader import index_bytes, index_path
+from .reader import REPR_EXT, index_bytes, index_path
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -40,11 +40,16 @@ def npy_bytes(latent: np.ndarray) -> bytes:
     return fsutil.npy_header(a.shape, "<f2") + a.tobytes()
 
 
-def encode_sample(key: str, latent: np.ndarray, label: int, source: str, flip: bool) -> dict:
-    """The tar members of one sample, already as bytes (no pickle-capable encoder involved)."""
+def encode_sample(key: str, latent: np.ndarray, label: int, source: str, flip: bool,
+                  features: np.ndarray | None = None) -> dict:
+    """The tar members of one sample, already as bytes (no pickle-capable encoder involved);
+    ``features``: the representation encoder's (gh, gw, K) grid, stored as ``repr.npy`` (float16)."""
     meta = json.dumps({"source": source, "flip": flip}, sort_keys=True)
-    return {"__key__": key, "latent.npy": npy_bytes(latent), "cls": str(label).encode(),
-            "json": meta.encode()}
+    sample = {"__key__": key, "latent.npy": npy_bytes(latent), "cls": str(label).encode(),
+              "json": meta.encode()}
+    if features is not None:
+        sample[REPR_EXT] = npy_bytes(features)
+    return sample
 
 
 def _ustar_header(name: str, size: int) -> bytes:
@@ -165,6 +170,7 @@ class ShardBuilder:
     skipped: list[dict[str, str]] = field(default_factory=list)
     class_counts: dict[int, int] = field(default_factory=dict)
     latent_shape: list[int] | None = None
+    repr_shape: list[int] | None = None  # (gh, gw, K) of the samples' feature grids; None: no features
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -176,11 +182,19 @@ class ShardBuilder:
         self._offsets: list[int] = []  # where each sample begins, then the end of the data
 
     def add(self, index: int, source: str, label: int, latent: np.ndarray,
-            flip: bool = False) -> None:
-        """One sample: ``latent`` is (2, C, h, w) [mean, std], unscaled; stored as float16."""
+            flip: bool = False, features: np.ndarray | None = None) -> None:
+        """One sample: ``latent`` is (2, C, h, w) [mean, std], unscaled; stored as float16;
+        ``features`` (gh, gw, K), the same image's representation grid (the flipped image's own
+        for ``flip``), stored as float16 ``repr.npy``. A shard's samples all have it or none."""
         lat16 = np.ascontiguousarray(latent, dtype=np.float16)
+        feat16 = None if features is None else np.ascontiguousarray(features, dtype=np.float16)
+        shape = None if feat16 is None else list(feat16.shape)
+        if self.num_samples and shape != self.repr_shape:
+            raise ValueError(f"{self.final.name}: sample {index} has feature grid {shape}, the shard's "
+                             f"earlier samples {self.repr_shape}")
+        self.repr_shape = shape
         self._offsets.append(self._tar.offset)
-        self._tar.write(encode_sample(sample_key(index, source, flip), lat16, label, source, flip))
+        self._tar.write(encode_sample(sample_key(index, source, flip), lat16, label, source, flip, feat16))
         self.stats.add(lat16)
         self.num_samples += 1
         self.latent_shape = list(lat16.shape[1:])
@@ -206,7 +220,7 @@ class ShardBuilder:
         side = {"format": FORMAT, "name": self.final.name, "index": self.index,
                 "inputs": list(self.inputs), "num_samples": self.num_samples,
                 "num_images": self.num_images, "sha256": fsutil.sha256_file(self.tmp),
-                "skipped": self.skipped, "latent_shape": self.latent_shape,
+                "skipped": self.skipped, "latent_shape": self.latent_shape, "repr_shape": self.repr_shape,
                 "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
                 "stats": self.stats.to_json(), "job_id": self.job_id}
         fsutil.atomic_write_bytes(index_path(self.final), index_bytes(self._offsets, os.path.getsize(self.tmp)))
