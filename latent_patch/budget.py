@@ -13,17 +13,25 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
-from .config import ModelConfig, RunConfig
-from .models import forward_flops, patch_multiple
+from . import align, checkpoint
+from .config import ModelConfig, RepaConfig, RunConfig
+from .models import forward_flops, patch_multiple, resolve
 from .patches import PatchSchedule
 
 log = logging.getLogger("latent_patch.train")
 
 
-def training_flops(model: ModelConfig, side: int) -> float:
-    """Training FLOPs of one patch at ``side``: 3 x forward (backward ~ 2x), routed as training routes."""
-    return 3 * forward_flops(model, side, routed=True)
+def training_flops(model: ModelConfig, side: int, repa: RepaConfig | None = None, repr_dims: int = 0) -> float:
+    """Training FLOPs of one patch at ``side``: 3 x forward (backward ~ 2x), routed as training
+    routes; with ``repa.weight > 0`` also the projector and the alignment loss (``align.py``) on
+    the patch's aligned tokens, K = ``repr_dims`` target dims. The encoder that made the targets
+    ran once, at encoding: its cost is the manifest's (``repr.flops``), not a training step's."""
+    flops = forward_flops(model, side, routed=True)
+    if repa is not None and repa.weight > 0:
+        params = resolve(model)[1]
+        tokens = (side // params["patch_size"]) ** 2
+        flops += align.forward_flops(model, repa, params["hidden_size"], tokens, repr_dims)
+    return 3 * flops
 
 
 def run_fraction(run: RunConfig, p: checkpoint.Progress) -> float:

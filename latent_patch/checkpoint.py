@@ -11,6 +11,7 @@ Layout of a run folder ``RUN/``::
         rank-00001.pt ...   RNG + loader state of every other rank (multi-process runs)
         config.yaml         the resolved TrainConfig
         manifest.json       copy of the shards' manifest (VAE id, class names) for the sampler
+        projector.safetensors  REPA's projector (repa.weight > 0): training state only
         DONE                JSON {"files": {file name: size in bytes}, "seq": write number},
                             written last
 
@@ -52,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from . import config as config_mod
 from . import fsutil
 from .config import TrainConfig
-from .models import build_model
+from .models import build_model, check_same_model
 from .seeds import derive_seed, global_rng_state, set_global_rng_state
 
 log = logging.getLogger("latent_patch.train")
@@ -64,6 +65,7 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
+PROJECTOR_FILE = "projector.safetensors"  # REPA's projector (align.py): training state, never sampled or exported
 _NAME_RE = re.compile(r"^step-(\d{9})$")
 
 
@@ -473,6 +475,8 @@ def save_run(run: RunState) -> Path:
                 "model": json.dumps(config_mod.to_dict(run.cfg.model), sort_keys=True, separators=(",", ":"))}
         save_weights(tmp / MODEL_FILE, run.net.state_dict(), meta)
         save_weights(tmp / EMA_FILE, run.ema.state_dict(), meta)
+        if getattr(run, "projector", None) is not None:
+            save_weights(tmp / PROJECTOR_FILE, run.projector.state_dict(), meta)
         save_state(tmp / STATE_FILE, {
             "step": step, "patches": run.progress.patches, "full_equiv": run.progress.full_equiv,
             "flops": run.progress.flops,
@@ -489,21 +493,6 @@ def save_run(run: RunState) -> Path:
     return final
 
 
-# may change on resume: the weights still fit (routing changes which tokens train, not the weights' shapes)
-RUNTIME_MODEL_KEYS = ("grad_checkpointing", "dropout", "route_ratio", "route_start", "route_end")
-
-
-def check_same_model(ckpt: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume weights of another architecture, naming the keys that differ."""
-    saved = config_mod.to_dict(load_config(ckpt).model)
-    now = config_mod.to_dict(cfg.model)
-    keys = (set(saved) | set(now)) - set(RUNTIME_MODEL_KEYS)
-    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
-    if diff:
-        pretty = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise CheckpointError(f"{ckpt}: saved with another model config ({pretty})")
-
-
 def resume(run: RunState, ckpt: Path) -> None:
     """Restore weights, EMA, optimizer, scaler, counters and every RNG / loader position from ``ckpt``.
 
@@ -514,11 +503,19 @@ def resume(run: RunState, ckpt: Path) -> None:
     ``run.progress.flops`` NaN (unknown): ``budget.settle_flops`` counts it or refuses the run.
     """
     verify(ckpt)
-    check_same_model(ckpt, run.cfg)
+    try:
+        check_same_model(load_config(ckpt).model, run.cfg.model)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt}: {err}") from err
     state = load_state(ckpt / STATE_FILE)
     copy_weights(run.net, ckpt, MODEL_FILE)
     if run.ema is not None:
         copy_weights(run.ema, ckpt, EMA_FILE)
+    if (proj := getattr(run, "projector", None)) is not None or (ckpt / PROJECTOR_FILE).is_file():
+        if proj is None or not (ckpt / PROJECTOR_FILE).is_file():  # the optimizer state holds its moments or not
+            raise CheckpointError(f"{ckpt}: trained {'with' if proj is None else 'without'} representation alignment: "
+                                  f"resume it with repa.weight {'> 0' if proj is None else '0'}")
+        copy_weights(proj, ckpt, PROJECTOR_FILE)
     run.optimizer.load_state_dict(state["optimizer"])  # per tensor to its parameter's device
     if run.accelerator.scaler is not None and state.get("scaler"):
         run.accelerator.scaler.load_state_dict(state["scaler"])

@@ -276,6 +276,12 @@ class EncodeConfig:
     device: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
+    repr: str | None = None  # encoder (timm id, folder, "demo") of the grids stored beside latents (encode_repr.py)
+    repr_size: int | None = None  # its input px; None: a folder's own, REPA's 224 per 256 px for a hub id
+    repr_dims: int | None = None  # K of a seeded PCA fitted once per output folder; None: the encoder's D
+    repr_pca_images: int = 2000  # images whose tokens the PCA's sample is drawn from
+    repr_pca_tokens: int = 65536  # tokens the PCA is fitted on
+    repr_pca_seed: int = 0
 
     def inputs_per_shard(self) -> int:
         k = self.shard_size // (2 if self.flips == "both" else 1)
@@ -288,9 +294,12 @@ class EncodeConfig:
             raise ValueError(f"--flips {self.flips!r}: choose none or both")
         if not 0 <= self.job_index < self.num_jobs:
             raise ValueError(f"--job-index {self.job_index} not in [0, --num-jobs {self.num_jobs})")
-        for name in ("resolution", "shard_size", "batch_size", "num_jobs", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("resolution", "shard_size", "batch_size", "num_jobs", "max_pixels", "repr_size", "repr_dims",
+                     "repr_pca_images", "repr_pca_tokens"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.repr is None and (self.repr_size or self.repr_dims):
+            raise ValueError("--repr-size / --repr-dims need --repr ENCODER")
         self.inputs_per_shard()
 
 
@@ -399,6 +408,21 @@ class EDMConfig:
 
 
 @dataclass
+class RepaConfig:
+    """Representation alignment (REPA; ``latent_patch/align.py``) to features stored in the shards.
+
+    weight: the alignment loss's factor (REPA: 0.5); 0 is off, and training is bit-identical to a
+      run without this section.
+    block: the DiT's tokens after this many blocks are aligned (1-based; REPA: 8 of SiT-XL's 28).
+    proj_hidden: width of the projector MLP hidden -> proj_hidden -> proj_hidden -> K (REPA: 2048).
+    """
+
+    weight: float = 0.0
+    block: int = 8
+    proj_hidden: int = 2048
+
+
+@dataclass
 class SamplerConfig:
     """EDM stochastic sampler (Algorithm 2) and classifier-free guidance settings.
 
@@ -504,6 +528,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     run: RunConfig = field(default_factory=RunConfig)

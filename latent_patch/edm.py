@@ -12,7 +12,7 @@ whole latent; only the coordinates differ.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -77,7 +77,11 @@ class Precond(nn.Module):
         inp = torch.cat([c_in.view(-1, 1, 1, 1) * x, coords.to(x)], dim=1)
         extra = {} if route is None else {"route": route}  # token routing (DiT, training only)
         out = self.net(inp.to(self._dtype()), c_noise, class_labels, **extra)
-        return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * out.to(torch.float32)
+        aux = ()
+        if isinstance(out, tuple):  # align.AlignedNet: (output, projected tokens, kept) in training
+            out, *aux = out
+        D = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * out.to(torch.float32)
+        return (D, *aux) if aux else D
 
     def _dtype(self) -> torch.dtype:
         """The network's parameter dtype; autocast, when active, overrides it per op."""
@@ -91,7 +95,13 @@ def _device_of(generator: torch.Generator | None, fallback: torch.device) -> tor
     return generator.device if generator is not None else fallback
 
 
-def edm_loss(
+def edm_loss(precond: Precond, y: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+    """Per-sample EDM loss (B,); see :func:`edm_loss_terms` (which also returns the network's extras)."""
+    return edm_loss_terms(precond, y, coords, labels, generator, **kwargs)[0]
+
+
+def edm_loss_terms(
     precond: Precond,
     y: torch.Tensor,
     coords: torch.Tensor,
@@ -103,8 +113,10 @@ def edm_loss(
     P_mean: float = -1.2,
     P_std: float = 1.2,
     route: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-sample EDM loss (B,): weight(sigma) * mean over C,H,W of (D(y + n, sigma) - y)^2.
+) -> tuple[torch.Tensor, tuple]:
+    """(per-sample EDM loss (B,), what the network gave beside its output: ``align.AlignedNet``'s
+    projected tokens and kept indices, else ()). The loss: weight(sigma) * mean over C,H,W of
+    (D(y + n, sigma) - y)^2.
 
     sigma ~ exp(N(P_mean, P_std)). With probability ``label_dropout`` a label becomes the null
     class ``num_classes``, which trains the unconditional branch that guidance needs (the public
@@ -120,7 +132,8 @@ def edm_loss(
     y = y.to(torch.float32)
     x_noisy = y + noise * sigma.view(-1, 1, 1, 1)
     D = precond(x_noisy, sigma, coords, labels) if route is None else precond(x_noisy, sigma, coords, labels, route)
-    return loss_weight(sigma, precond.sigma_data) * (D - y).square().mean(dim=(1, 2, 3))
+    D, *aux = D if isinstance(D, tuple) else (D,)
+    return loss_weight(sigma, precond.sigma_data) * (D - y).square().mean(dim=(1, 2, 3)), tuple(aux)
 
 
 def guided_denoiser(

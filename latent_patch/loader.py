@@ -69,9 +69,14 @@ class MemoryLoader:
     """
 
     def __init__(self, info: DatasetInfo, latents: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, infinite: bool = True, pin_memory: bool = False):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, infinite: bool = True, pin_memory: bool = False,
+                 features: torch.Tensor | None = None):
         if latents.dtype != torch.float16 or latents.dim() != 5 or latents.shape[1] != 2 or not latents.is_contiguous():
             raise ValueError(f"latents must be contiguous float16 (N, 2, C, h, w), got {tuple(latents.shape)}")
+        if features is not None and (features.dtype != torch.float16 or len(features) != len(latents)
+                                     or not features.is_contiguous()):
+            raise ValueError(f"features must be contiguous float16 (N, gh, gw, K) for the {len(latents)} latents, "
+                             f"got {features.dtype} {tuple(features.shape)}")
         if infinite and len(latents) < world_size:
             raise ShardError(f"{len(latents)} samples cannot feed {world_size} ranks")
         self.info = info
@@ -79,6 +84,8 @@ class MemoryLoader:
         self.latents, self.labels = latents, labels
         # 2N opaque half-rows: mean_0, std_0, mean_1, std_1, ...
         self._halves = _as_items(latents.numpy().reshape(-1, *latents.shape[2:]), 1)
+        self.features = features  # the representation grids (align.py), gathered with the latents
+        self._feature_rows = None if features is None else _as_items(features.numpy(), 1)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.infinite, self.pin_memory = infinite, pin_memory
         self.n = len(latents)
@@ -145,7 +152,11 @@ class MemoryLoader:
         out = torch.empty((2, len(i), *self.latent_shape), dtype=torch.float16, pin_memory=self.pin_memory)
         dst = _as_items(out.numpy().reshape(2 * len(i), *self.latent_shape), 1)
         np.take(self._halves, halves, out=dst, mode="clip")
-        return Batch(out[0], out[1], self.labels.index_select(0, idx))
+        feats = None
+        if self.features is not None:
+            feats = torch.empty((len(i), *self.features.shape[1:]), dtype=torch.float16, pin_memory=self.pin_memory)
+            np.take(self._feature_rows, i, out=_as_items(feats.numpy(), 1), mode="clip")
+        return Batch(out[0], out[1], self.labels.index_select(0, idx), feats)
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.infinite and self.taken > 0 and self._left_in_epoch() == 0:
@@ -183,58 +194,81 @@ class MemoryLoader:
 
 
 class _ShardArrays(Dataset):
-    """Map-style view of whole shards, so a DataLoader's workers read shards in parallel."""
+    """Map-style view of whole shards, so a DataLoader's workers read shards in parallel:
+    shard j -> (j, latents (n, 2, C, h, w), labels (n,), feature grids (n, gh, gw, K) or an empty
+    tensor when ``repr_shape`` is None)."""
 
-    def __init__(self, refs: Sequence[ShardRef], latent_shape: Sequence[int], num_classes: int | None):
+    def __init__(self, refs: Sequence[ShardRef], latent_shape: Sequence[int], num_classes: int | None,
+                 repr_shape: Sequence[int] | None = None):
         self.refs, self.shape, self.num_classes = list(refs), tuple(latent_shape), num_classes
+        self.repr_shape = None if repr_shape is None else tuple(repr_shape)
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, j: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        rows = list(read_shard(self.refs[j], SampleDecoder(self.shape, self.num_classes)))
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = list(read_shard(self.refs[j], SampleDecoder(self.shape, self.num_classes, self.repr_shape)))
         lat = np.empty((len(rows), 2, *self.shape), _F16)
-        for i, (latent, _) in enumerate(rows):
-            lat[i] = latent
-        return j, torch.from_numpy(lat), torch.tensor([y for _, y in rows], dtype=torch.int64)
+        feats = np.empty((len(rows), *self.repr_shape) if self.repr_shape else (0,), _F16)
+        for i, row in enumerate(rows):
+            lat[i] = row[0]
+            if self.repr_shape:
+                feats[i] = row[2]
+        labels = torch.tensor([row[1] for row in rows], dtype=torch.int64)
+        return j, torch.from_numpy(lat), labels, torch.from_numpy(feats)
 
 
-def read_all(refs: Sequence[ShardRef], info: DatasetInfo, out: np.ndarray, num_workers: int = 0) -> np.ndarray:
-    """Fill ``out`` (N, 2, C, h, w) with every sample in manifest order; returns the labels."""
+def read_all(refs: Sequence[ShardRef], info: DatasetInfo, out: np.ndarray, num_workers: int = 0,
+             features: np.ndarray | None = None) -> np.ndarray:
+    """Fill ``out`` (N, 2, C, h, w) (and ``features`` (N, gh, gw, K) when given) with every sample
+    in manifest order; returns the labels."""
     offsets = np.cumsum([0] + [r.num_samples for r in refs])
     labels = np.empty(offsets[-1], np.int64)
-    ds = _ShardArrays(refs, info.latent_shape, info.num_classes)
-    for j, lat, lab in DataLoader(ds, batch_size=None, num_workers=num_workers):
+    ds = _ShardArrays(refs, info.latent_shape, info.num_classes, None if features is None else info.repr_shape)
+    for j, lat, lab, feats in DataLoader(ds, batch_size=None, num_workers=num_workers):
         out[offsets[j] : offsets[j + 1]] = lat.numpy()
         labels[offsets[j] : offsets[j + 1]] = lab.numpy()
+        if features is not None:
+            features[offsets[j] : offsets[j + 1]] = feats.numpy()
     return labels
 
 
-def iter_shards(refs: Sequence[ShardRef], info: DatasetInfo, todo: Sequence[int],
-                num_workers: int = 0) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """(shard index, its first row in manifest order, latents, labels) for the shards ``todo``."""
+def iter_shards(refs: Sequence[ShardRef], info: DatasetInfo, todo: Sequence[int], num_workers: int = 0,
+                features: bool = False) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(shard index, its first row in manifest order, latents or, with ``features``, feature
+    grids, labels) for the shards ``todo``."""
     offsets = np.cumsum([0] + [r.num_samples for r in refs])
-    ds = torch.utils.data.Subset(_ShardArrays(refs, info.latent_shape, info.num_classes), list(todo))
-    for j, lat, lab in DataLoader(ds, batch_size=None, num_workers=num_workers):
-        yield j, int(offsets[j]), lat.numpy(), lab.numpy()
+    shards = _ShardArrays(refs, info.latent_shape, info.num_classes, info.repr_shape if features else None)
+    for j, lat, lab, feats in DataLoader(torch.utils.data.Subset(shards, list(todo)), batch_size=None,
+                                         num_workers=num_workers):
+        yield j, int(offsets[j]), (feats if features else lat).numpy(), lab.numpy()
 
 
-def load_arrays(refs: Sequence[ShardRef], info: DatasetInfo, cache: Path | None = None,
-                manifest_digest: str = "", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """All samples as tensors (N, 2, C, h, w) float16 and (N,) int64, from the cache if given.
+def load_arrays(refs: Sequence[ShardRef], info: DatasetInfo, cache: Path | None = None, manifest_digest: str = "",
+                num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All samples as tensors (N, 2, C, h, w) float16 and (N,) int64, and with ``info.repr_shape``
+    their feature grids (N, gh, gw, K) float16 (else None), from the cache if given.
 
     With a cache, the first process to take its lock builds it (or continues a killed build)
     and every other process polls for it (``latent_cache``: no collective, so no timeout), then
-    every process maps the same file: the OS page cache holds one copy per node.
+    every process maps the same file: the OS page cache holds one copy per node. The feature
+    grids have a cache of their own beside it (``<cache>.repr.npy``), built the same way.
     """
     shape = (info.num_samples, 2, *info.latent_shape)
+    fshape = None if info.repr_shape is None else (info.num_samples, *info.repr_shape)
     if cache is None:
         out = np.empty(shape, _F16)
-        labels = read_all(refs, info, out, num_workers)
-        return torch.from_numpy(out), torch.from_numpy(labels)
+        feats = None if fshape is None else np.empty(fshape, _F16)
+        labels = read_all(refs, info, out, num_workers, feats)
+        return torch.from_numpy(out), torch.from_numpy(labels), None if feats is None else torch.from_numpy(feats)
     lat, lab = latent_cache.ensure(cache, manifest_digest, shape, len(refs),
                                    lambda todo: iter_shards(refs, info, todo, num_workers))
-    return torch.from_numpy(lat), torch.from_numpy(lab)
+    feats = None
+    if fshape is not None:
+        feats, _ = latent_cache.ensure(cache.with_suffix(".repr.npy"), manifest_digest, fshape, len(refs),
+                                       lambda todo: iter_shards(refs, info, todo, num_workers, features=True))
+        feats = torch.from_numpy(feats)
+    return torch.from_numpy(lat), torch.from_numpy(lab), feats
 
 
 def cache_path(cfg: DataConfig) -> Path | None:
@@ -248,9 +282,11 @@ def cache_path(cfg: DataConfig) -> Path | None:
 # Factory and the posterior sample
 
 
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
-                 infinite: bool = True) -> StreamLoader | MemoryLoader:
-    """The loader the training loop uses: streaming or in-memory per ``cfg``, for one rank."""
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, infinite: bool = True,
+                 features: bool = False) -> StreamLoader | MemoryLoader:
+    """The loader the training loop uses: streaming or in-memory per ``cfg``, for one rank.
+    ``features``: batches also carry each sample's representation grid (``Batch.repr``; shards
+    encoded with ``--repr``, refused naming the flag otherwise)."""
     if cfg.batch_size < 1 or cfg.num_workers < 0 or cfg.shuffle_buffer < 0:
         raise ValueError(f"data config: batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0 needed, got {cfg}")
     if not 0 <= rank < world_size:
@@ -258,6 +294,11 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     mpath = manifest_file(cfg.shards)
     manifest = open_manifest(mpath)
     info = DatasetInfo.from_manifest(manifest)
+    if features:
+        from .align import repr_dims  # a light module: the projector and the loss
+
+        grid, dims = repr_dims(manifest, str(mpath))
+        info.repr_shape = (*grid, dims)
     root = mpath.parent
     if cfg.verify:
         problems = verify_shards(mpath, deep=False, strays=False)
@@ -269,8 +310,8 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
             raise ValueError("data.in_memory reads the manifest's shards; data.urls is for streaming only")
         cache = cache_path(cfg)
         digest = sha256_file(mpath) if cache is not None else ""
-        lat, lab = load_arrays(refs_from_manifest(manifest, root), info, cache, digest, cfg.num_workers)
-        return MemoryLoader(info, lat, lab, cfg.batch_size, rank, world_size, cfg.seed, infinite, pin)
+        lat, lab, feats = load_arrays(refs_from_manifest(manifest, root), info, cache, digest, cfg.num_workers)
+        return MemoryLoader(info, lat, lab, cfg.batch_size, rank, world_size, cfg.seed, infinite, pin, feats)
     refs = refs_from_urls(cfg.urls) if cfg.urls else refs_from_manifest(manifest, root)
     return StreamLoader(info, refs, cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle_buffer,
                         cfg.num_workers, infinite, pin, cfg.stream_slots)

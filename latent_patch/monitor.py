@@ -192,16 +192,23 @@ def log_window(trainer: Any, w: Window, hist: torch.Tensor, bar: TrainBar | None
         "lr": trainer.optimizer.param_groups[0]["lr"], "peak_mem_gib": peak_memory_gib(acc.device),
         "size_mix": {str(s): c / n for s, c in sorted(w.sizes.items())}, "time": time.time(),
     }
+    aligned = getattr(trainer, "align_losses", None)  # REPA's term, inside "loss" x repa.weight (this rank's)
+    if aligned:
+        rec["align_loss"] = float(torch.stack(aligned).mean())
+        aligned.clear()
     if acc.is_main_process:
         mix = " ".join(f"{s}:{100 * f:.0f}%" for s, f in rec["size_mix"].items())
         log.info(
-            "step %d | %s patches (%s full) | loss %.4f | %.0f patches/s %.0f full/s%s | lr %.2e | mem %.2f GiB | sizes %s",
-            p.step, human(p.patches), human(p.full_equiv), rec["loss"], rec["patches_per_s"],
+            "step %d | %s patches (%s full) | loss %.4f%s | %.0f patches/s %.0f full/s%s | lr %.2e | mem %.2f GiB "
+            "| sizes %s",
+            p.step, human(p.patches), human(p.full_equiv), rec["loss"],
+            f" (align {rec['align_loss']:.4f})" if "align_loss" in rec else "", rec["patches_per_s"],
             rec["full_equiv_per_s"], " (run average)" if bar is not None else "", rec["lr"], rec["peak_mem_gib"], mix,
         )
         with open(Path(trainer.cfg.run.out_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-    scalars = {k: rec[k] for k in ("loss", "patches_per_s", "full_equiv_per_s", "lr", "peak_mem_gib", "full_equiv")}
+    scalars = {k: rec[k] for k in ("loss", "align_loss", "patches_per_s", "full_equiv_per_s", "lr", "peak_mem_gib",
+                                   "full_equiv") if k in rec}
     if trainer.cfg.run.tensorboard:
         acc.log({f"train/{k}": v for k, v in scalars.items()}, step=p.step)
     return rec

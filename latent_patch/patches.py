@@ -166,14 +166,24 @@ def random_crops(
 
     ``size == R`` returns ``x`` itself and the full grid expanded over the batch (no copy).
     """
+    return random_crops_at(x, size, generator, step)[:2]
+
+
+def random_crops_at(
+    x: torch.Tensor, size: int, generator: torch.Generator | None = None, step: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`random_crops` and the (B, 2) offsets it cut at (zeros for ``size == R``, where
+    nothing is drawn): what else is cut at the patch's place (REPA's targets) needs them."""
     B, _, H, W = x.shape
     if H != W:
         raise ValueError(f"random_crops expects square latents, got {H}x{W}")
     if not 1 <= size <= H:
         raise ValueError(f"patch size {size} does not fit latent side {H}")
     if size == H:
-        return x, coord_grid(H, x.device, _coord_dtype(x)).expand(B, 2, H, H)
-    return crop(x, random_offsets(B, H, size, generator, x.device, step), size)
+        full = coord_grid(H, x.device, _coord_dtype(x)).expand(B, 2, H, H)
+        return x, full, torch.zeros(B, 2, dtype=torch.int64, device=x.device)
+    offsets = random_offsets(B, H, size, generator, x.device, step)
+    return (*crop(x, offsets, size), offsets)
 
 
 def _coord_dtype(x: torch.Tensor) -> torch.dtype:

@@ -44,6 +44,7 @@ class DatasetInfo:
     num_classes: int
     vae: dict
     num_samples: int
+    repr_shape: tuple[int, int, int] | None = None  # (gh, gw, K) when batches carry the feature grids
 
     @classmethod
     def from_manifest(cls, m: dict) -> "DatasetInfo":
@@ -51,30 +52,38 @@ class DatasetInfo:
 
 
 class Batch(NamedTuple):
-    """``mean``/``std`` float16 (B, C, h, w), unscaled; ``label`` int64 (B,)."""
+    """``mean``/``std`` float16 (B, C, h, w), unscaled; ``label`` int64 (B,); ``repr`` float16
+    (B, gh, gw, K), the representation features, when the loader was asked for them."""
 
     mean: torch.Tensor
     std: torch.Tensor
     label: torch.Tensor
+    repr: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))
+        return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
 
 
-def _batches(samples: Iterator[tuple[np.ndarray, int]], shape: tuple, batch_size: int) -> Iterator[Batch]:
-    """Copy samples straight into one (2, B, C, h, w) buffer so mean and std come out contiguous."""
+def _batches(samples: Iterator[tuple], shape: tuple, batch_size: int,
+             repr_shape: tuple | None = None) -> Iterator[Batch]:
+    """Copy samples straight into one (2, B, C, h, w) buffer so mean and std come out contiguous
+    (and their feature grids into one (B, gh, gw, K) buffer when ``repr_shape`` is given)."""
     while True:
         buf = np.empty((2, batch_size, *shape), _F16)
         labels = np.empty(batch_size, np.int64)
+        feats = None if repr_shape is None else np.empty((batch_size, *repr_shape), _F16)
         n = 0
-        for latent, y in itertools.islice(samples, batch_size):
-            buf[:, n] = latent
-            labels[n] = y
+        for sample in itertools.islice(samples, batch_size):
+            buf[:, n] = sample[0]
+            labels[n] = sample[1]
+            if feats is not None:
+                feats[n] = sample[2]
             n += 1
         if n == 0:
             return
         t = torch.from_numpy(buf)
-        yield Batch(t[0, :n], t[1, :n], torch.from_numpy(labels[:n]))
+        yield Batch(t[0, :n], t[1, :n], torch.from_numpy(labels[:n]),
+                    None if feats is None else torch.from_numpy(feats[:n]))
         if n < batch_size:
             return
 
@@ -176,7 +185,7 @@ def _shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator
 
 
 def slot_samples(refs: Sequence[ShardRef], decoder: SampleDecoder, seed: int, slot: int, n_slots: int, buffer: int,
-                 start_pass: int = 0, skip: int = 0, infinite: bool = True) -> Iterator[tuple[np.ndarray, int]]:
+                 start_pass: int = 0, skip: int = 0, infinite: bool = True) -> Iterator[tuple]:
     """Stream ``slot`` of ``n_slots``: its samples pass after pass (one pass unless ``infinite``),
     from ``skip`` samples into pass ``start_pass``.
 
@@ -265,9 +274,11 @@ class LatentStream(IterableDataset):
 
     def __init__(self, refs: Sequence[ShardRef], latent_shape: Sequence[int], num_classes: int | None,
                  batch_size: int, rank: int, world_size: int, seed: int, n_slots: int, slot_buffer: int,
-                 starts: Sequence[tuple[int, int]], taken: Sequence[int], rotation: int = 0, infinite: bool = True):
+                 starts: Sequence[tuple[int, int]], taken: Sequence[int], rotation: int = 0, infinite: bool = True,
+                 repr_shape: Sequence[int] | None = None):
         super().__init__()
         self.refs = list(refs)
+        self.repr_shape = None if repr_shape is None else tuple(repr_shape)
         self.shape = tuple(latent_shape)
         self.num_classes = num_classes
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
@@ -280,10 +291,11 @@ class LatentStream(IterableDataset):
         readable = slot_readable([r.num_samples for r in self.refs], self.n_slots)
         mine = reader_streams(deal_order(self.seed, self.n_slots), readable, self.world_size, nw, self.rank,
                               (wid + self.rotation) % nw)
-        decoder = SampleDecoder(self.shape, self.num_classes)
+        decoder = SampleDecoder(self.shape, self.num_classes, self.repr_shape)
         streams = [slot_samples(self.refs, decoder, self.seed, v, self.n_slots, self.slot_buffer, *self.starts[v],
                                 infinite=self.infinite) for v in mine]
-        yield from _batches(_dealt(streams, [self.taken[v] for v in mine]), self.shape, self.batch_size)
+        yield from _batches(_dealt(streams, [self.taken[v] for v in mine]), self.shape, self.batch_size,
+                            self.repr_shape)
 
 
 class StreamLoader:
@@ -406,7 +418,7 @@ class StreamLoader:
             starts, taken, rotation = [(self.passes, 0)] * self.slots, [0] * self.slots, 0
         return LatentStream(self.refs, self.latent_shape, self.num_classes, self.batch_size, self.rank,
                             self.world_size, self.seed, self.slots, self.slot_buffer, starts, taken, rotation,
-                            self.infinite)
+                            self.infinite, self.info.repr_shape)
 
     def __iter__(self) -> Iterator[Batch]:
         loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,

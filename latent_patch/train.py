@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import checkpoint, dist
+from . import align, checkpoint, dist
 from . import config as config_mod
 from .budget import run_ended, run_fraction, settle_flops, training_flops
 from .codec import LatentNorm, draw_latent, latent_norm
 from .config import EMAConfig, OptimConfig, TrainConfig
 from .dist import adopt_slurm_env, compile_network, configure_device, resolve_compile, resolve_precision
-from .edm import Precond, edm_loss
+from .edm import Precond, edm_loss_terms
 from .evaluate import Evaluator, Previewer
 from .loader import build_loader
 from .models import (
@@ -46,7 +46,7 @@ from .monitor import (
     NAN_CHECK_EVERY, TrainBar, TrainingError, Window, check_finite_weights, crossed, flush_losses,
     log, log_window, setup_logging, trim_log,
 )
-from .patches import PatchSchedule, random_crops
+from .patches import PatchSchedule, random_crops_at
 from .seeds import derive_seed
 from .shards import open_manifest
 
@@ -91,6 +91,8 @@ class Trainer:
     offset_step: int = 1  # crop offsets are multiples of this (DiT: its patchify; see patches.random_offsets)
     route_ratio: float = 0.0  # DiT token routing (model.route_ratio); 0: every token through every block
     flops_per_patch: dict[int, float] = field(default_factory=dict)  # training FLOPs of one patch per side
+    projector: torch.nn.Module | None = None  # REPA's (repa.weight > 0): trained and saved, never sampled
+    align_losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, until the next log line
     progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
 
     @property
@@ -156,6 +158,8 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
     torch.manual_seed(derive_seed(seed, 0, "init"))  # same init on every rank
     with refusal("model: "):  # unknown preset, override that does not apply, ...
         net = build_model(cfg.model)
+    with refusal(""):  # after the model's init draws: repa.weight=0 leaves every draw as it was
+        projector, repr_dims = align.build_projector(cfg.repa, cfg.model, net, manifest, str(cfg.data.shards))
     if cfg.run.grad_checkpointing and not cfg.model.grad_checkpointing:
         with refusal(""):
             enable_grad_checkpointing(net)
@@ -166,9 +170,11 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
     needs_ema = accelerator.is_main_process or cfg.eval.fid_every_patches > 0
     ema = copy.deepcopy(net).eval().requires_grad_(False) if needs_ema else None
     cuda = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+    params = [*net.parameters(), *(projector.parameters() if projector is not None else ())]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay, fused=True if cuda else None)
-    prepared, optimizer = accelerator.prepare(net, optimizer)
+    trained = net if projector is None else align.AlignedNet(net, projector, cfg.repa.block)
+    prepared, optimizer = accelerator.prepare(trained, optimizer)
     if resolve_compile(cfg.run.compile, accelerator.device.type):
         prepared = compile_network(prepared, cfg.run.compile_backend, num_shapes=len(schedule.sizes))
     if ema is not None:
@@ -184,7 +190,8 @@ def build_trainer(cfg: TrainConfig, accelerator: Any, batches: Iterator, loader:
         gen=gen, accum=accumulation_steps(cfg, world), R=R, C=C,
         scaling_factor=float(vae["scaling_factor"]), shift_factor=float(vae.get("shift_factor") or 0.0),
         manifest=manifest, norm=norm, offset_step=offset_multiple(net), route_ratio=cfg.model.route_ratio or 0.0,
-        flops_per_patch={s: training_flops(cfg.model, s) for s in schedule.sizes},
+        flops_per_patch={s: training_flops(cfg.model, s, cfg.repa, repr_dims) for s in schedule.sizes},
+        projector=projector,
     )
 
 
@@ -214,42 +221,50 @@ def plan_step(trainer: Trainer) -> StepPlan:
                     flops=n * trainer.flops_per_patch.get(size, 0.0))
 
 
-def next_batch(trainer: Trainer, mult: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``mult`` loader batches concatenated (each patch from a different image), on the device."""
+def next_batch(trainer: Trainer, mult: int) -> list[torch.Tensor | None]:
+    """``mult`` loader batches concatenated (each patch from a different image), on the device:
+    [mean, std, labels, feature grids or None]."""
     dev = trainer.accelerator.device
     # copy each (pinned) loader batch as it is, and concatenate on the device: a CPU-side cat
     # would make a pageable tensor, whose host-to-device copy cannot overlap with compute
-    parts = [[x.to(dev, non_blocking=True) for x in unpack_batch(next(trainer.batches))] for _ in range(mult)]
-    mean, std, labels = (torch.cat([p[i] for p in parts]) if mult > 1 else parts[0][i] for i in range(3))
-    return mean, std, labels
+    parts = [[None if x is None else x.to(dev, non_blocking=True) for x in unpack_batch(next(trainer.batches))]
+             for _ in range(mult)]
+    return [None if parts[0][i] is None else torch.cat([p[i] for p in parts]) if mult > 1 else parts[0][i]
+            for i in range(4)]
 
 
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, std, labels) from a loader batch given as a tuple/list or a mapping."""
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(mean, std, labels, features or None) from a loader batch given as a tuple/list or a mapping."""
     if isinstance(batch, dict):
-        return batch["mean"], batch["std"], batch["labels"] if "labels" in batch else batch["label"]
-    mean, std, labels = batch[:3]
-    return mean, std, labels
+        return batch["mean"], batch["std"], batch["labels"] if "labels" in batch else batch["label"], batch.get("repr")
+    return (*batch[:3], batch[3] if len(batch) > 3 else None)
 
 
 def micro_batch_loss(trainer: Trainer, size: int, mult: int) -> torch.Tensor:
-    """Per-patch EDM losses (B * mult,) of one micro-batch.
+    """Per-patch losses (B * mult,) of one micro-batch: EDM's, plus repa.weight x the alignment
+    loss of each patch's tokens to the crop of its stored feature grid (``align.py``).
 
     The posterior (mean, std) is cropped BEFORE drawing z: cropping and sampling commute (the
     noise is independent per cell), and drawing only the cropped cells makes the randn cost
     proportional to the patch area instead of the full latent's.
     """
     tr, edm = trainer, trainer.cfg.edm
-    mean, std, labels = next_batch(tr, mult)
+    mean, std, labels, features = next_batch(tr, mult)
     posterior = torch.cat([mean, std], dim=1).float()
-    crops, coords = random_crops(posterior, size, generator=tr.gen, step=tr.offset_step)
+    crops, coords, offsets = random_crops_at(posterior, size, generator=tr.gen, step=tr.offset_step)
     z = draw_latent(crops[:, : tr.C], crops[:, tr.C :], tr.scaling_factor, tr.shift_factor, generator=tr.gen)
     z = tr.norm.apply(z) if tr.norm is not None else z
     route = None
     if tr.route_ratio > 0:  # which tokens skip the routed blocks: drawn from the step's generator
         route = draw_route(len(z), (size // tr.offset_step) ** 2, generator=tr.gen, device=z.device)
-    return edm_loss(tr.precond, z, coords, labels, generator=tr.gen, num_classes=tr.cfg.model.num_classes,
-                    label_dropout=edm.label_dropout, P_mean=edm.P_mean, P_std=edm.P_std, route=route)
+    loss, aux = edm_loss_terms(tr.precond, z, coords, labels, generator=tr.gen, num_classes=tr.cfg.model.num_classes,
+                               label_dropout=edm.label_dropout, P_mean=edm.P_mean, P_std=edm.P_std, route=route)
+    if tr.projector is None:
+        return loss
+    targets = align.patch_targets(align.token_targets(features, tr.R // tr.offset_step), offsets, size, tr.offset_step)
+    aligned = align.alignment_loss(aux[0], targets, aux[1])  # aux: projected tokens, kept indices
+    tr.align_losses.append(aligned.detach().mean())
+    return loss + tr.cfg.repa.weight * aligned
 
 
 def train_step(trainer: Trainer, plan: StepPlan) -> torch.Tensor:
@@ -268,8 +283,8 @@ def train_step(trainer: Trainer, plan: StepPlan) -> torch.Tensor:
             loss = micro_batch_loss(trainer, plan.size, plan.mult).mean() / trainer.accum
             acc.backward(loss)
         total += loss.detach()
-    if trainer.cfg.optim.grad_clip > 0:
-        acc.clip_grad_norm_(trainer.net.parameters(), trainer.cfg.optim.grad_clip)
+    if trainer.cfg.optim.grad_clip > 0:  # every trained parameter: the network's and the projector's
+        acc.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], trainer.cfg.optim.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     p.step += 1
@@ -330,7 +345,8 @@ def prepare_run(cfg: TrainConfig, resume_spec: str | None) -> tuple[Trainer, Pat
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=micro))
     try:  # ShardError is a ValueError; messages name the file
         manifest = open_manifest(cfg.data.shards)
-        loader = build_loader(cfg.data, acc.process_index, acc.num_processes, infinite=True)
+        loader = build_loader(cfg.data, acc.process_index, acc.num_processes, infinite=True,
+                              features=cfg.repa.weight > 0)
     except (ValueError, OSError) as err:
         raise TrainingError(f"data.shards={cfg.data.shards}: {err}") from err
     with refusal(""):

@@ -28,10 +28,12 @@ def npy_bytes(a: np.ndarray, allow_pickle: bool = False) -> bytes:
 def write_latent_shards(root: Path, counts: Sequence[int], sample: Sample, num_classes: int,
                         latent_shape: Sequence[int], *, extra: dict | None = None,
                         sha256: bool = True, source: dict | None = None,
-                        vae: dict | None = None, class_prefix: str = "c") -> Path:
+                        vae: dict | None = None, class_prefix: str = "c",
+                        features: Callable[[int], np.ndarray] | None = None) -> Path:
     """Shard j holds ``counts[j]`` samples, numbered on across shards; sample i stores
     ``stack([mean, std])`` in fp16, its label and a json record. ``extra`` adds members to
-    sample 0 (planted payloads). Returns the manifest's path."""
+    sample 0 (planted payloads). ``features(i)``: a (gh, gw, K) grid stored as ``repr.npy`` and
+    described in the manifest's ``repr``. Returns the manifest's path."""
     root.mkdir(parents=True, exist_ok=True)
     c, r = latent_shape[0], latent_shape[1]
     entries, labels, i = [], [], 0
@@ -44,6 +46,8 @@ def write_latent_shards(root: Path, counts: Sequence[int], sample: Sample, num_c
                        "latent.npy": npy_bytes(np.stack([mean, std]).astype(np.float16)),
                        "cls": str(label).encode(),
                        "json": json.dumps({"source": f"c/img{i}.JPEG", "flip": False}).encode()}
+                if features is not None:
+                    rec["repr.npy"] = npy_bytes(np.asarray(features(i), dtype=np.float16))
                 if i == 0 and extra:
                     rec.update(extra)
                 w.write(rec)
@@ -61,6 +65,10 @@ def write_latent_shards(root: Path, counts: Sequence[int], sample: Sample, num_c
         "flips": "none", "latent_stats": {"mean": [0.0] * c, "std": [1.0] * c},
         "shards": entries, "skipped": [], "source": source or {},
     }
+    if features is not None:
+        gh, gw, k = np.shape(features(0))
+        manifest["repr"] = {"member": "repr.npy", "spec": "synthetic", "grid": [gh, gw], "dim": k, "dims": k,
+                            "dtype": "float16", "pca": None}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root / "manifest.json"
 

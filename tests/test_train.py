@@ -477,13 +477,13 @@ def test_channel_latent_norm_feeds_the_model_standardised_latents(tmp_path, monk
     (data / "manifest.json").write_text(json.dumps(man))
 
     seen = []
-    real_loss = train_mod.edm_loss
+    real_loss = train_mod.edm_loss_terms
 
     def spy(precond, z, *a, **k):
         seen.append(z.detach().clone())
         return real_loss(precond, z, *a, **k)
 
-    monkeypatch.setattr(train_mod, "edm_loss", spy)
+    monkeypatch.setattr(train_mod, "edm_loss_terms", spy)
     train(tiny_cfg(data, tmp_path / "run", "data.latent_norm=channel", "patch.sizes=[1.0]", "patch.probs=[1.0]",
                    "run.total_patches=600", "run.ckpt_every_patches=0"))
     zs = torch.cat(seen).transpose(0, 1).reshape(4, -1)
@@ -578,8 +578,8 @@ def test_dit_training_crops_on_the_token_grid(shards, tmp_path, monkeypatch):
     import latent_patch.train as train_mod
 
     steps = []
-    real = train_mod.random_crops
-    monkeypatch.setattr(train_mod, "random_crops", lambda x, size, generator, step: steps.append(step) or real(
+    real = train_mod.random_crops_at
+    monkeypatch.setattr(train_mod, "random_crops_at", lambda x, size, generator, step: steps.append(step) or real(
         x, size, generator, step))
     for config_name, want in (("tiny_cpu_dit.yaml", 2), ("tiny_cpu_unet.yaml", 1)):
         cfg = config.load(TrainConfig, ROOT / "configs" / config_name,

@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, to_dict
 from .dit import DiT
 from .unet import ADMUNet, build_adm_unet
 
 __all__ = ["ModelConfig", "Preset", "PRESETS", "register_preset", "build_model", "count_params", "DiT", "ADMUNet",
-           "patch_multiple", "offset_multiple", "enable_grad_checkpointing", "check_latents_fit", "forward_flops"]
+           "patch_multiple", "offset_multiple", "check_same_model", "enable_grad_checkpointing", "check_latents_fit",
+           "forward_flops"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,19 @@ def enable_grad_checkpointing(net: nn.Module) -> None:
         net.set_grad_checkpointing(True)
     else:
         raise ValueError(f"run.grad_checkpointing=true but {type(net).__name__} does not support it")
+
+
+# may change on resume: the weights still fit (routing changes which tokens train, not the weights' shapes)
+RUNTIME_MODEL_KEYS = ("grad_checkpointing", "dropout", "route_ratio", "route_start", "route_end")
+
+
+def check_same_model(saved: ModelConfig, now: ModelConfig) -> None:
+    """Refuse to resume weights of another architecture, naming the keys that differ."""
+    a, b = to_dict(saved), to_dict(now)
+    diff = {k: (a.get(k), b.get(k)) for k in (set(a) | set(b)) - set(RUNTIME_MODEL_KEYS) if a.get(k) != b.get(k)}
+    if diff:
+        pretty = ", ".join(f"model.{k}: checkpoint {x!r} vs config {y!r}" for k, (x, y) in sorted(diff.items()))
+        raise ValueError(f"saved with another model config ({pretty})")
 
 
 def check_latents_fit(cfg: ModelConfig, manifest: dict, source: str) -> tuple[int, int]:

@@ -179,12 +179,17 @@ class DiT(ModelMixin, ConfigMixin):
         return x.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], C, h * p, w * p)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor,
-                route: torch.Tensor | None = None) -> torch.Tensor:
+                route: torch.Tensor | None = None, align_block: int | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``route`` (training only, from :func:`draw_route`): a per-sample token permutation; its
         first ``routed_keep(T)`` tokens go through blocks route_start..route_end, the others skip
         them and rejoin after route_end with their representation from before route_start
         (position embeddings were added before, so a rejoining token keeps its place). Without
-        ``route`` (sampling) every token goes through every block."""
+        ``route`` (sampling) every token goes through every block.
+
+        ``align_block`` (training with representation alignment, ``align.AlignedNet``): also return
+        the tokens after that many blocks and, when they are the routed blocks' subset, which
+        tokens they are: ``(output, tokens (B, T', D), kept (B, T') or None)``."""
         p = self.patch_size
         B, _, H, W = x.shape
         if H % p or W % p:
@@ -197,18 +202,22 @@ class DiT(ModelMixin, ConfigMixin):
         tokens = tokens + self.pos_embed(x[:, -2:]).to(dtype)
         t = self.t_proj(c_noise.reshape(-1).expand(B)).to(dtype)
         c = (self.t_embedder(t) + self.y_embedder(class_labels)).to(dtype)
-        cfg = self.config
+        cfg, kept, aligned = self.config, None, None
         for i, block in enumerate(self.blocks):
             if route is not None and i == cfg.route_start:
-                keep = route[:, :routed_keep(tokens.shape[1], cfg.route_ratio), None].expand(-1, -1, tokens.shape[2])
+                kept = route[:, :routed_keep(tokens.shape[1], cfg.route_ratio)]
+                keep = kept[..., None].expand(-1, -1, tokens.shape[2])
                 skipped, tokens = tokens, tokens.gather(1, keep)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, use_reentrant=False)
             else:
                 tokens = block(tokens, c)
+            if i + 1 == align_block:  # before a rejoin: only tokens that went through block i count
+                aligned = (tokens, kept if route is not None and cfg.route_start <= i <= cfg.route_end else None)
             if route is not None and i == cfg.route_end:
                 tokens = skipped.scatter(1, keep, tokens)
-        return self.unpatchify(self.final_layer(tokens, c), H // p, W // p)
+        out = self.unpatchify(self.final_layer(tokens, c), H // p, W // p)
+        return out if align_block is None else (out, *aligned)
 
 
 def check_route(ratio: float, start: int | None, end: int | None, depth: int) -> None:

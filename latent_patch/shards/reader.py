@@ -7,7 +7,8 @@ byte offset of every sample, so a reader of samples ``[start, stop)`` seeks stra
 scanned about k/2 times a pass). Every offset is checked against the tar as it is read.
 
 Security: shards are data, not code. Only ``latent.npy`` (float16 header checked, read with
-``np.frombuffer``) and ``cls`` (ASCII digits) are ever read; every other member (``json``,
+``np.frombuffer``), ``cls`` (ASCII digits) and, when asked for, ``repr.npy`` (float16, checked
+like the latent) are ever read; every other member (``json``,
 ``.pyd``, ``.pickle``, ...) is skipped unread, so nothing is ever unpickled. Only the user's own
 URLs (never a manifest's text) go through webdataset's ``gopen`` (``pipe:``, ``http:``, ...).
 """
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 LATENT_EXT = "latent.npy"
 LABEL_EXT = "cls"
 REPR_EXT = "repr.npy"  # optional: the representation encoder's float16 (gh, gw, K) grid (issue 28)
-_WANTED = (LATENT_EXT, LABEL_EXT)  # every other member is skipped without being read
 _F16 = np.dtype("<f2")
 
 
@@ -68,32 +68,63 @@ def refs_from_urls(urls: Sequence[str]) -> list[ShardRef]:
 
 
 class SampleDecoder:
-    """Turns a sample's raw member bytes into (latent view, label), checking shape and dtype.
+    """Turns a sample's raw member bytes into (latent view, label[, feature grid view]), checking
+    shape and dtype. ``repr_shape`` (gh, gw, K): also read each sample's ``repr.npy`` (the
+    representation features, issue 28); None leaves that member unread, as every other.
 
-    The .npy header is parsed (safely, no pickle) the first time and then compared byte for
-    byte: every sample of a shard set has the same header, so decoding is one ``frombuffer``.
+    A .npy header is parsed (safely, no pickle) the first time and then compared byte for byte:
+    every sample of a shard set has the same header, so decoding is one ``frombuffer``.
     """
 
-    def __init__(self, latent_shape: Sequence[int], num_classes: int | None):
-        self.shape = (2, *latent_shape)
-        self.nbytes = math.prod(self.shape) * _F16.itemsize
+    def __init__(self, latent_shape: Sequence[int], num_classes: int | None,
+                 repr_shape: Sequence[int] | None = None):
         self.num_classes = num_classes
-        self._header: bytes | None = None
+        self.arrays = {LATENT_EXT: _Float16Member(LATENT_EXT, (2, *latent_shape), "manifest latent_shape")}
+        if repr_shape is not None:
+            self.arrays[REPR_EXT] = _Float16Member(REPR_EXT, tuple(repr_shape), "manifest repr grid + dims")
+        self.wanted = (*self.arrays, LABEL_EXT)
+        self.shape = self.arrays[LATENT_EXT].shape
 
-    def decode(self, ref: ShardRef, key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, int]:
-        for ext in _WANTED:
+    def decode(self, ref: ShardRef, key: str, parts: dict[str, bytes]) -> tuple:
+        for ext in self.wanted:
             if ext not in parts:
-                raise ShardError(f"{ref.url}: sample '{key}' has no '{ext}' member")
-        return self.latent(ref, key, parts[LATENT_EXT]), self.label(ref, key, parts[LABEL_EXT])
+                hint = " (the shards were encoded without --repr?)" if ext == REPR_EXT else ""
+                raise ShardError(f"{ref.url}: sample '{key}' has no '{ext}' member{hint}")
+        latent = self.arrays[LATENT_EXT].read(ref, key, parts[LATENT_EXT])
+        label = self.label(ref, key, parts[LABEL_EXT])
+        if REPR_EXT not in self.arrays:
+            return latent, label
+        return latent, label, self.arrays[REPR_EXT].read(ref, key, parts[REPR_EXT])
 
     def latent(self, ref: ShardRef, key: str, b: bytes) -> np.ndarray:
+        return self.arrays[LATENT_EXT].read(ref, key, b)
+
+    def label(self, ref: ShardRef, key: str, b: bytes) -> int:
+        try:
+            y = int(b.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise ShardError(f"{ref.url}: sample '{key}' member 'cls' is not an integer: {b[:20]!r}") from None
+        if y < 0 or (self.num_classes is not None and y >= self.num_classes):
+            raise ShardError(f"{ref.url}: sample '{key}' class {y} outside [0, {self.num_classes})")
+        return y
+
+
+class _Float16Member:
+    """One float16 .npy member of a fixed shape: header checked once, then compared."""
+
+    def __init__(self, ext: str, shape: tuple[int, ...], expected_from: str) -> None:
+        self.ext, self.shape, self.expected_from = ext, shape, expected_from
+        self.nbytes = math.prod(shape) * _F16.itemsize
+        self._header: bytes | None = None
+
+    def read(self, ref: ShardRef, key: str, b: bytes) -> np.ndarray:
         h = self._header
         if h is None or not b.startswith(h) or len(b) != len(h) + self.nbytes:
             h = self._check_header(ref, key, b)
         return np.frombuffer(b, _F16, offset=len(h)).reshape(self.shape)
 
     def _check_header(self, ref: ShardRef, key: str, b: bytes) -> bytes:
-        where = f"{ref.url}: sample '{key}' member '{LATENT_EXT}'"
+        where = f"{ref.url}: sample '{key}' member '{self.ext}'"
         f = io.BytesIO(b)
         try:
             version = np.lib.format.read_magic(f)
@@ -106,21 +137,12 @@ class SampleDecoder:
         if dtype != _F16 or fortran or tuple(shape) != self.shape:
             raise ShardError(
                 f"{where}: has shape {tuple(shape)} dtype {dtype}{' (Fortran order)' if fortran else ''}; "
-                f"manifest latent_shape {list(self.shape[1:])} needs shape {self.shape} dtype float16"
+                f"the {self.expected_from} needs shape {self.shape} dtype float16"
             )
         if len(b) - f.tell() != self.nbytes:
             raise ShardError(f"{where}: holds {len(b) - f.tell()} data bytes, expected {self.nbytes}")
         self._header = b[: f.tell()]
         return self._header
-
-    def label(self, ref: ShardRef, key: str, b: bytes) -> int:
-        try:
-            y = int(b.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise ShardError(f"{ref.url}: sample '{key}' member 'cls' is not an integer: {b[:20]!r}") from None
-        if y < 0 or (self.num_classes is not None and y >= self.num_classes):
-            raise ShardError(f"{ref.url}: sample '{key}' class {y} outside [0, {self.num_classes})")
-        return y
 
 
 @contextmanager
@@ -181,8 +203,9 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def read_shard(
     ref: ShardRef, decoder: SampleDecoder, start: int = 0, stop: int | None = None
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Samples ``start <= i < stop`` of one shard, in tar order, as (latent (2,C,h,w) view, label).
+) -> Iterator[tuple]:
+    """Samples ``start <= i < stop`` of one shard, in tar order, as (latent (2,C,h,w) view, label[,
+    features]) (see :class:`SampleDecoder`).
 
     With ``ref.offsets`` (:func:`with_index`) the read seeks to sample ``start`` and reads each
     sample's bytes in one go (:func:`_indexed`); without, it parses the headers from the shard's
@@ -196,7 +219,7 @@ def read_shard(
         yield from _scanned(ref, decoder, start, stop)
 
 
-def _indexed(ref: ShardRef, decoder: SampleDecoder, start: int, stop: int) -> Iterator[tuple[np.ndarray, int]]:
+def _indexed(ref: ShardRef, decoder: SampleDecoder, start: int, stop: int) -> Iterator[tuple]:
     """Samples ``[start, stop)`` by the index: one seek, then one read per sample, whose bytes must
     hold whole members of one key and nothing else (so a stale index cannot go unnoticed)."""
     offsets, n = ref.offsets, len(ref.offsets) - 1
@@ -211,7 +234,7 @@ def _indexed(ref: ShardRef, decoder: SampleDecoder, start: int, stop: int) -> It
             if len(raw) != size:
                 raise ShardError(f"{ref.url}: ends inside sample {i} (byte {int(offsets[i]) + len(raw)}): "
                                  "truncated shard")
-            key, parts = _sample_members(ref, raw, int(offsets[i]))
+            key, parts = _sample_members(ref, raw, int(offsets[i]), decoder.wanted)
             if key == previous:
                 raise ShardError(f"{ref.url}: sample '{key}' at byte {offsets[i]} continues the one before: "
                                  f"stale {index_path(ref.url).name} (delete it: the loader remakes it)")
@@ -234,7 +257,7 @@ def _open_file(ref: ShardRef) -> Iterator[io.BufferedReader]:
         yield f
 
 
-def _sample_members(ref: ShardRef, raw: bytes, at: int) -> tuple[str, dict[str, bytes]]:
+def _sample_members(ref: ShardRef, raw: bytes, at: int, wanted: Sequence[str]) -> tuple[str, dict[str, bytes]]:
     """(key, {ext: bytes} of the wanted members) of one sample's bytes (starting at byte ``at``).
 
     Plain ustar headers (what the writer packs for short ASCII names) are parsed here, about 10x
@@ -250,7 +273,7 @@ def _sample_members(ref: ShardRef, raw: bytes, at: int) -> tuple[str, dict[str, 
         elif k != key:
             raise ShardError(f"{ref.url}: bytes {at}..{at + len(raw)} hold samples '{key}' and '{k}': "
                              f"stale {index_path(ref.url).name} (delete it: the loader remakes it)")
-        if ext in _WANTED:
+        if ext in wanted:
             if ext in parts:
                 raise ShardError(f"{ref.url}: sample '{key}' has member '{ext}' twice")
             parts[ext] = raw[lo:hi]
@@ -301,7 +324,7 @@ def _tar_members(ref: ShardRef, raw: bytes, at: int) -> list[tuple[str, int, int
 
 
 def _scanned(ref: ShardRef, decoder: SampleDecoder, start: int = 0,
-             stop: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
+             stop: int | None = None) -> Iterator[tuple]:
     """Samples ``[start, stop)`` found by parsing every header from the shard's start (user URLs,
     whole-shard reads)."""
     expect = ref.num_samples
@@ -316,7 +339,7 @@ def _scanned(ref: ShardRef, decoder: SampleDecoder, start: int = 0,
                 index, key, parts = index + 1, k, {}
                 if index >= limit and stop != expect:
                     return  # the rest of this shard belongs to another reader
-            if start <= index < limit and ext in _WANTED:
+            if start <= index < limit and ext in decoder.wanted:
                 if ext in parts:
                     raise ShardError(f"{ref.url}: sample '{key}' has member '{ext}' twice")
                 parts[ext] = _read_member(ref, tf, info)
