@@ -5,7 +5,8 @@
 
 Several processes: ``torchrun --nproc_per_node 8 encode_latents.py ...``; independent jobs (SLURM
 arrays): ``--num-jobs N --job-index I``. Re-running the same command resumes a killed run.
-``--verify --out DIR`` checks every shard's sha256 against the manifest.
+``--verify --out DIR`` checks every shard's sha256 against the manifest. ``--repr ENCODER`` also
+stores a frozen encoder's patch-token grid per sample (REPA's targets, computed once here).
 """
 
 from __future__ import annotations
@@ -61,7 +62,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"skip images with more pixels, a decompression-bomb guard (default: "
                    f"{DEFAULT_MAX_PIXELS}, PIL's own hard limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_repr_options(p)
     return p
+
+
+def add_repr_options(p: argparse.ArgumentParser) -> None:
+    """The representation targets' flags (latent_patch/encode_repr.py)."""
+    g = p.add_argument_group("representation targets (REPA), stored beside each latent as repr.npy")
+    g.add_argument("--repr", metavar="ENCODER", default=None,
+                   help="also store this frozen ViT's patch-token grid (float16 gh x gw x K) per "
+                   "sample and flip: a timm model id (e.g. vit_base_patch14_dinov2.lvd142m, fetched "
+                   "from the hub), a local folder (config.json + model.safetensors) or 'demo' "
+                   "(default: none)")
+    g.add_argument("--repr-size", metavar="PX", type=int_at_least(1), default=None,
+                   help="the encoder's input size (default: a folder's own; for a hub id REPA's 224 x "
+                   "(--resolution // 256), at least 224)")
+    g.add_argument("--repr-dims", metavar="K", type=int_at_least(1), default=None,
+                   help="store K dims: a PCA fitted once per --out on a seeded sample of the "
+                   "training images (default: all D dims, no PCA)")
+    g.add_argument("--repr-pca-images", metavar="N", type=int_at_least(1), default=None,
+                   help=f"images the PCA's tokens come from (default: {EncodeConfig.repr_pca_images})")
+    g.add_argument("--repr-pca-tokens", metavar="T", type=int_at_least(1), default=None,
+                   help=f"tokens the PCA is fitted on, a seeded subset of those images' "
+                   f"(default: {EncodeConfig.repr_pca_tokens})")
+    g.add_argument("--repr-pca-seed", metavar="S", type=int, default=None,
+                   help=f"the PCA sample's seed (default: {EncodeConfig.repr_pca_seed})")
+
+
+def repr_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """EncodeConfig's repr_* fields from the flags; a refining flag without what it refines is refused."""
+    pca = {"repr_pca_images": args.repr_pca_images, "repr_pca_tokens": args.repr_pca_tokens,
+           "repr_pca_seed": args.repr_pca_seed}
+    if args.repr is None and (args.repr_size is not None or args.repr_dims is not None):
+        parser.error("--repr-size and --repr-dims refine --repr ENCODER, which is missing")
+    given = [k for k, v in pca.items() if v is not None]
+    if args.repr_dims is None and given:
+        parser.error(f"--{given[0].replace('_', '-')} sets the PCA of --repr-dims K, which is missing")
+    return {"repr": args.repr, "repr_size": args.repr_size, "repr_dims": args.repr_dims,
+            **{k: v for k, v in pca.items() if v is not None}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         flips=args.flips, shard_size=args.shard_size, num_jobs=args.num_jobs,
         job_index=args.job_index, batch_size=args.batch_size, labels=args.labels,
         workers=args.workers, threads=args.threads, dtype=args.dtype, device=args.device,
-        max_pixels=args.max_pixels, progress=not args.no_progress)
+        max_pixels=args.max_pixels, progress=not args.no_progress, **repr_settings(parser, args))
     try:
         run_encode(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

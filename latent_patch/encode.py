@@ -11,7 +11,9 @@ flip an fp16 rounding, so pin ``--threads`` where byte identity across splits ma
 
 The source is listed once per output folder, not once per process: the first process to take
 ``OUT/listing.lock`` lists (and unpacks a .tar.gz into ``OUT/unpacked/``) and writes
-``OUT/listing.json.gz``; every other process and job reads that file (see :func:`shared_listing`).
+``OUT/listing.json.gz``; every other process and job reads that file (:mod:`encode_listing`).
+With ``--repr`` each sample also stores a frozen encoder's feature grid of the same pixels, its
+optional PCA fitted once per output folder the same way (:mod:`encode_repr`).
 
 On a GPU, images are decoded and cropped in DataLoader workers while the main process runs the
 VAE and writes tars (about 16 KiB per sample: cheap next to the VAE); on a CPU, where both
@@ -20,7 +22,7 @@ compete for the same cores, decoding runs inline (see :func:`choose_parallelism`
 
 from __future__ import annotations
 
-import gzip
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,18 +30,21 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import dist, filelock, fsutil, shards
+from . import dist, encode_repr, fsutil, shards
 from .cli import differences
 from .codec import VAECodec
 from .config import EncodeConfig
+from .encode_listing import LISTING_FILE, LISTING_LOCK, UNPACKED_DIR, shared_listing  # noqa: F401 (the job's API)
+from .encode_repr import ReprTargets
 from .images import BadImage, load_image, to_model_pixels
-from .sources import Listing, list_source, source_identity
+from .sources import Listing
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -48,15 +53,20 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- job identity
 
 
-def job_params(cfg: EncodeConfig, listing: Listing, codec: VAECodec) -> dict:
+def job_params(cfg: EncodeConfig, listing: Listing, codec: VAECodec, rep: dict | None = None) -> dict:
     """What must stay equal for a resumed or parallel run to add to the same output folder.
 
-    The source's location is recorded but not compared (a moved dataset lists the same)."""
-    return {"format": shards.FORMAT, "resolution": cfg.resolution, "flips": cfg.flips,
-            "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels, "vae": codec.info(),
-            "order": {"shuffle": "permutation", "seed": ORDER_SEED, "spread": "even"},
-            "source": {"kind": listing.kind, "num_inputs": len(listing),
-                       "listing_sha256": listing.sha256(), "path": listing.path}}
+    The source's location is recorded but not compared (a moved dataset lists the same).
+    ``rep``: the representation targets' entry (:func:`encode_repr.job_entry`); absent without
+    --repr, so folders encoded before it existed keep their identity."""
+    params = {"format": shards.FORMAT, "resolution": cfg.resolution, "flips": cfg.flips,
+              "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels, "vae": codec.info(),
+              "order": {"shuffle": "permutation", "seed": ORDER_SEED, "spread": "even"},
+              "source": {"kind": listing.kind, "num_inputs": len(listing),
+                         "listing_sha256": listing.sha256(), "path": listing.path}}
+    if rep is not None:
+        params["repr"] = rep
+    return params
 
 
 def job_id(params: dict) -> str:
@@ -66,118 +76,49 @@ def job_id(params: dict) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
+FLAG_OF = {"resolution": "--resolution", "flips": "--flips", "shard_size": "--shard-size",
+           "max_pixels": "--max-pixels", "vae": "--vae", "repr.encoder": "--repr/--repr-size",
+           "repr.dims": "--repr-dims", "repr.pca.images": "--repr-pca-images",
+           "repr.pca.tokens": "--repr-pca-tokens", "repr.pca.seed": "--repr-pca-seed", "repr": "--repr"}
+"""job.json's keys -> the flags that set them, for refusals (longest key prefix wins)."""
+
+
+def _flags(diffs: list[str]) -> list[str]:
+    """The flags behind ``key: old -> new`` differences, in order, once each."""
+    flags: list[str] = []
+    for d in diffs:
+        key = d.split(":", 1)[0]
+        hits = [k for k in FLAG_OF if key == k or key.startswith(k + ".")]
+        flag = FLAG_OF[max(hits, key=len)] if hits else None
+        if flag and flag not in flags:
+            flags.append(flag)
+    return flags
+
+
+def refuse_other_params(out: Path, params: dict, skip: tuple[str, ...] = ()) -> None:
+    """Refuse an output folder whose job.json holds other parameters (naming keys and flags)."""
+    path = out / shards.JOB_FILE
+    if not path.is_file():
+        return
+    diffs = differences(fsutil.read_json(path), params, skip=("source.path", *skip))
+    if diffs:
+        flags = _flags(diffs)
+        raise ValueError(f"{out} holds an encoding made with different parameters (the folder's -> now: "
+                         f"{'; '.join(diffs)}): use another --out or the same parameters"
+                         + (f" ({', '.join(flags)})" if flags else ""))
+
+
 def claim_out_dir(out: Path, params: dict) -> None:
     """Write job.json on first start; on resume refuse an output made with other parameters."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / shards.JOB_FILE
     if path.is_file():
-        diffs = differences(fsutil.read_json(path), params, skip=("source.path",))
-        if diffs:
-            raise ValueError(f"{out} holds an encoding made with different parameters (the folder's -> now: "
-                             f"{'; '.join(diffs)}): use another --out or the same parameters")
+        refuse_other_params(out, params)
         return
     if (out / shards.MANIFEST).exists() or any(out.glob("shard-*.json")):
         raise ValueError(f"{out} holds shards but no {shards.JOB_FILE} (not made by this tool, "
                          "or by an older version): use an empty --out")
     fsutil.atomic_write_json(path, params)
-
-
-# ----------------------------------------------------------------------------- the shared listing
-
-LISTING_FILE = "listing.json.gz"  # the source's Listing (sources.Listing.to_record) + its identity
-LISTING_LOCK = "listing.lock"  # held (O_EXCL) by the one process listing; {host, pid, token}
-UNPACKED_DIR = "unpacked"  # seekable copies of a .tar.gz source, one per compressed tar
-LISTING_FORMAT = "latent-patch-listing/1"
-
-
-def shared_listing(cfg: EncodeConfig) -> Listing:
-    """The source's listing, made once per output folder and read by every process and job.
-
-    Why: listing ImageNet stats 1.28M files, a tar source is read header by header and a .tar.gz
-    must be unpacked; done by each of 8 processes on 8 nodes that is 64 times the work (and 8
-    unpacked copies per node). The first process to take ``OUT/listing.lock`` lists and writes
-    ``OUT/listing.json.gz`` atomically; the others poll for that file (:func:`filelock.do_once`:
-    no collective, a dead lister's lock is taken over). A later run (resume) reuses the file while
-    :func:`sources.source_identity` stamps the source the same; else it lists again and
-    :func:`claim_out_dir` compares the new listing with ``job.json`` as before. A listing of
-    another source (path or label file) is refused.
-    """
-    ident = source_identity(cfg.source, cfg.labels)  # a missing source fails here, before OUT is made
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path, rejected = out / LISTING_FILE, None
-
-    def ready() -> Listing | None:
-        nonlocal rejected
-        listing, rejected = _read_listing(path, ident, out, rejected)
-        return listing
-
-    return filelock.do_once(out / LISTING_LOCK, ready, lambda: _write_listing(cfg, out), f"the listing {path}")
-
-
-def _write_listing(cfg: EncodeConfig, out: Path) -> Listing:
-    """List the source (unpacking compressed tars into ``OUT/unpacked``) and publish the result."""
-    path = out / LISTING_FILE
-    for p in out.glob(f".{LISTING_FILE}.*.tmp"):
-        p.unlink(missing_ok=True)  # a killed lister's leftovers (we hold the lock)
-    ident = source_identity(cfg.source, cfg.labels)  # stamped before listing: a change during it shows
-    t0 = time.perf_counter()
-    listing = list_source(cfg.source, cfg.labels, unpack_dir=out / UNPACKED_DIR)
-    rec = {"format": LISTING_FORMAT, "identity": ident, **listing.to_record(out)}
-    data = gzip.compress(json.dumps(rec, separators=(",", ":")).encode(), compresslevel=6, mtime=0)
-    fsutil.atomic_write_bytes(path, data)
-    print(f"listed the {listing.kind} source {cfg.source}: {len(listing)} inputs in "
-          f"{time.perf_counter() - t0:.1f} s -> {path} (shared by every process)", flush=True)
-    return listing
-
-
-def _read_listing(path: Path, ident: dict, out: Path,
-                  rejected: tuple | None) -> tuple[Listing | None, tuple | None]:
-    """(the saved listing when it is this source's and still current, else None; the file's
-    (inode, mtime, size)). A file seen before as ``rejected`` (out of date) is not read again:
-    waiters poll while it is being replaced, and a large listing takes a second to parse."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None, None
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
-    if key == rejected:
-        return None, key
-    try:
-        rec = json.loads(gzip.decompress(path.read_bytes()))
-    except FileNotFoundError:
-        return None, None
-    except (OSError, EOFError, ValueError) as err:
-        log.warning("%s: unreadable (%s); listing the source again", path, err)
-        return None, key
-    return _listing_if_current(path, rec, ident, out), key
-
-
-def _listing_if_current(path: Path, rec: dict, ident: dict, out: Path) -> Listing | None:
-    """The listing held in ``rec`` (read from ``path``) if it is still current; raises when it is
-    another source's."""
-    if not isinstance(rec, dict) or rec.get("format") != LISTING_FORMAT:
-        return None  # another version's file: replaced
-    old = rec["identity"]
-    if (old.get("source"), old.get("labels")) != (ident["source"], ident["labels"]):
-        was = f"--source {old.get('source')}" + (f" --labels {old['labels']}" if old.get("labels") else "")
-        now = f"--source {ident['source']}" + (f" --labels {ident['labels']}" if ident["labels"] else "")
-        raise ValueError(f"{path} is the listing of {was}, not of {now}: use another --out for "
-                         f"another source (if the same data moved, delete {path} to list it again)")
-    if (old["kind"], old["stamp"]) != (ident["kind"], ident["stamp"]):
-        log.info("%s: the source changed since it was listed; listing it again", path)
-        return None
-    for tar, size in zip(rec["tars"], rec["tar_sizes"]):
-        if not os.path.isabs(tar) and not _has_size(out / tar, size):
-            return None  # an unpacked copy was removed or damaged: unpack again
-    return Listing.from_record(rec, out)
-
-
-def _has_size(path: Path, size: int) -> bool:
-    try:
-        return path.stat().st_size == size
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------- work plan
@@ -294,31 +235,56 @@ def make_loader(listing: Listing, cfg: EncodeConfig, plan: list, workers: int,
 # ----------------------------------------------------------------------------- main loop
 
 
-def encode_batch(codec: VAECodec, pixels: torch.Tensor, flips: bool) -> np.ndarray:
-    """uint8 NHWC -> float16 (n[*2], 2, C, h, w) [mean, std]; flipped copies follow the originals.
+def model_pixels(pixels: torch.Tensor, device: torch.device, flips: bool = False) -> torch.Tensor:
+    """uint8 NHWC -> [-1, 1] NCHW on ``device`` (uint8 over the bus: 4x less), flipped copies after."""
+    x = to_model_pixels(pixels.to(device, non_blocking=True))
+    return torch.cat([x, x.flip(3)]) if flips else x
 
-    The flipped copy is the encode of the flipped PIXELS (a flipped latent is not the same)."""
-    x = to_model_pixels(pixels.to(codec.device, non_blocking=True))  # uint8 over the bus: 4x less
-    if flips:
-        x = torch.cat([x, x.flip(3)])
+
+def encode_batch(codec: VAECodec, pixels: torch.Tensor, flips: bool,
+                 targets: ReprTargets | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 NHWC -> float16 (n[*2], 2, C, h, w) [mean, std] and, with ``targets``, the float16
+    (n[*2], gh, gw, K) feature grids of the same pixels; flipped copies follow the originals.
+
+    The flipped copy is the encode of the flipped PIXELS (a flipped latent, or grid, is not the same)."""
+    x = model_pixels(pixels, codec.device, flips)
     mean, std = codec.encode(x)
-    return torch.stack([mean, std], 1).to(torch.float16).cpu().numpy()
+    lat = torch.stack([mean, std], 1).to(torch.float16).cpu().numpy()  # synced: the encoder is timed alone
+    return lat, None if targets is None else targets.features(x)
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
+    """``threads`` torch threads on the CPU for the block; the caller's count restored after (a
+    caller that trains next, the demo, keeps its own)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: list[int],
-                  jid: str, show: bool) -> dict:
+                  jid: str, show: bool, targets: ReprTargets | None = None) -> dict:
     """Encode the shards ``todo`` (each committed atomically as it completes)."""
-    k, out = cfg.inputs_per_shard(), Path(cfg.out)
+    k = cfg.inputs_per_shard()
     chunk = max(1, cfg.batch_size // 2) if cfg.flips == "both" else cfg.batch_size
     plan = plan_chunks(todo, k, input_order(len(listing)), chunk)
     workers, threads = choose_parallelism(cfg, codec.device)
-    before = torch.get_num_threads()  # restored after: a caller that trains next (the demo) keeps its own
-    if codec.device.type == "cpu":
-        torch.set_num_threads(threads)
-    loader = make_loader(listing, cfg, plan, workers, pin=codec.device.type == "cuda")
+    with cpu_threads(codec.device, threads):
+        loader = make_loader(listing, cfg, plan, workers, pin=codec.device.type == "cuda")
+        return _encode_plan(cfg, listing, codec, plan, loader, jid, show, targets)
+
+
+def _encode_plan(cfg: EncodeConfig, listing: Listing, codec: VAECodec, plan: list, loader: DataLoader,
+                 jid: str, show: bool, targets: ReprTargets | None) -> dict:
+    """The loop of :func:`encode_shards`: batches in, shards committed as they complete."""
+    k, out = cfg.inputs_per_shard(), Path(cfg.out)
     total = sum(len(idx) for _, idx, _ in plan)
     bar = tqdm(total=total, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1,
-               desc=f"encode {len(todo)} shards")
+               desc=f"encode {len({j for j, _, _ in plan})} shards")
     done = {"images": 0, "samples": 0, "skipped": 0, "shards": 0}
     builder: shards.ShardBuilder | None = None
     # commits (sha256 re-read, fsyncs, renames) on a background thread: on a network file system a
@@ -329,7 +295,7 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
             if builder is None:
                 builder = shards.ShardBuilder(out, j, shard_span(j, len(listing), k),
                                               codec.scaling_factor, codec.shift_factor, jid)
-            _add_batch(builder, listing, codec, batch, cfg.flips == "both", done)
+            _add_batch(builder, listing, codec, batch, cfg.flips == "both", done, targets)
             bar.update(len(idx))
             bar.set_postfix(skipped=done["skipped"], refresh=False)
             if last:
@@ -344,14 +310,16 @@ def encode_shards(cfg: EncodeConfig, listing: Listing, codec: VAECodec, todo: li
     finally:
         committer.shutdown()
         bar.close()
-        torch.set_num_threads(before)
     return done
 
 
 def _add_batch(builder: shards.ShardBuilder, listing: Listing, codec: VAECodec, batch: dict,
-               flips: bool, done: dict) -> None:
-    """Encode one batch and append its samples (and skip records) in input order."""
-    lat = encode_batch(codec, batch["pixels"], flips) if batch["indices"] else None
+               flips: bool, done: dict, targets: ReprTargets | None = None) -> None:
+    """Encode one batch and append its samples (and skip records) in input order; the
+    representation encoder's time goes to the shard's sidecar."""
+    lat, feats = encode_batch(codec, batch["pixels"], flips, targets) if batch["indices"] else (None, None)
+    if targets is not None:
+        builder.repr_seconds += targets.take_seconds()
     n = len(batch["indices"])
     rows = {i: r for r, i in enumerate(batch["indices"])}
     bad = dict(batch["bad"])
@@ -361,29 +329,38 @@ def _add_batch(builder: shards.ShardBuilder, listing: Listing, codec: VAECodec, 
             builder.skip(src, bad[i])
             done["skipped"] += 1
             continue
-        builder.add(i, src, listing.labels[i], lat[rows[i]])
+        builder.add(i, src, listing.labels[i], lat[rows[i]], features=_row(feats, rows[i]))
         if flips:
-            builder.add(i, src, listing.labels[i], lat[n + rows[i]], flip=True)
+            builder.add(i, src, listing.labels[i], lat[n + rows[i]], flip=True,
+                        features=_row(feats, n + rows[i]))
         done["images"] += 1
     done["samples"] += n * (2 if flips else 1)
+
+
+def _row(feats: np.ndarray | None, r: int) -> np.ndarray | None:
+    return None if feats is None else feats[r]
 
 
 # ----------------------------------------------------------------------------- the job
 
 
-def manifest_header(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict) -> dict:
-    """Job-level manifest fields that the sidecars do not carry."""
+def manifest_header(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict,
+                    targets: ReprTargets | None = None) -> dict:
+    """Job-level manifest fields that the sidecars do not carry (``repr`` only with --repr)."""
     src = params["source"]
-    return {"class_names": listing.class_names, "resolution": cfg.resolution,
-            "vae": codec.info(), "flips": cfg.flips, "job_id": job_id(params),
-            "source": {"path": src["path"], "kind": src["kind"], "num_inputs": src["num_inputs"],
-                       "listing_sha256": src["listing_sha256"]},
-            "shard_size": cfg.shard_size, "inputs_per_shard": cfg.inputs_per_shard(),
-            "skipped": list(listing.warnings)}
+    header = {"class_names": listing.class_names, "resolution": cfg.resolution,
+              "vae": codec.info(), "flips": cfg.flips, "job_id": job_id(params),
+              "source": {"path": src["path"], "kind": src["kind"], "num_inputs": src["num_inputs"],
+                         "listing_sha256": src["listing_sha256"]},
+              "shard_size": cfg.shard_size, "inputs_per_shard": cfg.inputs_per_shard(),
+              "skipped": list(listing.warnings)}
+    if targets is not None:
+        header["repr"] = targets.manifest_entry()
+    return header
 
 
 def finalize(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict,
-             num_shards: int, rate: str = "") -> Path | None:
+             num_shards: int, rate: str = "", targets: ReprTargets | None = None) -> Path | None:
     """Write manifest.json when every shard is complete; else say how many remain. Either way one
     summary line ends the job, with ``rate`` (this process's images and img/s over its whole run)."""
     out = Path(cfg.out)
@@ -393,7 +370,7 @@ def finalize(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict,
               f"jobs/processes (first: {shards.shard_name(remaining[0])}); manifest.json is "
               "written by whichever finishes last", flush=True)
         return None
-    man = shards.assemble_manifest(out, num_shards, manifest_header(cfg, listing, codec, params))
+    man = shards.assemble_manifest(out, num_shards, manifest_header(cfg, listing, codec, params, targets))
     if man["num_images"] == 0:
         why = "; ".join(f"{s['source']}: {s['reason']}" for s in man["skipped"][:5])
         raise ValueError(f"--source {cfg.source}: no valid image among {len(listing)} inputs "
@@ -404,9 +381,10 @@ def finalize(cfg: EncodeConfig, listing: Listing, codec: VAECodec, params: dict,
     return path
 
 
-def prepare(cfg: EncodeConfig) -> tuple[Listing, VAECodec, dict, int]:
-    """List the source (once per output folder: :func:`shared_listing`), load the VAE, claim the
-    output folder: (listing, codec, params, shards)."""
+def prepare(cfg: EncodeConfig) -> tuple[Listing, VAECodec, dict, int, ReprTargets | None]:
+    """List the source (once per output folder: :func:`shared_listing`), load the VAE (and the
+    representation encoder, its PCA fitted once per folder), claim the output folder:
+    (listing, codec, params, shards, representation targets or None)."""
     cfg.validate()
     listing = shared_listing(cfg)
     if all(i in listing.problems for i in range(len(listing))):
@@ -417,10 +395,40 @@ def prepare(cfg: EncodeConfig) -> tuple[Listing, VAECodec, dict, int]:
     if cfg.resolution % codec.downsample:
         raise ValueError(f"--resolution {cfg.resolution} is not a multiple of the VAE's "
                          f"downsampling factor {codec.downsample}")
-    params = job_params(cfg, listing, codec)
+    targets = None
+    if cfg.repr is None:
+        params = job_params(cfg, listing, codec)
+    else:
+        params, targets = _prepare_repr(cfg, listing, codec)
     claim_out_dir(Path(cfg.out), params)
     log.debug("rank %d: %d inputs, kind %s", info.rank, len(listing), listing.kind)
-    return listing, codec, params, shards.num_shards_for(len(listing), cfg.inputs_per_shard())
+    return listing, codec, params, shards.num_shards_for(len(listing), cfg.inputs_per_shard()), targets
+
+
+def _prepare_repr(cfg: EncodeConfig, listing: Listing, codec: VAECodec) -> tuple[dict, ReprTargets]:
+    """Load the representation encoder (the VAE's device and dtype), refuse a folder of other
+    parameters BEFORE a fit that may take minutes, then the shared PCA: (job params, targets)."""
+    enc = encode_repr.load_encoder(cfg, codec.device, codec.dtype)
+    params = job_params(cfg, listing, codec, encode_repr.job_entry(cfg, enc))
+    if cfg.repr_dims is None:
+        return params, ReprTargets(enc)
+    refuse_other_params(Path(cfg.out), params, skip=(encode_repr.PCA_DIGEST_KEY,))
+    with cpu_threads(codec.device, choose_parallelism(cfg, codec.device)[1]):
+        pca, fit = encode_repr.shared_pca(cfg, enc, listing.sha256(), len(listing),
+                                          lambda idx: _pixel_batches(cfg, listing, codec.device, idx))
+    params["repr"] = encode_repr.job_entry(cfg, enc, encode_repr.pca_digest(pca))
+    return params, ReprTargets(enc, pca, fit)
+
+
+def _pixel_batches(cfg: EncodeConfig, listing: Listing, device: torch.device,
+                   indices: list[int]) -> Iterator[torch.Tensor]:
+    """The inputs ``indices`` as [-1, 1] pixel batches of --batch-size on ``device``, decoded by
+    the job's own loader (the same crop as the shards'); bad images are left out."""
+    plan = [(0, indices[i:i + cfg.batch_size], False) for i in range(0, len(indices), cfg.batch_size)]
+    workers, _ = choose_parallelism(cfg, device)
+    for batch in make_loader(listing, cfg, plan, workers, pin=device.type == "cuda"):
+        if batch["pixels"] is not None:
+            yield model_pixels(batch["pixels"], device)
 
 
 def run_encode(cfg: EncodeConfig) -> dict:
@@ -428,7 +436,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
     grouped = dist.init_process_group()
     info = dist.dist_info()
     try:
-        listing, codec, params, num_shards = prepare(cfg)
+        listing, codec, params, num_shards, targets = prepare(cfg)
         w, wn = worker_slot(cfg, info)
         mine = [j for j in range(num_shards) if j % wn == w]
         todo = [j for j in mine if not shards.is_complete(cfg.out, j)]
@@ -440,7 +448,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
               flush=True)
         t0 = time.perf_counter()
         done = encode_shards(cfg, listing, codec, todo, job_id(params),
-                             show=cfg.progress and info.is_main)
+                             show=cfg.progress and info.is_main, targets=targets)
         secs = time.perf_counter() - t0
         done["seconds"], done["img_per_s"] = secs, done["images"] / secs if secs > 0 else 0.0
         rate = (f"; this process encoded {done['images']} images -> {done['samples']} samples, "
@@ -449,7 +457,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
             dist.barrier()
         manifest = None
         if info.is_main or not grouped:
-            manifest = finalize(cfg, listing, codec, params, num_shards, rate)
+            manifest = finalize(cfg, listing, codec, params, num_shards, rate, targets)
         elif todo:  # its line is its summary: the manifest is rank 0's
             print(f"worker {w}/{wn} done{rate}", flush=True)
         done["manifest"] = str(manifest) if manifest else None

@@ -56,7 +56,7 @@ results = []
 for step in json.loads(sys.argv[5]):
     counts.clear()
     os.environ.update(step.pop("env", {}))
-    listing, codec, params, num_shards = encode.prepare(EncodeConfig(**step))
+    listing, codec, params, num_shards, _ = encode.prepare(EncodeConfig(**step))
     results.append({**counts, "sha": listing.sha256(), "n": len(listing),
                     "first": listing.read_bytes(0).hex()[:64]})
 print("RESULT " + json.dumps(results))

@@ -1,9 +1,10 @@
 """The shard format: VAE posteriors of a dataset as webdataset-layout tar shards plus a manifest.
 
 One sample per source image (two with flips): ``KEY.latent.npy`` (float16 ``(2, C, h, w)``: the
-UNSCALED posterior mean and std), ``KEY.cls`` (ASCII class index) and ``KEY.json`` (provenance,
-never read back). ``manifest.json`` lists the shards with counts and sha256 and carries what
-training needs: latent shape, class names and counts, the VAE and its factors, latent statistics.
+UNSCALED posterior mean and std), ``KEY.cls`` (ASCII class index), ``KEY.json`` (provenance,
+never read back) and, encoded with ``--repr``, ``KEY.repr.npy`` (float16 ``(gh, gw, K)`` feature
+grid). ``manifest.json`` lists the shards with counts and sha256 and carries what training needs:
+latent shape, class names and counts, the VAE and its factors, latent statistics, the grids' ``repr``.
 
 - ``writer``:   the encoder's side: tars, sidecars, atomic commit of each shard.
 - ``manifest``: file names, the manifest (assemble, write, read and check).

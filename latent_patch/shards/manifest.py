@@ -109,13 +109,15 @@ def assemble_manifest(out_dir: str | Path, num_shards: int, header: dict[str, An
     """Build manifest.json's content from the sidecars plus the job-level ``header``.
 
     ``header`` carries what sidecars do not know: ``class_names``, ``resolution``, ``vae``,
-    ``flips``, ``source``, ``job_id`` and listing-level ``skipped`` entries (empty classes...).
+    ``flips``, ``source``, ``job_id``, listing-level ``skipped`` entries (empty classes...) and,
+    with features, ``repr`` (completed here with the encoder's summed ``seconds`` and ``flops``).
     """
     sides = read_sidecars(out_dir, num_shards)
     for s in sides:
         if s.get("job_id") != header["job_id"]:
             raise ValueError(f"{Path(out_dir) / sidecar_name(s['index'])}: written by a different "
                              "job (parameters differ); use a fresh --out")
+        _check_repr_shape(Path(out_dir) / sidecar_name(s["index"]), s, header.get("repr"))
     counts = [0] * len(header["class_names"])
     for s in sides:
         for k, v in s["class_counts"].items():
@@ -133,7 +135,29 @@ def assemble_manifest(out_dir: str | Path, num_shards: int, header: dict[str, An
                    for s in sides],
         "skipped": skipped,
     })
+    if header.get("repr"):
+        man["repr"] = _repr_totals(header["repr"], sides, man["num_samples"])
     return man
+
+
+def repr_shape(entry: dict | None) -> list[int] | None:
+    """[gh, gw, K] of the samples' ``repr.npy`` grids that a manifest's ``repr`` entry describes."""
+    return None if not entry else [*entry["grid"], entry["dims"]]
+
+
+def _check_repr_shape(path: Path, side: dict, entry: dict | None) -> None:
+    """A sidecar's feature grid is the job's (none without --repr; none in an empty shard)."""
+    want = repr_shape(entry) if side.get("num_samples") else None
+    if side.get("repr_shape") != want:
+        raise ValueError(f"{path}: repr_shape {side.get('repr_shape')} but the job stores "
+                         f"{want if want else 'no feature grids'}; use a fresh --out")
+
+
+def _repr_totals(entry: dict, sides: list[dict], num_samples: int) -> dict:
+    """The ``repr`` entry with the encoder's cost over the whole set: its own seconds summed over
+    the sidecars (timed apart from the VAE) and its forward FLOPs over every sample encoded."""
+    seconds = sum(s.get("repr_seconds") or 0.0 for s in sides)
+    return {**entry, "flops": int(entry["flops_per_image"]) * num_samples, "seconds": round(seconds, 3)}
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:

@@ -171,6 +171,7 @@ class ShardBuilder:
     class_counts: dict[int, int] = field(default_factory=dict)
     latent_shape: list[int] | None = None
     repr_shape: list[int] | None = None  # (gh, gw, K) of the samples' feature grids; None: no features
+    repr_seconds: float = 0.0  # the representation encoder's own time on this shard (the job adds it)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -221,6 +222,7 @@ class ShardBuilder:
                 "inputs": list(self.inputs), "num_samples": self.num_samples,
                 "num_images": self.num_images, "sha256": fsutil.sha256_file(self.tmp),
                 "skipped": self.skipped, "latent_shape": self.latent_shape, "repr_shape": self.repr_shape,
+                "repr_seconds": None if self.repr_shape is None else round(self.repr_seconds, 6),
                 "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
                 "stats": self.stats.to_json(), "job_id": self.job_id}
         fsutil.atomic_write_bytes(index_path(self.final), index_bytes(self._offsets, os.path.getsize(self.tmp)))
