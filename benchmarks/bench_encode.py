@@ -33,8 +33,16 @@ go to stderr, flushed; the LAST stdout line is one JSON object.
 On a GPU ``--batch-sizes`` (default 32,64,128,256; "none" to skip) also times the VAE alone at each
 batch size and reports the fastest (``best_batch_size``); on a CPU only when given.
 
+``--repr SPEC`` (as encode_latents.py --repr: a timm id, a folder or "demo"): the job also stores
+each sample's feature grid, so the encoder part becomes the VAE PLUS the representation encoder on
+the same batches (its own ``ReprTargets.features``, timed the same way beside the VAE): the bound
+is 1 / (t_vae + t_repr + t_decode) on a CPU, min(1 / (t_vae + t_repr), decode) on a GPU, and the
+JSON's ``repr`` object gives the encoder alone (``img_s``, ``encodes_s``, ``tflops``) and its share
+of the bound's per-image time. Without it every figure is as before.
+
     python benchmarks/bench_encode.py --quick          # tiny VAE, ~35 s on 2 shared cores
     python benchmarks/bench_encode.py --sd-vae --quick # SD-VAE architecture, random weights
+    python benchmarks/bench_encode.py --quick --repr demo  # + the demo's representation encoder
     python benchmarks/bench_encode.py --sd-vae --images 1024 --resolution 256 --batch-size 64 \\
         --flips both                                   # on a GPU: the ImageNet-256 job's settings
 """
@@ -62,10 +70,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import latent_patch.encode as enc  # noqa: E402
-from latent_patch import shards  # noqa: E402
+from latent_patch import encode_repr, shards  # noqa: E402
 from latent_patch.codec import VAECodec  # noqa: E402
 from latent_patch.config import EncodeConfig  # noqa: E402
 from latent_patch.encode import choose_parallelism, input_order, plan_chunks, run_encode  # noqa: E402
+from latent_patch.encode_repr import ReprTargets  # noqa: E402
 from latent_patch.images import load_image  # noqa: E402
 from latent_patch.sources import Listing, list_source  # noqa: E402
 
@@ -199,32 +208,42 @@ def time_vae(codec: VAECodec, sizes: list[int], res: int, flips: int, threads: i
              progress: Progress = QUIET, phase: str = "VAE alone") -> float:
     """Seconds for the bare encoder over batches of ``sizes`` images (x ``flips`` encodes each)
     of in-memory tensors on the codec's device."""
-    x = model_input(max(sizes) * flips, res, codec.device)
-    if codec.device.type == "cuda":
+    return time_encoder(codec.encode, codec.device, sizes, res, flips, threads, progress, phase)
+
+
+def time_encoder(fn: Callable[[torch.Tensor], object], device: torch.device, sizes: list[int],
+                 res: int, flips: int, threads: int, progress: Progress = QUIET,
+                 phase: str = "VAE alone") -> float:
+    """Seconds for ``fn`` (the VAE's or the representation encoder's batch call) over batches of
+    ``sizes`` images (x ``flips`` encodes each) of in-memory tensors on ``device``."""
+    x = model_input(max(sizes) * flips, res, device)
+    if device.type == "cuda":
         for k in sorted(set(sizes)):  # every shape once: kernel choice, allocator
-            codec.encode(x[:k * flips])
-        sync(codec.device)
+            fn(x[:k * flips])
+        sync(device)
     else:
         torch.set_num_threads(threads)
-        codec.encode(x[:2])  # warm-up (allocator, kernels)
+        fn(x[:2])  # warm-up (allocator, kernels)
     t, done = time.perf_counter(), 0
     for k in sizes:
-        codec.encode(x[:k * flips])
+        fn(x[:k * flips])
         done += k
         progress.tick(phase, done, sum(sizes), final=False)  # a slow VAE (SD-VAE on a CPU)
-    sync(codec.device)
+    sync(device)
     return time.perf_counter() - t
 
 
 class PartsAlone:
-    """The two parts of the job timed alone on one batch: its files read and ADM-cropped inline,
-    then the bare encoder on in-memory tensors of that batch's size (the shared-cores case)."""
+    """The parts of the job timed alone on one batch: its files read and ADM-cropped inline,
+    then the bare encoder on in-memory tensors of that batch's size (the shared-cores case), and
+    with ``rep`` the representation encoder on the same tensors after it."""
 
-    def __init__(self, codec: VAECodec, listing: Listing, res: int, flips: int, batch: int) -> None:
+    def __init__(self, codec: VAECodec, listing: Listing, res: int, flips: int, batch: int,
+                 rep: ReprTargets | None = None) -> None:
         self.codec, self.listing, self.res = codec, listing, res
-        self.flips = flips
+        self.flips, self.targets = flips, rep
         self.x = model_input(batch * flips, res, codec.device)
-        self.vae = self.dec = 0.0  # seconds, summed over the batches timed
+        self.vae = self.dec = self.rep = 0.0  # seconds, summed over the batches timed
 
     def __call__(self, indices: list[int]) -> None:
         if not indices:
@@ -235,8 +254,11 @@ class PartsAlone:
         t1 = time.perf_counter()
         self.codec.encode(self.x[:len(indices) * self.flips])
         t2 = time.perf_counter()
+        if self.targets is not None:
+            self.targets.features(self.x[:len(indices) * self.flips])
         self.dec += t1 - t
         self.vae += t2 - t1
+        self.rep += time.perf_counter() - t2
 
 
 def time_decode_workers(listing: Listing, cfg: EncodeConfig, workers: int, pin: bool,
@@ -327,8 +349,9 @@ def time_pipeline(cfg: EncodeConfig, progress: Progress = QUIET, phase: str = "p
 
 def measure_repeat(codec: VAECodec, paths: list[Path], listing: Listing, cfg: EncodeConfig,
                    threads: int, separate: bool, workers: int,
-                   progress: Progress = QUIET, label: str = "") -> dict:
-    """One repeat, all times for the n images: t_vae, t_dec, t_loop, t_total, steady.
+                   progress: Progress = QUIET, label: str = "", rep: ReprTargets | None = None) -> dict:
+    """One repeat, all times for the n images: t_vae, t_rep (0 without ``rep``), t_dec, t_loop,
+    t_total, steady. The representation encoder is timed wherever the VAE is, on the same batches.
 
     Shared cores with inline decoding (CPU): the parts are timed on each batch as it reaches
     the job, inside the job's loop (:class:`LoaderProbe`; why: the module's "Pairing"). Otherwise
@@ -339,18 +362,22 @@ def measure_repeat(codec: VAECodec, paths: list[Path], listing: Listing, cfg: En
     batches = [idx for _, idx, _ in job_plan(cfg, n)]
     if not separate and workers == 0:
         torch.set_num_threads(threads)
-        parts = PartsAlone(codec, listing, res, f, max(len(b) for b in batches))
+        parts = PartsAlone(codec, listing, res, f, max(len(b) for b in batches), rep)
         codec.encode(parts.x[:2])  # warm-up (allocator, kernels)
+        if rep is not None:
+            rep.features(parts.x[:2])
         progress.say(f"{label}pipeline (run_encode), {n} images, each batch also through the "
                      f"parts alone")
         t_loop, t_total, steady = time_pipeline(cfg, progress, f"{label}pipeline", n, parts)
-        return {"vae": parts.vae, "dec": parts.dec, "loop": t_loop, "total": t_total,
-                "steady": steady}
+        return {"vae": parts.vae, "rep": parts.rep, "dec": parts.dec, "loop": t_loop,
+                "total": t_total, "steady": steady}
     sizes = [len(idx) for idx in batches]
     first, second = sizes[:len(sizes) // 2], sizes[len(sizes) // 2:]
     progress.say(f"{label}VAE alone, {sum(first)} of {n} images")
     t_vae = time_vae(codec, first, res, f, threads, progress, f"{label}VAE alone") \
         if first else 0.0
+    t_rep = time_encoder(rep.features, codec.device, first, res, f, threads, progress,
+                         f"{label}repr encoder alone") if first and rep is not None else 0.0
     progress.say(f"{label}decode alone, {workers} workers")
     imgs, secs = time_decode_workers(listing, cfg, workers, codec.device.type == "cuda", progress)
     t_dec = secs * n / imgs
@@ -358,7 +385,11 @@ def measure_repeat(codec: VAECodec, paths: list[Path], listing: Listing, cfg: En
     t_loop, t_total, steady = time_pipeline(cfg, progress, f"{label}pipeline", n)
     progress.say(f"{label}VAE alone, {sum(second)} of {n} images")
     t_vae += time_vae(codec, second, res, f, threads, progress, f"{label}VAE alone")
-    return {"vae": t_vae, "dec": t_dec, "loop": t_loop, "total": t_total, "steady": steady}
+    if rep is not None:
+        t_rep += time_encoder(rep.features, codec.device, second, res, f, threads, progress,
+                              f"{label}repr encoder alone")
+    return {"vae": t_vae, "rep": t_rep, "dec": t_dec, "loop": t_loop, "total": t_total,
+            "steady": steady}
 
 
 def bound_rate(vae: float, dec: float, separate: bool) -> float:
@@ -459,6 +490,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "diagnostic for codec.py")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True for the VAE and the job alike")
+    p.add_argument("--repr", metavar="SPEC", default=None,
+                   help="as encode_latents.py --repr (timm id, folder or 'demo'): the job also "
+                   "stores feature grids and the bound's encoder part is VAE + this encoder")
     return p.parse_args(argv)
 
 
@@ -510,6 +544,7 @@ def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict
                            resolution=res, flips=args.flips, shard_size=EncodeConfig.shard_size,
                            batch_size=batch, workers=args.workers, threads=args.threads,
                            dtype=args.dtype, device=str(device), progress=False)
+        targets = load_repr(cfg, args.repr, codec, progress) if args.repr else None
         listing = list_source(cfg.source)
         workers, threads = choose_parallelism(cfg, device)
         all_cores = max(threads, len(os.sched_getaffinity(0)))
@@ -524,20 +559,22 @@ def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict
                 break  # a loaded machine: keep --quick within its minute
             cfg.out = str(tmp_p / f"out{r}")
             rows.append(measure_repeat(codec, paths, listing, cfg, all_cores, separate, workers,
-                                       progress, f"repeat {r + 1}/{reps}: "))
-            m = rows[-1]
-            v, d, p = n / m["vae"], n / m["dec"], n / m["loop"]
-            progress.say(f"repeat {r + 1}/{reps}: vae {v:.1f} img/s, decode {d:.1f} img/s, "
-                         f"pipeline {p:.1f} img/s, ratio {p / bound_rate(v, d, separate):.3f}")
+                                       progress, f"repeat {r + 1}/{reps}: ", targets))
+            v, d, p, e = repeat_rates(rows[-1], n)
+            rep = f"repr {n / rows[-1]['rep']:.1f} img/s, " if targets else ""
+            progress.say(f"repeat {r + 1}/{reps}: vae {v:.1f} img/s, {rep}decode {d:.1f} img/s, "
+                         f"pipeline {p:.1f} img/s, ratio {p / bound_rate(e, d, separate):.3f}")
     f = flips_factor(cfg)
-    rates = [(n / m["vae"], n / m["dec"], n / m["loop"]) for m in rows]
-    ratios = [p / bound_rate(v, d, separate) for v, d, p in rates]
+    rates = [repeat_rates(m, n) for m in rows]
+    ratios = [p / bound_rate(e, d, separate) for v, d, p, e in rates]
     med = sorted(range(len(rows)), key=ratios.__getitem__)[(len(rows) - 1) // 2]
-    (v, d, p), m = rates[med], rows[med]
-    bound = bound_rate(v, d, separate)
-    best = max(r[2] for r in rates) / bound_rate(max(r[0] for r in rates),
+    (v, d, p, e), m = rates[med], rows[med]
+    bound = bound_rate(e, d, separate)
+    best = max(r[2] for r in rates) / bound_rate(max(r[3] for r in rates),
                                                  max(r[1] for r in rates), separate)
     steady = m["steady"][0] / m["steady"][1] if m["steady"] else None
+    extra = {} if targets is None else {"repr": repr_figures(targets, m, n, f, separate)}
+    enc_name = "vae+repr" if targets else "vae"
     return {
         "pipeline_img_s": round(p, 2), "vae_img_s": round(v, 2), "decode_img_s": round(d, 2),
         "bound_img_s": round(bound, 2), "ratio": round(p / bound, 3), "vae": vae_name,
@@ -551,8 +588,8 @@ def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "dtype": str(codec.dtype).split(".")[-1], "flips": args.flips,
-        "bound": "min(vae, decode)" if separate else "1/(1/vae + 1/decode)",
-        "bottleneck": "vae" if v <= d else "decode",
+        "bound": bound_name(separate, targets is not None),
+        "bottleneck": enc_name if e <= d else "decode",
         "decode_workers": workers if separate else 0,
         "ratio_vae": round(p / v, 3),
         "pipeline_steady_img_s": round(steady, 2) if steady else None,
@@ -564,8 +601,45 @@ def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict
         "batch_sweep": sweep_rows, "best_batch_size": fastest(sweep_rows) if sweep_rows else None,
         "batch_sweep_half_weights": sweep_half,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "setup_s": round(setup_s, 1), "elapsed_s": round(progress.elapsed(), 1),
+        "setup_s": round(setup_s, 1), "elapsed_s": round(progress.elapsed(), 1), **extra,
     }
+
+
+def load_repr(cfg: EncodeConfig, spec: str, codec: VAECodec, progress: Progress) -> ReprTargets:
+    """The job's representation encoder (``cfg.repr`` set, so run_encode stores its grids too),
+    loaded as the job loads it: the VAE's device and dtype, the job's input size rule."""
+    cfg.repr = spec
+    targets = ReprTargets(encode_repr.load_encoder(cfg, codec.device, codec.dtype))
+    enc = targets.encoder
+    progress.say(f"representation encoder {spec}: {enc.architecture}, {enc.image_size} px, grid "
+                 f"{enc.grid}, D={enc.dim}, {targets.flops_per_image / 1e9:.4g} GFLOP per image")
+    return targets
+
+
+def repeat_rates(m: dict, n: int) -> tuple[float, float, float, float]:
+    """(VAE, decode, pipeline, VAE + representation encoder) images/s of one repeat; without
+    --repr the last is the VAE's own (t_rep = 0)."""
+    return n / m["vae"], n / m["dec"], n / m["loop"], n / (m["vae"] + m["rep"])
+
+
+def bound_name(separate: bool, with_repr: bool) -> str:
+    enc = "1/(1/vae + 1/repr)" if with_repr else "vae"
+    if separate:
+        return f"min({enc}, decode)"
+    return "1/(1/vae + 1/repr + 1/decode)" if with_repr else "1/(1/vae + 1/decode)"
+
+
+def repr_figures(targets: ReprTargets, m: dict, n: int, flips: int, separate: bool) -> dict:
+    """The representation encoder alone in the median repeat: its rate, FLOP rate and share of
+    the bound's per-image time (VAE + repr [+ decode on shared cores])."""
+    enc, rate = targets.encoder, n / m["rep"]
+    path = m["vae"] + m["rep"] + (0.0 if separate else m["dec"])
+    return {"spec": enc.name, "architecture": enc.architecture, "image_size": enc.image_size,
+            "grid": list(enc.grid), "dim": enc.dim, "img_s": round(rate, 2),
+            "encodes_s": round(rate * flips, 2), "vae_plus_repr_img_s": round(n / (m["vae"] + m["rep"]), 2),
+            "share_of_bound_time": round(m["rep"] / path, 3),
+            "gflop_per_encode": sig(targets.flops_per_image / 1e9),
+            "tflops": sig(rate * flips * targets.flops_per_image / 1e12)}
 
 
 def main() -> None:

@@ -426,3 +426,33 @@ def test_deep_verify_checks_every_samples_grid(full, tmp_path) -> None:
     del man["repr"]  # a manifest without repr over shards that hold grids
     (out / "manifest.json").write_text(json.dumps(man))
     assert any("manifest has no 'repr'" in p for p in shards.verify_shards(out))
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_bench_encode_with_repr_bounds_by_vae_plus_encoder(vit, capsys) -> None:
+    """--repr: the job stores grids, the bound's encoder part is VAE + representation encoder on the
+    same batches (shared cores: beside decoding; separate: against it), and the JSON says how much."""
+    from tests.test_encode import _bench_module
+
+    bench = _bench_module()
+    tiny = ["--images", "16", "--resolution", "32", "--batch-size", "8", "--repeats", "1", "--repr", str(vit)]
+    got = bench.run(tiny)
+    assert "representation encoder" in capsys.readouterr().err
+    r = got["repr"]
+    v, d, e = got["vae_img_s"], got["decode_img_s"], r["vae_plus_repr_img_s"]
+    assert e == pytest.approx(1 / (1 / v + 1 / r["img_s"]), rel=2e-2)
+    assert got["bound"] == "1/(1/vae + 1/repr + 1/decode)"
+    assert got["bound_img_s"] == pytest.approx(1 / (1 / e + 1 / d), rel=2e-2)
+    assert got["ratio"] == pytest.approx(got["pipeline_img_s"] / got["bound_img_s"], rel=2e-2)
+    assert 0 < r["share_of_bound_time"] < 1
+    assert r["share_of_bound_time"] == pytest.approx(got["bound_img_s"] / r["img_s"], rel=3e-2)
+    assert (r["grid"], r["dim"], r["spec"]) == ([*GRID], DIM, str(vit.resolve())) and r["gflop_per_encode"] > 0
+
+    got = bench.run([*tiny, "--bound", "separate", "--workers", "1", "--flips", "both"])
+    capsys.readouterr()
+    r = got["repr"]
+    assert got["bound"] == "min(1/(1/vae + 1/repr), decode)"
+    assert got["bound_img_s"] == pytest.approx(min(r["vae_plus_repr_img_s"], got["decode_img_s"]), rel=1e-2)
+    assert r["encodes_s"] == pytest.approx(2 * r["img_s"], rel=1e-3)
