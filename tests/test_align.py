@@ -238,3 +238,21 @@ def test_build_model_unchanged_by_repa_config():
     """The sampler's network does not know about alignment: the same weights' shapes as before."""
     net = build_model(ModelConfig(preset="DiT-T/2", latent_size=8, num_classes=10))
     assert not any("projector" in k for k in net.state_dict())
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_align_and_resume_exactly(feature_shards, tmp_path):
+    """2 gloo processes with the projector inside the DDP module: the run finishes with its
+    projector saved, and a resume from the middle checkpoint reproduces the losses exactly."""
+    from tests.test_train import torchrun
+    from tests.trainkit import metrics
+
+    out = tmp_path / "run"
+    torchrun(feature_shards, out, *REPA)
+    done = checkpoint.list_complete(out)
+    assert len(done) == 2 and all((p / checkpoint.PROJECTOR_FILE).is_file() for _, p in done)
+    mid_step, mid = done[0]
+    torchrun(feature_shards, tmp_path / "resumed", *REPA, "--resume", str(mid))
+    a, b = metrics(out), metrics(tmp_path / "resumed")
+    assert sorted(b) == [s for s in sorted(a) if s > mid_step]
+    assert all(a[s]["loss"] == b[s]["loss"] and a[s]["align_loss"] == b[s]["align_loss"] for s in b)
