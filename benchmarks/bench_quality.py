@@ -13,6 +13,12 @@ Arms (settings fixed before any comparison ran; reasons in BENCHMARKS.md):
   dit_full, dit_patch, dit_route,           a DiT-S/2 of hidden 192, depth 6 (4.2 M, the demo's
   dit_patch_route                           DiT): full; patches; TREAD routing of half the tokens
                                             around blocks 1..4; both
+  dit_repa, dit_patch_repa,                 the same with representation alignment (REPA, issue 28)
+  dit_patch_route_repa,                     to the demo encoder's grids stored in the shards
+  dit_patch_route_after_repa,               (encode_latents.py --repr demo): the tokens after block 2
+  dit_patch_repa_k64                        aligned with weight 0.5; "route_after" routes blocks 2..4
+                                            (0-based), so every token goes through the aligned block;
+                                            "k64" aligns to the grids cut to 64 dims by PCA
 Each arm runs with seeds 0 and 1 (the same seed pair across arms). Each arm and seed's points
 are kept under --results (committed), its checkpoints under --out, so a killed or time-limited
 sweep continues where it stopped: rerun it. Several workers may share --out (the shards and
@@ -65,6 +71,9 @@ DIT = ["model.preset=DiT-S/2", "model.hidden=192", "model.depth=6", "model.heads
 FULL = ["patch.sizes=[1.0]", "patch.probs=[1.0]"]
 PATCH = ["patch.sizes=[0.5,1.0]", "patch.probs=[0.5,0.5]"]
 ROUTE = ["model.route_ratio=0.5", "model.route_start=1", "model.route_end=4"]
+ROUTE_AFTER = ["model.route_ratio=0.5", "model.route_start=2", "model.route_end=4"]  # after the aligned block
+# REPA's weight; block 2 of 6 (REPA: 8 of 28); projector width 2 x hidden (REPA: 2048 for 1152)
+REPA = ["repa.weight=0.5", "repa.block=2", "repa.proj_hidden=384"]
 ARMS: dict[str, tuple[str, list[str]]] = {
     "unet_full": ("unet", UNET + FULL),
     "unet_patch": ("unet", UNET + PATCH),
@@ -73,7 +82,16 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "dit_patch": ("dit", DIT + PATCH),
     "dit_route": ("dit", DIT + FULL + ROUTE),
     "dit_patch_route": ("dit", DIT + PATCH + ROUTE),
+    "dit_repa": ("dit", DIT + FULL + REPA),
+    "dit_patch_repa": ("dit", DIT + PATCH + REPA),
+    "dit_patch_route_repa": ("dit", DIT + PATCH + ROUTE + REPA),
+    "dit_patch_route_after_repa": ("dit", DIT + PATCH + ROUTE_AFTER + REPA),
+    "dit_patch_repa_k64": ("dit", DIT + PATCH + REPA),
 }
+FEATURES: dict[str, int] = {"dit_repa": 0, "dit_patch_repa": 0, "dit_patch_route_repa": 0,
+                            "dit_patch_route_after_repa": 0, "dit_patch_repa_k64": 64}
+"""The arms that align, and the stored grid's dims they align to (0: the encoder's own)."""
+QUICK_ARMS = [a for a in ARMS if a not in FEATURES] + ["dit_patch_repa"]  # the smoke run's default
 # Budgets in full-latent training equivalents of each family (x 3 x forward FLOPs of one full
 # latent): about 8 minutes of training per run on the 2-core machine, so 14 runs and their
 # evaluations fit in about 3 hours. The DiT trains about twice as many latents per second.
@@ -126,17 +144,43 @@ def subset_source(fraction: float, out: Path) -> str:
     return str(path)
 
 
-def encode(out: Path, fraction: float, batch_size: int) -> Path:
-    """Latent shards of the (subset of the) shipped training images."""
+def shards_folder(out: Path, dims: int | None) -> Path:
+    """Where an arm's shards are: plain, or with the demo encoder's grids (``dims`` 0: full)."""
+    return out / ("shards" if dims is None else "shards-repr" if dims == 0 else f"shards-repr-k{dims}")
+
+
+def encode(out: Path, fraction: float, batch_size: int, dims: int | None = None) -> Path:
+    """Latent shards of the (subset of the) shipped training images; with ``dims`` also the demo
+    encoder's grids (0: all its dims; K: a PCA to K fitted by the encoder on the same images)."""
     from latent_patch.config import EncodeConfig
     from latent_patch.encode import run_encode
 
-    shards = out / "shards"
+    shards = shards_folder(out, dims)
     if not (shards / "manifest.json").is_file():
         source = demo.tar_spec("train") if fraction >= 1.0 else subset_source(fraction, out)
+        extra = {} if dims is None else {"repr": "demo", "repr_dims": dims or None}
         run_encode(EncodeConfig(source=source, out=str(shards), vae="demo", resolution=demo.RESOLUTION,
-                                flips="none", shard_size=2500, batch_size=batch_size, progress=False))
+                                flips="none", shard_size=2500, batch_size=batch_size, progress=False, **extra))
     return shards
+
+
+def feature_shards(out: Path, fraction: float, dims: int) -> Path:
+    """The shards with stored grids, made once per ``out`` folder (under a lock, as prepare_data)."""
+    shards = shards_folder(out, dims)
+    return filelock.do_once(out / f"{shards.name}.lock",
+                            lambda: shards if (shards / "manifest.json").is_file() else None,
+                            lambda: encode(out, fraction, 256, dims), f"the shards {shards}")
+
+
+def encoder_cost(out: Path) -> dict:
+    """The one-time cost of the stored grids per shard set (manifest ``repr``: FLOPs and seconds of
+    the encoder), reported beside the training compute, as encoding is."""
+    cost = {}
+    for man in sorted(out.glob("shards-repr*/manifest.json")):
+        info = fsutil.read_json(man).get("repr") or {}
+        cost[man.parent.name] = {k: info.get(k) for k in ("spec", "grid", "dims", "flops_per_image", "flops",
+                                                          "seconds")}
+    return cost
 
 
 def asked(args: argparse.Namespace) -> tuple[list[str], list[int]]:
@@ -201,6 +245,11 @@ def evaluate(run_dir: Path, ref, codec, args) -> dict:
     return {"fd": float(m["fd"]), "acc": float(m["class_accuracy"])}
 
 
+def arm_shards(arm: str, out: Path, shards: Path, args) -> Path:
+    """The shards an arm trains on: the plain ones, or (aligning arms) those with its grids."""
+    return shards if arm not in FEATURES else feature_shards(out, args.train_fraction, FEATURES[arm])
+
+
 def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, codec, args) -> list[dict]:
     """Train and evaluate one arm/seed to its budget, continuing from what ``points.json`` holds.
 
@@ -211,6 +260,7 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
 
     folder = out / arm / f"seed-{seed}"
     points_file = results / arm / f"seed-{seed}" / "points.json"
+    shards = arm_shards(arm, out, shards, args)
     points = fsutil.read_json(points_file) if points_file.is_file() else []
     cfg = arm_config(arm, seed, folder / "run", shards, args)
     budget = budget_flops(ARMS[arm][0], cfg, args.budget_scale)
@@ -405,7 +455,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default="benchmarks/results/quality-compute",
                    help="points.json per arm and seed, summary.json (small; committed as they come)")
     p.add_argument("--config", default=str(demo.DEFAULT_CONFIG))
-    p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms")
+    p.add_argument("--arms", help=f"comma list of arms (default: all; with --quick: {','.join(QUICK_ARMS)})")
     p.add_argument("--seeds", help="comma list (default: 0,1; with --quick: 0)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every family's FLOP budget")
     p.add_argument("--evals", type=int, default=6, help="evaluation points per run, at equal FLOP fractions")
@@ -430,6 +480,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.family_overrides = {"unet": ["model.channels=32", "model.channel_mult=[1,2]", "model.num_blocks=1",
                                           "model.attn_resolutions=[]"], "dit": ["model.hidden=64", "model.heads=2"]}
     args.seeds = args.seeds or ("0" if args.quick else "0,1")  # --quick: one seed unless named
+    args.arms = args.arms or ",".join(QUICK_ARMS if args.quick else ARMS)
     return args
 
 
@@ -515,7 +566,8 @@ def finish(args: argparse.Namespace, res_dir: Path, results: dict[str, dict[int,
     print(markdown_table(summary, training_images(args.train_fraction)), flush=True)
     print(json.dumps({"arms": summary, "budget_full_equiv": {k: v * args.budget_scale for k, v in BUDGET_FULL_EQUIV.items()},
                       "evals": args.evals, "num_samples": args.num_samples, "seeds": seeds,
-                      "train_fraction": args.train_fraction, "plot": args.plot, "quick": args.quick}), flush=True)
+                      "train_fraction": args.train_fraction, "plot": args.plot, "quick": args.quick,
+                      "repr_encoding": encoder_cost(Path(args.out) / res_dir.name)}), flush=True)
 
 
 def finished(args: argparse.Namespace, res_dir: Path) -> bool:

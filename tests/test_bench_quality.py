@@ -202,3 +202,23 @@ def test_a_checkpoint_written_for_a_later_segment_is_refused_not_filed_under_the
         bq.check_resume(tmp_path / "run", target, 3, 7)
     monkeypatch.setattr(bq.checkpoint, "find_latest", lambda run_dir: None)
     bq.check_resume(tmp_path / "run", target, 3, 7)  # nothing to resume from
+
+
+def test_aligning_arms_train_on_shards_with_their_grids(tmp_path):
+    """Issue 28: every aligning arm is a REPA arm of the DiT family, trains on the shards that
+    hold its grids (full or PCA-cut), and the encoder's one-time cost is read from them."""
+    import json
+
+    bq = _bench()
+    for arm, dims in bq.FEATURES.items():
+        family, overrides = bq.ARMS[arm]
+        assert family == "dit" and "repa.weight=0.5" in overrides
+        assert bq.shards_folder(tmp_path, dims).name == ("shards-repr" if dims == 0 else f"shards-repr-k{dims}")
+    assert not any(x.startswith("repa.") for a, (_, o) in bq.ARMS.items() if a not in bq.FEATURES for x in o)
+    assert bq.shards_folder(tmp_path, None).name == "shards" and "dit_patch_repa" in bq.QUICK_ARMS
+    assert bq.arm_shards("dit_patch", tmp_path, tmp_path / "shards", None) == tmp_path / "shards"
+    man = tmp_path / "shards-repr-k64" / "manifest.json"
+    man.parent.mkdir()
+    man.write_text(json.dumps({"repr": {"spec": "demo", "grid": [8, 8], "dims": 64, "flops_per_image": 5,
+                                        "flops": 50, "seconds": 1.5}}))
+    assert bq.encoder_cost(tmp_path)["shards-repr-k64"]["flops"] == 50
