@@ -1,10 +1,11 @@
 """One-shot GPU benchmark suite: every throughput figure of the project in ONE call, measured.
 
 GPU time is rented and scarce, so one process runs every stage back to back within a time budget
-(420 s from the start of the process on a GPU, ``--budget-s``: optional stages are skipped and a
-stage that overruns is cut when it runs short) and prints each stage's JSON line as soon as it is
-done; a stage that fails prints its line with an "error" field and the others still run (exit
-status 1 at the end).
+(420 s from the start of the process on a GPU, ``--budget-s``: an optional stage is skipped when
+less than its estimate is left (train_XL2_repa 60 s, encode_repr 40 s, sample_compiled 120 s,
+train_XL2_compiled 240 s, run in that order after the others) and a stage that overruns is cut
+when it runs short) and prints each stage's JSON line as soon as it is done; a stage that fails
+prints its line with an "error" field and the others still run (exit status 1 at the end).
 
   peak        the device's own peak: a large matmul (bf16 8192^3 on a GPU), TFLOP/s. Every later
               stage reports ``share_of_peak`` against it (auto-added when another stage runs).
@@ -12,7 +13,8 @@ status 1 at the end).
               loader over synthetic latents): DiT-B/2 and DiT-XL/2, 4x32x32, batch 128, bf16, full
               steps and patch steps (side 16, twice the batch: the {16: 0.5, 32: 0.5} schedule),
               eager and compiled (XL compiled only if the time budget still allows). Warm-up
-              steps excluded; TFLOP/s = 3 x forward FLOPs (counted by FlopCounterMode) / time.
+              steps excluded; TFLOP/s = 3 x forward FLOPs (counted by FlopCounterMode; with REPA
+              also the projector's, as the trainer counts) / time.
   sample      the sampling job's batch loop (``sampling.generate`` around ``edm.ImageSampler``):
               DiT-XL/2 (random weights), 18 Heun steps, guidance 1.5, batch 100, SD-VAE decode
               (random weights), against the bare network forwards of the same batch.
@@ -21,8 +23,20 @@ status 1 at the end).
               encoder (``VAECodec.encode``) on batches of the same size and dtype.
   pipeline    encode_latents.py -> train_latent.py -> train_latent.py --resume auto -> sample.py
               as subprocesses at ImageNet-256 sizes (DiT-B/2, a handful of steps).
+  train_XL2_repa  (optional) issue 28's first GPU target: DiT-XL/2's training step (as train_*,
+              eager) with REPA's recipe (repa.weight=0.5, block 8, projector width 2048) on
+              synthetic latents that carry synthetic feature grids (16x16x768 fp16: DINOv2-B/14's
+              at 224 px), against the same steps without REPA in the same stage, same data:
+              both step times, ``repa_overhead`` = with / without - 1 per kind (full, patch) and
+              the worse at the top (target <= 0.05), the projector's share of counted FLOPs.
+  encode_repr (optional) issue 28's second: DINOv2-B/14 (timm's vit_base_patch14_dinov2 at
+              224 px, random weights) through ``ReprEncoder`` on 256 px batches in the VAE's dtype,
+              img/s beside the SD-VAE encoder's on the same batches (``ratio`` = repr / VAE); then,
+              if the budget allows, the encoding job with ``--repr`` on that encoder saved as a
+              folder, against the job without it (the encode stage's figure).
 
---dry runs every stage at tiny sizes on the CPU (under 5 minutes on 2 cores: the CI check);
+--dry runs every stage at tiny sizes on the CPU (under 5 minutes on 2 cores: the CI check; the
+REPA stages there: DiT-T/2 with 4x4x32 grids, a 2-block ViT of the same timm class at 32 px);
 --quick is --dry with the compiled stages skipped (under a minute). The last line printed is one JSON
 object (all stages); a log and summary.json go to --out. Models and VAEs have random weights:
 the figures are speed, never quality.
@@ -77,6 +91,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 
@@ -86,12 +101,15 @@ sys.path.insert(1, str(ROOT / "benchmarks"))  # benchmarks/ is no package: its h
 
 from bench_train import synthetic_loader  # noqa: E402
 from latent_patch import config, sampling  # noqa: E402
+from latent_patch.budget import training_flops  # noqa: E402
 from latent_patch.codec import VAECodec, make_decoder, parse_dtype  # noqa: E402
 from latent_patch.config import EncodeConfig, SamplerConfig, TrainConfig  # noqa: E402
 from latent_patch.dist import autocast  # noqa: E402
 from latent_patch.edm import ImageSampler  # noqa: E402
 from latent_patch.encode import run_encode  # noqa: E402
+from latent_patch.loader import MemoryLoader  # noqa: E402
 from latent_patch.models import ModelConfig, build_model, forward_flops  # noqa: E402
+from latent_patch.represent import ReprEncoder, save_folder  # noqa: E402
 from latent_patch.train import StepPlan, build_accelerator, build_trainer, train_step  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
@@ -131,6 +149,15 @@ class Sizes:
     pipe_patches: int  # first train_latent.py run; the resumed one goes to twice this
     pipe_samples: int
     pipe_sample_steps: int
+    repa_model: str  # the REPA stage's DiT, trained with and without alignment
+    repa: tuple[str, ...]  # its alignment overrides (REPA's recipe on a GPU)
+    repr_grid: tuple[int, int]  # the synthetic feature grids' (gh, gw): the model's token grid
+    repr_dims: int  # and their K
+    repa_estimate_s: float  # the REPA stage runs only if this much budget is left
+    repr_arch: str  # the representation encoder's timm architecture (random weights)
+    repr_args: dict  # its timm kwargs (img_size: its input side)
+    repr_estimate_s: float  # the encode_repr stage runs only if this much budget is left
+    repr_job_estimate_s: float  # and its encoding job (with --repr) only if this much is left then
 
 
 GPU = Sizes(
@@ -142,6 +169,10 @@ GPU = Sizes(
     pipe_config="configs/imagenet256_dit_b2.yaml",
     pipe_overrides=("data.batch_size=32", "optim.batch_size_global=32", "data.num_workers=2"),
     pipe_patches=480, pipe_samples=100, pipe_sample_steps=18,
+    # REPA's recipe (weight 0.5, block 8, projector width 2048) on DINOv2-B/14 at 224 px's grid
+    repa_model="DiT-XL/2", repa=("repa.weight=0.5", "repa.block=8", "repa.proj_hidden=2048"),
+    repr_grid=(16, 16), repr_dims=768, repa_estimate_s=60,
+    repr_arch="vit_base_patch14_dinov2", repr_args={"img_size": 224}, repr_estimate_s=40, repr_job_estimate_s=20,
 )
 DRY = Sizes(
     budget_s=270, peak_n=512, train_models=("DiT-T/2",), optional_compiled=(),
@@ -150,6 +181,10 @@ DRY = Sizes(
     vae=TINY_VAE, vae_res=32, encode_images=48, encode_batch=16, classes=4,
     pipe_config="configs/tiny_cpu_dit.yaml", pipe_overrides=(),
     pipe_patches=48, pipe_samples=8, pipe_sample_steps=4,
+    repa_model="DiT-T/2", repa=("repa.weight=0.5", "repa.block=1", "repa.proj_hidden=64"),
+    repr_grid=(4, 4), repr_dims=32, repa_estimate_s=15,
+    repr_arch="vit_base_patch14_dinov2", repr_estimate_s=15, repr_job_estimate_s=5,
+    repr_args={"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2},
 )
 
 
@@ -364,15 +399,38 @@ def fresh_accelerate() -> None:
     GradientState._reset_state()
 
 
-def train_config(sizes: Sizes, preset: str, compiled: bool) -> TrainConfig:
-    """The training config of one stage (through the project's loader: a bad key fails here)."""
+def train_config(sizes: Sizes, preset: str, compiled: bool, extra: tuple[str, ...] = ()) -> TrainConfig:
+    """The training config of one stage (through the project's loader: a bad key fails here);
+    ``extra`` overrides come last (the REPA stage's ``repa.*``)."""
     B = sizes.batch
     return config.load(TrainConfig, None, [
         f"model.preset={preset}", f"model.latent_size={sizes.latent}", "model.latent_channels=4",
         "model.num_classes=1000", f"data.batch_size={B}", f"optim.batch_size_global={B}",
         "run.tensorboard=false", f"run.mixed_precision={sizes.precision}", f"run.compile={str(compiled).lower()}",
-        "run.out_dir=/tmp/gpu_suite_unused",
+        "run.out_dir=/tmp/gpu_suite_unused", *extra,
     ])
+
+
+def synthetic_data(suite: Suite, n: int, C: int, R: int, num_classes: int, batch: int,
+                   features: tuple[int, int, int] | None = None) -> tuple[MemoryLoader, dict | None]:
+    """(the real in-memory loader over bench_train's synthetic latents, the manifest the trainer
+    reads or None). Pinned on a GPU as ``loader.build_loader`` pins: a copy from pageable memory
+    drains the GPU's queue, which would charge the REPA stage's feature grids (50 MB a batch of
+    128 at 16x16x768) to its step time where a real run overlaps their copy with compute. With
+    ``features`` (gh, gw, K) every sample also has a float16 grid (N(0, 1)) that batches carry as
+    ``Batch.repr``, and the manifest has the ``repr`` entry ``align.build_projector`` checks.
+    Latents, labels and their order are the same with or without: the REPA stage's two arms train
+    on the same data."""
+    base = synthetic_loader(n, C, R, num_classes, batch)
+    info, feats, manifest = base.info, None, None
+    if features is not None:
+        gh, gw, K = features
+        manifest = {"repr": {"grid": [gh, gw], "dims": K}}
+        info = dataclasses.replace(info, manifest=manifest, repr_shape=(gh, gw, K))
+        feats = torch.randn(n, gh, gw, K, generator=torch.Generator().manual_seed(1), dtype=torch.float16)
+    loader = MemoryLoader(info, base.latents, base.labels, batch, seed=0, pin_memory=suite.device.type == "cuda",
+                          features=feats)
+    return loader, manifest
 
 
 def step_plans(B: int, R: int) -> dict[str, StepPlan]:
@@ -399,15 +457,17 @@ def timed_steps(suite: Suite, trainer: Any, plans: dict[str, StepPlan], rounds: 
     return times
 
 
-def run_train(suite: Suite, preset: str, compiled: bool) -> dict:
-    """One model and mode: warm-up (the compile, when compiled), then timed full and patch steps."""
+def run_train(suite: Suite, preset: str, compiled: bool, extra: tuple[str, ...] = (),
+              features: tuple[int, int, int] | None = None) -> dict:
+    """One model and mode: warm-up (the compile, when compiled), then timed full and patch steps.
+    ``extra``: config overrides (``repa.*``); ``features``: the (gh, gw, K) grids the batches carry."""
     s = suite.sizes
     fresh_accelerate()
-    cfg = train_config(s, preset, compiled)
+    cfg = train_config(s, preset, compiled, extra)
     acc = build_accelerator(cfg, with_trackers=False)
     C, R, B = 4, s.latent, s.batch
-    loader = synthetic_loader(max(8 * B, 512), C, R, cfg.model.num_classes, B)
-    trainer = build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae)
+    loader, manifest = synthetic_data(suite, max(8 * B, 512), C, R, cfg.model.num_classes, B, features)
+    trainer = build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae, manifest)
     plans = step_plans(B, R)
     warm = s.compiled_warmup if compiled else s.warmup
     # interleaved like the timed steps, so every graph the alternation needs (a compile per shape)
@@ -420,10 +480,16 @@ def run_train(suite: Suite, preset: str, compiled: bool) -> dict:
         "latent": [C, R, R], "batch": B, "precision": s.precision, "compiled": compiled,
         "timed_steps_per_kind": s.train_rounds * s.train_block, "warmup_steps_per_kind": warm, "warmup_s": warmup_s,
     }
+    if trainer.projector is not None:
+        out["repa"] = {**dataclasses.asdict(cfg.repa), "features": [*features, "float16"],
+                       "projector_params_m": round(sum(p.numel() for p in trainer.projector.parameters()) / 1e6, 2)}
     for kind, plan in plans.items():
         step_s = statistics.median(times[kind])
-        flops = 3 * forward_flops(cfg.model, plan.size) * plan.patches / step_s
+        # the trainer's own count: 3 x forward, plus the projector and the loss when aligning
+        per_patch = training_flops(cfg.model, plan.size, cfg.repa, features[-1] if features else 0)
+        flops = per_patch * plan.patches / step_s
         out[kind] = {"side": plan.size, "batch": plan.patches, "step_s": round(step_s, 5),
+                     "train_flops_per_patch": int(per_patch),
                      "step_s_blocks": [round(x, 5) for x in times[kind]],  # one far above: a recompile
                      "samples_s": round(plan.patches / step_s, 2), "tflops": round(flops / 1e12, 4),
                      "share_of_peak": _round(suite.share(flops), 4)}
@@ -456,6 +522,44 @@ def compile_works() -> bool:
 def tag(preset: str) -> str:
     """"DiT-XL/2" -> "XL2": short stage names."""
     return preset.split("-", 1)[-1].replace("/", "")
+
+
+REPA_TARGET = 0.05  # issue 28: a step with REPA within 5 % of the same step without, on a GPU
+
+
+def stage_train_repa(suite: Suite) -> dict:
+    """The training step with REPA (``repa.*`` of the sizes, synthetic feature grids in every
+    batch) against the same steps without it, in this process on the same latents and labels:
+    ``repa_overhead`` = step time with / without - 1 per step kind, the worse of the two at the
+    top (issue 28's target: <= 0.05 on a GPU), and the projector's share of the counted FLOPs.
+
+    The arms run one after the other, each a fresh trainer through ``run_train`` with its own
+    warm-up steps, not side by side: two DiT-XL/2 trainers (weights, EMA, AdamW) beside one full
+    step's activations would come near an H100's 80 GB. Both read the same data through the same
+    pinned loader, so the aligning arm pays what a real run pays for its grids (gather, copy,
+    resample and crop, projector, loss) and no more."""
+    s = suite.sizes
+    without = run_train(suite, s.repa_model, False)
+    fresh_accelerate()
+    free_memory()  # the first arm's trainer goes before the second is built
+    aligned = run_train(suite, s.repa_model, False, s.repa, (*s.repr_grid, s.repr_dims))
+    out: dict[str, Any] = {"model": s.repa_model, "latent": aligned["latent"], "batch": s.batch,
+                           "precision": s.precision, "repa": aligned["repa"]}
+    for kind in ("full", "patch"):
+        a, b = without[kind], aligned[kind]
+        out[kind] = {"side": b["side"], "batch": b["batch"], "step_s_without": a["step_s"], "step_s_with": b["step_s"],
+                     "repa_overhead": round(b["step_s"] / a["step_s"] - 1, 4),
+                     "projector_flops_share": round(1 - a["train_flops_per_patch"] / b["train_flops_per_patch"], 5),
+                     "tflops_with": b["tflops"], "share_of_peak_with": b["share_of_peak"]}
+    worst = max(out["full"]["repa_overhead"], out["patch"]["repa_overhead"])
+    mem = {k: v for k, v in aligned.items() if k.startswith("peak_")}  # the aligning arm's own peak
+    out.update({"repa_overhead": worst, "target": REPA_TARGET,
+                "meets_target": None if suite.device.type != "cuda" else worst <= REPA_TARGET,
+                "projector_flops_share": out["full"]["projector_flops_share"],
+                "latents_s_with": aligned["latents_s"], "latents_s_without": without["latents_s"],
+                "tflops": aligned["tflops"], "share_of_peak": aligned["share_of_peak"], **mem,
+                "without": without, "with": aligned})
+    return out
 
 
 # --------------------------------------------------------------------------- sampling
@@ -556,6 +660,18 @@ def time_forwards(suite: Suite, net: torch.nn.Module, mcfg: ModelConfig, batch: 
 
 # --------------------------------------------------------------------------- encoding
 
+def encode_rate(suite: Suite, encode: Callable[[torch.Tensor], Any], x: torch.Tensor, calls: int) -> float:
+    """Images/s of ``encode`` on the in-memory batch ``x``: one warm-up call (lazy init, kernel
+    choice), then passes of ``calls`` back-to-back calls until at least 0.5 s is timed (a dry
+    run's pass takes milliseconds)."""
+    encode(x)
+    passes, secs = 0, 0.0
+    while passes == 0 or secs < 0.5:
+        secs += suite.timed(lambda: [encode(x) for _ in range(calls)])
+        passes += 1
+    return passes * calls * len(x) / secs
+
+
 def stage_encode(suite: Suite) -> dict:
     """Images/s of the encoding job (files -> decode workers -> VAE -> shards) against the VAE
     encoder alone on in-memory batches of the same size, dtype and count."""
@@ -576,17 +692,13 @@ def stage_encode(suite: Suite) -> dict:
         images, loop_s, total_s = runs[-1]
         codec = VAECodec.load(str(vae), dev, dtype)
         x = torch.rand(s.encode_batch, 3, s.vae_res, s.vae_res, device=dev) * 2 - 1
-        codec.encode(x)
-        batches, passes, t_vae = math.ceil(n / s.encode_batch), 0, 0.0
-        while passes == 0 or t_vae < 0.5:  # the dry run's pass takes milliseconds: repeat it
-            t_vae += suite.timed(lambda: [codec.encode(x) for _ in range(batches)])
-            passes += 1
+        vae_img_s = encode_rate(suite, codec.encode, x, math.ceil(n / s.encode_batch))
     if images != n:
         raise RuntimeError(f"the encode job encoded {images} of {n} images")
-    vae_img_s = passes * batches * s.encode_batch / t_vae
     per_image = vae_encode_flops(s)
     flops = per_image * vae_img_s
     pipe = images / loop_s
+    suite.cache["encode_job_img_s"] = pipe  # the encode_repr stage's job is held against it
     return {
         "images": n, "resolution": s.vae_res, "batch": s.encode_batch, "dtype": str(codec.dtype).replace("torch.", ""),
         "vae": f"{s.vae['block_out_channels']} x{s.vae['layers_per_block']}, random weights",
@@ -596,6 +708,80 @@ def stage_encode(suite: Suite) -> dict:
         "tflops": round(flops / 1e12, 4), "share_of_peak": _round(suite.share(flops), 4),
         "vae_fp32_redos": redos.count,
     }
+
+
+def repr_encoder(suite: Suite) -> tuple[ReprEncoder, Path]:
+    """The representation encoder (DINOv2-B/14 at 224 px on a GPU, a small ViT of the same timm
+    class dry) with random weights, in the VAE's dtype, as ``ReprEncoder`` wraps a loaded one;
+    and the folder it is saved in (``represent.save_folder``), which ``--repr`` reads. Random
+    weights cost what trained ones cost, and nothing is downloaded (the GPU machine has no network)."""
+    s = suite.sizes
+    torch.manual_seed(0)
+    model = timm.create_model(s.repr_arch, pretrained=False, num_classes=0, **s.repr_args)
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]  # DINOv2's: ImageNet's
+    size = int(s.repr_args["img_size"])
+    folder = save_folder(model, suite.work / "repr_encoder", s.repr_args, size, mean, std,
+                         source="random weights (gpu_suite)")  # before ReprEncoder moves it to the device
+    cfg = {"architecture": s.repr_arch, "image_size": size, "mean": list(mean), "std": list(std),
+           "source": "random weights (gpu_suite)"}
+    enc = ReprEncoder(model, f"random-weight {s.repr_arch}", cfg, suite.device, parse_dtype(vae_dtype(s), suite.device))
+    return enc, folder
+
+
+def stage_encode_repr(suite: Suite) -> dict:
+    """Images/s of the representation encoder (``ReprEncoder.encode``: resize to its input,
+    forward, the normed patch-token grid in float16) beside the VAE encoder's, on the same
+    in-memory batches of the encode stage's size, side and dtype (issue 28: the feature grids
+    are computed once, at encoding, so their cost is the encoding job's); then, if the budget
+    still allows, the encoding job itself with ``--repr`` (``run_encode``, on the encode stage's
+    JPEGs) against the same job without it (the encode stage's figure, when it ran)."""
+    s, dev = suite.sizes, suite.device
+    dtype = vae_dtype(s)
+    enc, folder = repr_encoder(suite)
+    x = torch.rand(s.encode_batch, 3, s.vae_res, s.vae_res, device=dev) * 2 - 1
+    calls = math.ceil(s.encode_images / s.encode_batch)
+    with counting_redos() as redos:
+        codec = VAECodec.load(str(vae_dir(suite)), dev, dtype)
+        vae_img_s = encode_rate(suite, codec.encode, x, calls)
+        repr_img_s = encode_rate(suite, enc.encode, x, calls)
+    grid, dim = list(enc.grid), enc.dim
+    repr_flops, vae_flops = enc.forward_flops_per_image(), vae_encode_flops(s)
+    del enc, codec, x
+    free_memory()  # the job loads its own encoder and VAE
+    out: dict[str, Any] = {
+        "encoder": s.repr_arch, "encoder_input": s.repr_args["img_size"], "grid": grid, "dim": dim,
+        "resolution": s.vae_res, "batch": s.encode_batch, "dtype": str(parse_dtype(dtype, dev)).replace("torch.", ""),
+        "repr_img_s": round(repr_img_s, 2), "vae_img_s": round(vae_img_s, 2), "ratio": round(repr_img_s / vae_img_s, 3),
+        "repr_gflops_per_image": round(repr_flops / 1e9, 3), "vae_gflops_per_image": round(vae_flops / 1e9, 3),
+        "repr_tflops": round(repr_flops * repr_img_s / 1e12, 4),
+        "repr_share_of_peak": _round(suite.share(repr_flops * repr_img_s), 4),
+        "vae_tflops": round(vae_flops * vae_img_s / 1e12, 4),
+        # the VAE and the encoder one after the other on each batch, as the job runs them
+        "vae_plus_repr_img_s": round(1 / (1 / vae_img_s + 1 / repr_img_s), 2),
+    }
+    left = s.budget_s - suite.elapsed()
+    if left < s.repr_job_estimate_s:
+        out["job"] = {"skipped": f"time budget: {left:.0f} s left, the job needs about {s.repr_job_estimate_s:.0f} s"}
+    else:
+        cfg = EncodeConfig(source=str(jpegs(suite)), out=str(suite.work / "encode_repr"), vae=str(vae_dir(suite)),
+                           resolution=s.vae_res, flips="none", batch_size=s.encode_batch, dtype=dtype,
+                           device=str(dev), progress=False, repr=str(folder))
+        with counting_redos() as job_redos, contextlib.redirect_stdout(suite.log):
+            done = run_encode(cfg)
+        if done["images"] != s.encode_images:
+            raise RuntimeError(f"the encode job with --repr encoded {done['images']} of {s.encode_images} images")
+        entry = json.loads((Path(cfg.out) / "manifest.json").read_text())["repr"]
+        if entry["grid"] != grid or int(entry["dims"]) != dim:
+            raise RuntimeError(f"the job stored {entry['grid']} x {entry['dims']} grids, not {grid} x {dim}")
+        job_img_s = done["images"] / done["seconds"]
+        plain = suite.cache.get("encode_job_img_s")
+        out["job"] = {"images": done["images"], "img_s": round(job_img_s, 2), "repr_seconds": entry["seconds"],
+                      "repr_share_of_job": round(entry["seconds"] / done["seconds"], 3),
+                      "plain_job_img_s": _round(plain, 2),
+                      "ratio_to_plain_job": round(job_img_s / plain, 3) if plain else None,
+                      "vae_fp32_redos": job_redos.count}
+    out["vae_fp32_redos"] = redos.count
+    return out
 
 
 # --------------------------------------------------------------------------- the three CLIs
@@ -694,7 +880,9 @@ def stage_cuda_tests(suite: Suite) -> dict:
 
 def all_stages(sizes: Sizes) -> list[Stage]:
     """In the order they run: cheap, always-wanted figures first, compiles (slow, riskier) last,
-    the optional ones (run only while the budget lasts) at the very end."""
+    the optional ones (run only while the budget lasts) at the very end: REPA's two (issue 28,
+    about a minute together on a GPU) before the compiled sampling and DiT-XL/2 compile (2 and 4
+    minutes), so that a GPU run that cannot fit them all still measures REPA."""
     stages = [Stage("peak", stage_peak)]
     stages += [Stage(f"train_{tag(m)}_eager", train_stage(m, False)) for m in sizes.train_models]
     stages += [Stage("sample", stage_sample), Stage("encode", stage_encode), Stage("pipeline", stage_pipeline),
@@ -702,8 +890,10 @@ def all_stages(sizes: Sizes) -> list[Stage]:
     compiled = [Stage(f"train_{tag(m)}_compiled", train_stage(m, True), 240 if m in sizes.optional_compiled
                       else 150, optional=m in sizes.optional_compiled) for m in sizes.train_models]
     required = [st for st in compiled if not st.optional]
+    repa = [Stage(f"train_{tag(sizes.repa_model)}_repa", stage_train_repa, sizes.repa_estimate_s, optional=True),
+            Stage("encode_repr", stage_encode_repr, sizes.repr_estimate_s, optional=True)]
     sample = Stage("sample_compiled", stage_sample_compiled, sizes.sample_compile_estimate_s, optional=True)
-    return stages + required + [sample] + [st for st in compiled if st.optional]
+    return stages + required + repa + [sample] + [st for st in compiled if st.optional]
 
 
 def select(stages: list[Stage], only: str | None) -> list[Stage]:
@@ -756,6 +946,15 @@ def table_rows(name: str, r: dict) -> list[tuple[str, str, str, str, str, str]]:
         return [(name, f"{status}: {r.get('error') or r.get('skipped')}"[:70], "-", "-", "-", wall)]
     if name == "peak":
         return [(name, f"matmul {r['n']}^3 {r['dtype']}", "-", fmt(r["tflops"]), "1", wall)]
+    if name.startswith("train_") and name.endswith("_repa"):
+        rows = [(name if kind == "full" else "",
+                 f"{kind} side {r[kind]['side']} batch {r[kind]['batch']}: REPA {r[kind]['repa_overhead']:+.1%} "
+                 f"(projector {r[kind]['projector_flops_share']:.1%} of FLOPs)",
+                 f"{r[kind]['step_s_with']:.4g} / {r[kind]['step_s_without']:.4g} s", fmt(r[kind]["tflops_with"]),
+                 fmt(r[kind]["share_of_peak_with"]), wall if kind == "full" else "") for kind in ("full", "patch")]
+        verdict = {True: "met", False: "MISSED", None: "GPU only"}[r["meets_target"]]
+        return rows + [("", f"overhead {r['repa_overhead']:+.1%}, target <= {r['target']:.0%}: {verdict}",
+                        "with / without", "-", "-", "")]
     if name.startswith("train_"):
         return [(name if kind == "full" else "", f"{kind} side {r[kind]['side']} batch {r[kind]['batch']}",
                  f"{r[kind]['samples_s']:.4g} {'latents' if kind == 'full' else 'patches'}/s",
@@ -771,6 +970,18 @@ def table_rows(name: str, r: dict) -> list[tuple[str, str, str, str, str, str]]:
     if name == "encode":
         return [(name, f"pipeline (ratio to VAE {r['ratio']:.3g})", f"{r['pipeline_img_s']:.4g} img/s", "-", "-", wall),
                 ("", "VAE encoder alone", f"{r['vae_img_s']:.4g} img/s", fmt(r["tflops"]), fmt(r["share_of_peak"]), "")]
+    if name == "encode_repr":
+        rows = [(name, f"{r['encoder']} {r['encoder_input']} px, grid {r['grid'][0]}x{r['grid'][1]}x{r['dim']} "
+                       f"(ratio to VAE {r['ratio']:.3g})", f"{r['repr_img_s']:.4g} img/s", fmt(r["repr_tflops"]),
+                 fmt(r["repr_share_of_peak"]), wall),
+                ("", f"VAE encoder alone, batch {r['batch']} {r['dtype']}", f"{r['vae_img_s']:.4g} img/s",
+                 fmt(r["vae_tflops"]), "-", "")]
+        job = r["job"]
+        if "skipped" in job:
+            return rows + [("", f"job with --repr skipped: {job['skipped']}"[:70], "-", "-", "-", "")]
+        plain = "-" if job["ratio_to_plain_job"] is None else f"{job['ratio_to_plain_job']:.3g}"
+        return rows + [("", f"encode job with --repr (ratio to the plain job {plain})", f"{job['img_s']:.4g} img/s",
+                        "-", "-", "")]
     if name == "pipeline":
         steps = (f"encode {r['encode_s']:.0f} s, train {r['train_s']:.0f} s, resume {r['train_resume_s']:.0f} s, "
                  f"sample {r['sample_s']:.0f} s")

@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
-STAGES = ["peak", "train_T2_eager", "sample", "encode", "pipeline", "cuda_tests", "train_T2_compiled", "sample_compiled"]
+STAGES = ["peak", "train_T2_eager", "sample", "encode", "pipeline", "cuda_tests", "train_T2_compiled", "train_T2_repa",
+          "encode_repr", "sample_compiled"]
 
 
 def json_lines(text: str) -> list[dict]:
@@ -64,6 +65,22 @@ def test_quick_run_prints_one_measured_line_per_stage(quick_run) -> None:
     pipe = by["pipeline"]
     positive(pipe, "encode_s", "train_s", "train_resume_s", "sample_s", "resumed_from_step")
     assert pipe["resume_continued"] and pipe["final_step"] > pipe["resumed_from_step"] > 0
+    repa = by["train_T2_repa"]  # issue 28: the step with REPA against the same step without
+    positive(repa, "full.step_s_with", "full.step_s_without", "patch.step_s_with", "patch.step_s_without",
+             "projector_flops_share", "patch.projector_flops_share", "tflops")
+    for kind in ("full", "patch"):
+        k = repa[kind]
+        assert k["repa_overhead"] == pytest.approx(k["step_s_with"] / k["step_s_without"] - 1, abs=1e-3)
+        assert k["projector_flops_share"] < 0.5
+        assert repa["with"][kind]["train_flops_per_patch"] > repa["without"][kind]["train_flops_per_patch"]
+    assert repa["repa_overhead"] == max(repa["full"]["repa_overhead"], repa["patch"]["repa_overhead"])
+    assert repa["repa"]["weight"] == 0.5 and repa["repa"]["features"] == [4, 4, 32, "float16"]
+    assert "repa" not in repa["without"] and repa["target"] == 0.05 and repa["meets_target"] is None  # CPU
+    enc = by["encode_repr"]  # the representation encoder beside the VAE, then the job with --repr
+    positive(enc, "repr_img_s", "vae_img_s", "ratio", "repr_gflops_per_image", "job.img_s", "job.repr_seconds",
+             "job.plain_job_img_s", "job.ratio_to_plain_job")
+    assert enc["ratio"] == pytest.approx(enc["repr_img_s"] / enc["vae_img_s"], rel=1e-2)
+    assert enc["grid"] == [8, 8] and enc["dim"] == 64 and enc["job"]["images"] == by["encode"]["images"]
     assert "skipped" in by["train_T2_compiled"] and "skipped" in by["sample_compiled"]  # --quick
     for word in ("sampl", "encod", "train"):
         assert word in proc.stdout.lower()
@@ -74,6 +91,8 @@ def test_quick_run_ends_with_a_summary(quick_run) -> None:
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["ok"] is True and last["failed"] == [] and list(last["stages"]) == STAGES
     assert last["skipped"] == ["train_T2_compiled", "sample_compiled"]
+    table = proc.stdout.split("stage pipeline: running")[-1]
+    assert "REPA" in table and "target <= 5%: GPU only" in table and "ratio to VAE" in table
     saved = json.loads((out / "summary.json").read_text())
     assert saved["stages"].keys() == last["stages"].keys()
     assert "stage pipeline: running" in (out / "gpu_suite.log").read_text()
@@ -110,4 +129,21 @@ def test_only_refuses_an_unknown_stage() -> None:
     with pytest.raises(SystemExit, match="no such stage"):
         suite.main(["--dry", "--only", "trian"])
     picked = [s.name for s in suite.select(suite.all_stages(suite.GPU), "train_XL2,sample")]
-    assert picked == ["peak", "train_XL2_eager", "sample", "sample_compiled", "train_XL2_compiled"]
+    assert picked == ["peak", "train_XL2_eager", "sample", "train_XL2_repa", "sample_compiled", "train_XL2_compiled"]
+
+
+def test_the_repa_stages_are_optional_and_measure_repas_recipe_on_a_gpu() -> None:
+    """On a GPU: DiT-XL/2 with REPA's recipe on DINOv2-B/14's grid (16x16x768 at 224 px), and the
+    stages skipped, not cut, when the 420 s budget runs short, before the compiled optional ones."""
+    suite = load_suite()
+    g = suite.GPU
+    stages = {s.name: s for s in suite.all_stages(g)}
+    assert g.repa_model == "DiT-XL/2" and g.batch == 128 and g.precision == "bf16"
+    assert set(g.repa) == {"repa.weight=0.5", "repa.block=8", "repa.proj_hidden=2048"}
+    assert (*g.repr_grid, g.repr_dims) == (16, 16, 768) and g.repr_args == {"img_size": 224}
+    assert g.repr_arch == "vit_base_patch14_dinov2"
+    assert stages["train_XL2_repa"].optional and stages["encode_repr"].optional
+    names = list(stages)
+    assert names.index("encode_repr") < names.index("sample_compiled") < names.index("train_XL2_compiled")
+    cfg = suite.train_config(g, g.repa_model, False, g.repa)  # the project's loader takes the overrides
+    assert (cfg.repa.weight, cfg.repa.block, cfg.repa.proj_hidden) == (0.5, 8, 2048)
