@@ -40,3 +40,20 @@ for worker in 0 1; do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 $PY benchmarks/bench_quality.py "${LONG[@]}" --report
+
+# issue 28: the representation-alignment arms (settings in BENCHMARKS.md, fixed before they ran),
+# on 10,000 images against the dit_full points above, then on 1,000 images at 4x. Two workers
+# side by side on the same list, as the 8x stage: each arm-seed is trained by one of them.
+repa_stage() {
+    local pids=() worker
+    for worker in 0 1; do
+        OMP_NUM_THREADS=1 $PY benchmarks/bench_quality.py "$@" > "bench_out/quality-repa-worker$worker.log" 2>&1 &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+    $PY benchmarks/bench_quality.py "$@" --report
+}
+repa_stage --arms dit_patch_route_repa,dit_patch_repa,dit_repa,dit_patch_route_after_repa,dit_patch_repa_k64 \
+    --plot docs/figures/quality_vs_compute_repa.png
+repa_stage --train-fraction 0.1 --budget-scale 4 --arms dit_patch_route_repa,dit_patch_repa,dit_repa \
+    --plot docs/figures/quality_vs_compute_repa_1000.png
