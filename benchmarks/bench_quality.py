@@ -562,12 +562,28 @@ def finish(args: argparse.Namespace, res_dir: Path, results: dict[str, dict[int,
     """Summary, plot, README table, summary.json, and the JSON line (last)."""
     summary = summarize(results, args.evals)
     plot(results, Path(args.plot), f"Fashion-MNIST latents, train fraction {args.train_fraction:g}: FD vs training compute")
-    fsutil.atomic_write_json(res_dir / "summary.json", {"summary": summary, "results": results, "args": vars(args)})
+    merge_summary(res_dir / "summary.json", summary, results, vars(args))
     print(markdown_table(summary, training_images(args.train_fraction)), flush=True)
     print(json.dumps({"arms": summary, "budget_full_equiv": {k: v * args.budget_scale for k, v in BUDGET_FULL_EQUIV.items()},
                       "evals": args.evals, "num_samples": args.num_samples, "seeds": seeds,
                       "train_fraction": args.train_fraction, "plot": args.plot, "quick": args.quick,
                       "repr_encoding": encoder_cost(Path(args.out) / res_dir.name)}), flush=True)
+
+
+def merge_summary(path: Path, summary: dict, results: dict, args: dict) -> None:
+    """Write this run's arms into summary.json beside the arms other runs reported there.
+
+    One results folder serves several sweeps (the issue-12 arms, then the REPA arms against the
+    same dit_full points), and each reports only the arms it was asked for: overwriting would drop
+    the others' rows. Each arm keeps the arguments of the run that last reported it."""
+    old = fsutil.read_json(path) if path.is_file() else {}
+    by_arm = dict(old.get("args_by_arm", {}))
+    if "args" in old:  # written before the merge: one run's args for all its arms
+        by_arm.update({arm: old["args"] for arm in old.get("summary", {}) if arm not in by_arm})
+    by_arm.update({arm: args for arm in summary})
+    fsutil.atomic_write_json(path, {"summary": {**old.get("summary", {}), **summary},
+                                    "results": {**old.get("results", {}), **results},
+                                    "args_by_arm": by_arm})
 
 
 def finished(args: argparse.Namespace, res_dir: Path) -> bool:

@@ -4,6 +4,7 @@ the wall-clock conversion, computed from hand-made points whose answers are know
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,20 @@ def test_aligning_arms_train_on_shards_with_their_grids(tmp_path):
     man.write_text(json.dumps({"repr": {"spec": "demo", "grid": [8, 8], "dims": 64, "flops_per_image": 5,
                                         "flops": 50, "seconds": 1.5}}))
     assert bq.encoder_cost(tmp_path)["shards-repr-k64"]["flops"] == 50
+
+
+def test_a_report_on_some_arms_keeps_the_other_arms_in_summary_json(tmp_path):
+    """The REPA sweep reports into the folder of the issue-12 sweep: its rows join, none vanish."""
+    bq = _bench()
+    path = tmp_path / "summary.json"
+    full, fast = points([9.0, 6.0, 4.0, 3.0, 2.5, 2.0]), points([8.0, 4.0, 2.0, 1.5, 1.4, 1.3])
+    path.write_text(json.dumps({"summary": {"dit_full": {"n": 1}, "dit_patch": {"n": 2}},
+                                              "results": {"dit_full": {"0": full}, "dit_patch": {"0": fast}},
+                                              "args": {"arms": "dit_full,dit_patch"}}))
+    bq.merge_summary(path, {"dit_full": {"n": 3}, "dit_repa": {"n": 4}},
+                     {"dit_full": {0: full}, "dit_repa": {0: fast}}, {"arms": "dit_repa"})
+    saved = json.loads(path.read_text())
+    assert saved["summary"] == {"dit_full": {"n": 3}, "dit_patch": {"n": 2}, "dit_repa": {"n": 4}}
+    assert set(saved["results"]) == {"dit_full", "dit_patch", "dit_repa"}
+    assert saved["args_by_arm"] == {"dit_full": {"arms": "dit_repa"}, "dit_patch": {"arms": "dit_full,dit_patch"},
+                                    "dit_repa": {"arms": "dit_repa"}}
