@@ -114,7 +114,7 @@ class ModelConfig:
     latent_size: side R of the FULL latent (fixes DiT's position scale and the U-Net's attention levels).
     dropout: None keeps the preset's value.
     Overrides (None keeps the preset's value); DiT: hidden, depth, heads, patch, mlp_ratio,
-    route_ratio, route_start, route_end; U-Net: channels, channel_mult, num_blocks,
+    route_ratio, route_start, route_end, pos, mlp, norm, qk_norm, coord_channels; U-Net: channels, channel_mult, num_blocks,
     attn_resolutions, head_channels.
     """
 
@@ -140,6 +140,15 @@ class ModelConfig:
     route_ratio: float | None = None
     route_start: int | None = None
     route_end: int | None = None
+    # DiT block (issue 29; None keeps the preset's: the 2022 block, or the 2025 one for DiT-*-2025):
+    # pos "sincos" | "rope" (2-D axial rotary positions of each token's absolute latent cell),
+    # mlp "gelu" | "swiglu", norm "layer" | "rms", qk_norm, coord_channels (false: the coordinates
+    # only set the positions and do not enter the patch embedding)
+    pos: Literal["sincos", "rope"] | None = None
+    mlp: Literal["gelu", "swiglu"] | None = None
+    norm: Literal["layer", "rms"] | None = None
+    qk_norm: bool | None = None
+    coord_channels: bool | None = None
 
 
 @dataclass

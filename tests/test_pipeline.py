@@ -244,13 +244,15 @@ def test_sampler_recommendation_is_stored_and_the_call_overrides_it(exported, tm
         LatentPatchPipeline(denoiser=pipe.denoiser, vae=pipe.vae, sampler={"guidance": 2})
 
 
-def test_dit_pipeline_round_trips_and_resaves_after_a_call(tiny_vae_dir, tmp_path, one_thread_per_module):
+@pytest.mark.parametrize("preset", ["DiT-T/2", "DiT-T/2-2025"])
+def test_dit_pipeline_round_trips_and_resaves_after_a_call(tiny_vae_dir, tmp_path, one_thread_per_module, preset):
     """A DiT denoiser (non-persistent position buffer, built empty by from_pretrained) survives
-    save / load with the same images; a pipeline that has run (its VAE channels_last) saves again."""
+    save / load with the same images; a pipeline that has run (its VAE channels_last) saves again.
+    The 2025 block (issue 29: RoPE frequencies in that buffer, SwiGLU, RMSNorm, QK-norm) too."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    den = LatentPatchDenoiser(model={"preset": "DiT-T/2", "latent_channels": 4, "latent_size": 8, "num_classes": 3},
+    den = LatentPatchDenoiser(model={"preset": preset, "latent_channels": 4, "latent_size": 8, "num_classes": 3},
                               sigma_data=0.5, scaling_factor=0.5)
     den.load_state_dict(_perturbed(den, 3))
     pipe = LatentPatchPipeline(denoiser=den.eval(), vae=AutoencoderKL.from_pretrained(tiny_vae_dir), class_names=["a", "b", "c"])

@@ -590,15 +590,18 @@ def test_dit_training_crops_on_the_token_grid(shards, tmp_path, monkeypatch):
         assert steps and set(steps) == {want}, config_name
 
 
-def test_routed_training_resumes_exactly(shards, tmp_path):
+@pytest.mark.parametrize("block", [[], ["model.pos=rope", "model.mlp=swiglu", "model.norm=rms", "model.qk_norm=true"]],
+                         ids=["2022", "2025"])
+def test_routed_training_resumes_exactly(shards, tmp_path, block):
     """model.route_ratio draws its routes from the step's generator: an interrupted and resumed
-    run logs the same losses as an uninterrupted one, and routing does change the training."""
-    route = ["model.depth=4", "model.route_ratio=0.5", "model.route_start=1", "model.route_end=2"]
+    run logs the same losses as an uninterrupted one, and routing does change the training; with
+    the 2025 block (issue 29) too."""
+    route = ["model.depth=4", "model.route_ratio=0.5", "model.route_start=1", "model.route_end=2", *block]
     every = ["run.log_every_patches=1", "run.ckpt_every_patches=160"]
     train(tiny_cfg(shards, tmp_path / "whole", *route, *every, "run.total_patches=320"))
     train(tiny_cfg(shards, tmp_path / "split", *route, *every, "run.total_patches=160"))
     train(tiny_cfg(shards, tmp_path / "split", *route, *every, "run.total_patches=320"), "auto")
-    train(tiny_cfg(shards, tmp_path / "plain", "model.depth=4", *every, "run.total_patches=320"))
+    train(tiny_cfg(shards, tmp_path / "plain", "model.depth=4", *block, *every, "run.total_patches=320"))
     whole, split, plain = metrics(tmp_path / "whole"), metrics(tmp_path / "split"), metrics(tmp_path / "plain")
     assert sorted(whole) == sorted(split) and len(whole) > 10
     assert all(whole[s]["loss"] == split[s]["loss"] for s in whole)

@@ -38,6 +38,7 @@ _OVERRIDES: dict[str, dict[str, str]] = {
     "dit": {
         "hidden": "hidden_size", "depth": "depth", "heads": "num_heads", "patch": "patch_size", "mlp_ratio": "mlp_ratio",
         "route_ratio": "route_ratio", "route_start": "route_start", "route_end": "route_end",
+        "pos": "pos", "mlp": "mlp", "norm": "norm", "qk_norm": "qk_norm", "coord_channels": "coord_channels",
     },
     "unet": {k: k for k in ("channels", "channel_mult", "num_blocks", "attn_resolutions", "head_channels")},
 }
@@ -58,13 +59,16 @@ def _build_dit(in_channels: int, out_channels: int, latent_size: int, num_classe
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {"dit": _build_dit, "unet": build_adm_unet}
 
-# DiT sizes (Peebles & Xie 2023, Table 1) plus a tiny one for CPU tests, each at patchify 2, 4, 8.
+# DiT sizes (Peebles & Xie 2023, Table 1) plus a tiny one for CPU tests, each at patchify 2, 4, 8;
+# "-2025": the same sizes with LightningDiT's block (Yao et al. 2025, Table 1: SwiGLU, RMSNorm,
+# RoPE, QK-norm); the coordinate channels stay on (model.coord_channels=false takes them off).
 _DIT_SIZES = {"T": (64, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+BLOCK_2025 = {"pos": "rope", "mlp": "swiglu", "norm": "rms", "qk_norm": True}
 for _size, (_hidden, _depth, _heads) in _DIT_SIZES.items():
     for _p in (2, 4, 8):
-        register_preset(
-            f"DiT-{_size}/{_p}", "dit", hidden_size=_hidden, depth=_depth, num_heads=_heads, patch_size=_p, dropout=0.0
-        )
+        _dims = dict(hidden_size=_hidden, depth=_depth, num_heads=_heads, patch_size=_p, dropout=0.0)
+        register_preset(f"DiT-{_size}/{_p}", "dit", **_dims)
+        register_preset(f"DiT-{_size}/{_p}-2025", "dit", **_dims, **BLOCK_2025)
 
 # The authors' ImageNet-256 latent network (method.md) and a tiny one of the same shape for CPU tests.
 register_preset(

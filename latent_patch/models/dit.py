@@ -11,9 +11,17 @@ Differences from the original DiT, all for Patch Diffusion:
 - Time is EDM's c_noise = ln(sigma) / 4 (see ``time_scale``), the class table has a null row.
 - Optional token routing in training (TREAD, Krause et al. 2025): ``route_ratio`` of each
   sample's tokens skip blocks ``route_start..route_end`` and rejoin unchanged (see ``forward``).
+- The 2025 block (LightningDiT, Yao et al. 2025, Table 1), each part its own option, defaults
+  the 2022 block: ``pos="rope"`` (2-D axial rotary positions of each token's absolute cell on the
+  full latent, read from the coordinate channels like the sin-cos ones, so a crop's tokens rotate
+  exactly as the full latent's at the same cells), ``mlp="swiglu"``, ``norm="rms"`` and
+  ``qk_norm``; ``coord_channels=False`` keeps the coordinates out of the patch embedding (they
+  still set the positions).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -22,7 +30,13 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from timm.layers import Attention, Mlp
+from timm.layers import Attention as TimmAttention
+from timm.layers import GluMlp, Mlp
+
+POS = ("sincos", "rope")
+MLPS = ("gelu", "swiglu")
+NORMS = ("layer", "rms")
+ROPE_THETA = 10000.0  # LightningDiT's (from EVA): periods 2*pi .. 2*pi*10^4 token spacings
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -46,29 +60,86 @@ def _gelu_tanh() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
-class DiTBlock(nn.Module):
-    """Pre-norm transformer block whose norms are modulated (shift, scale, gate) by the condition."""
+def swiglu_hidden(hidden: int, mlp_ratio: float) -> int:
+    """SwiGLU's inner width: 2/3 of the GELU MLP's, rounded to a multiple of 8, so its three
+    matrices hold about the parameters (and FLOPs) of the GELU MLP's two (3072 for DiT-XL's 1152)."""
+    return max(8, 8 * round(2 / 3 * mlp_ratio * hidden / 8))
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+
+def token_norm(kind: str, dim: int, affine: bool, **factory: object) -> nn.Module:
+    """LayerNorm or RMSNorm over the last dim. The block's norms are not affine (adaLN scales them,
+    as DiT's LayerNorms); the q/k norms are (per head dim, as timm and LightningDiT). ``factory``:
+    the device/dtype keywords timm passes to a norm layer."""
+    if kind == "rms":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=affine, **factory)
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine, **factory)
+
+
+def rope_frequencies(head_dim: int) -> torch.Tensor:
+    """The head_dim/4 angular frequencies of each axis of 2-D axial RoPE (EVA's and LightningDiT's)."""
+    n = head_dim // 4
+    return ROPE_THETA ** (-torch.arange(n, dtype=torch.float32) / n)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate query or key heads x (B, H, T, d) by per-token angles: rope = (cos, sin), each
+    (B, 1, T, d/2). Dims i and i + d/2 form a pair; the first d/4 pairs turn with the token's row,
+    the last d/4 with its column. In float32 (angles of a 16x16 grid need more than bf16's 8 bits)."""
+    cos, sin = rope
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+
+
+class Attention(TimmAttention):
+    """timm's attention (same parameters and state-dict keys), with rotary positions applied to
+    q and k after their norms when ``rope`` is given; without it, timm's forward unchanged."""
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if rope is None:
+            return super().forward(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # norms and rotation in float32 (bf16 q, k under autocast), the attention in their dtype
+        q, k = (rotate(norm(a.float()), rope).to(a.dtype) for norm, a in ((self.q_norm, q), (self.k_norm, k)))
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = getattr(self, "norm", nn.Identity())(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj_drop(self.proj(x))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose norms are modulated (shift, scale, gate) by the condition.
+
+    ``mlp``: "gelu" (DiT's 4x GELU-tanh MLP) or "swiglu" (one fused input matrix to 2 x
+    ``swiglu_hidden``, SiLU gate); ``norm``: "layer" or "rms" for the block norms and, with
+    ``qk_norm``, for the per-head q/k norms."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, dropout: float, mlp: str = "gelu",
+                 norm: str = "layer", qk_norm: bool = False) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, num_heads=heads, qkv_bias=True, proj_drop=dropout)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden, int(hidden * mlp_ratio), act_layer=_gelu_tanh, drop=dropout)
+        self.norm1 = token_norm(norm, hidden, affine=False)
+        self.attn = Attention(hidden, num_heads=heads, qkv_bias=True, proj_drop=dropout, qk_norm=qk_norm,
+                              norm_layer=partial(token_norm, norm, affine=True))
+        self.norm2 = token_norm(norm, hidden, affine=False)
+        if mlp == "swiglu":
+            self.mlp = GluMlp(hidden, 2 * swiglu_hidden(hidden, mlp_ratio), act_layer=nn.SiLU, gate_last=False,
+                              drop=dropout)
+        else:
+            self.mlp = Mlp(hidden, int(hidden * mlp_ratio), act_layer=_gelu_tanh, drop=dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1))
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
 class FinalLayer(nn.Module):
     """Modulated norm + linear to p*p*C values per token (unpatchified by the model)."""
 
-    def __init__(self, hidden: int, patch: int, out_channels: int) -> None:
+    def __init__(self, hidden: int, patch: int, out_channels: int, norm: str = "layer") -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm = token_norm(norm, hidden, affine=False)
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
@@ -87,7 +158,12 @@ class DiT(ModelMixin, ConfigMixin):
 
     ``latent_size`` is the side R of the FULL latent the coordinates refer to; it fixes the scale
     of the position embedding (one token spacing of the full grid = one radian at the highest
-    frequency, exactly DiT's integer token grid), not the input size.
+    frequency, exactly DiT's integer token grid), not the input size. With ``pos="rope"`` the same
+    token-grid positions (row, column) turn each head's queries and keys instead: attention then
+    sees where tokens lie relative to each other, and the coordinate channels (unless
+    ``coord_channels=False``) where they lie in the latent.
+    ``in_channels`` counts the two coordinate channels, which every model is given
+    (``edm.Precond``); ``coord_channels=False`` embeds only the first ``in_channels - 2``.
     ``time_scale`` multiplies c_noise = ln(sigma)/4 before DiT's sinusoidal embedding (periods up
     to 10^4): c_noise spans about [-1.6, 1.1] over sigma in [0.002, 80], so x1000 spreads it over
     a range like DiT's integer timesteps (0..999), and the embedding's frequencies cover both the
@@ -114,23 +190,32 @@ class DiT(ModelMixin, ConfigMixin):
         route_ratio: float = 0.0,
         route_start: int | None = None,
         route_end: int | None = None,
+        pos: str = "sincos",
+        mlp: str = "gelu",
+        norm: str = "layer",
+        qk_norm: bool = False,
+        coord_channels: bool = True,
     ) -> None:
         super().__init__()
         if hidden_size % 4 or hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 and by num_heads {num_heads}")
         check_route(route_ratio, route_start, route_end, depth)
+        check_block(pos, mlp, norm, hidden_size // num_heads)
         self.patch_size = patch_size
         self.out_channels = out_channels
         self.pos_scale = (latent_size - 1) / (2 * patch_size)  # [-1, 1] -> full-latent token units
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        embedded = in_channels if coord_channels else in_channels - 2
+        self.x_embedder = nn.Conv2d(embedded, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_proj = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=time_scale)
         self.t_embedder = TimestepEmbedding(freq_dim, hidden_size)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # row num_classes = null class
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout, mlp, norm, qk_norm)
+                                    for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm)
         self.gradient_checkpointing = False
-        # made once (moves with the model), not at every step; not saved: a function of hidden_size
-        self.register_buffer("pos_freq", frequencies(hidden_size // 2), persistent=False)
+        # made once (moves with the model), not at every step; not saved: a function of the widths
+        freq = frequencies(hidden_size // 2) if pos == "sincos" else rope_frequencies(hidden_size // num_heads)
+        self.register_buffer("pos_freq", freq, persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -167,10 +252,21 @@ class DiT(ModelMixin, ConfigMixin):
         First half of D encodes x, second half y (as DiT). Computed from the coordinate channels,
         so it only depends on where the token lies in the full latent.
         """
-        p, D = self.patch_size, self.config.hidden_size
-        centre = F.avg_pool2d(coords.float(), p)  # (B, 2, h, w), token-cell means
-        u = ((centre + 1) * self.pos_scale).flatten(2)  # (B, 2, T) in full-latent token units
+        D = self.config.hidden_size
+        u = self.token_positions(coords)
         return torch.cat([sincos(u[:, 0], D // 2, self.pos_freq), sincos(u[:, 1], D // 2, self.pos_freq)], dim=-1)
+
+    def token_positions(self, coords: torch.Tensor) -> torch.Tensor:
+        """(B, 2, T) float32 (x, y) of each token in full-latent token units: the mean coordinate of
+        its p x p cell, so a crop's token and the full latent's token at the same cells agree."""
+        return ((F.avg_pool2d(coords.float(), self.patch_size) + 1) * self.pos_scale).flatten(2)
+
+    def rope(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B, 1, T, head_dim/2) float32: the rotary angles of each token, its row
+        times the first head_dim/4 frequencies, then its column times the same (``rotate``)."""
+        u = self.token_positions(coords)
+        angle = torch.cat([u[:, 1, :, None] * self.pos_freq, u[:, 0, :, None] * self.pos_freq], dim=-1)[:, None]
+        return angle.cos(), angle.sin()
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w, p*p*C) -> (B, C, h*p, w*p)."""
@@ -198,24 +294,31 @@ class DiT(ModelMixin, ConfigMixin):
         # weights' dtype, fp32 under autocast, which runs only the matmuls in bf16: a bf16 stream
         # loses every block update under 1/256 of the residual (DiT and TREAD keep it fp32 too)
         dtype = self.x_embedder.weight.dtype
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2).to(dtype)  # (B, T, D)
-        tokens = tokens + self.pos_embed(x[:, -2:]).to(dtype)
+        cfg, kept, aligned, coords = self.config, None, None, x[:, -2:]
+        tokens = self.x_embedder(x if cfg.coord_channels else x[:, :-2]).flatten(2).transpose(1, 2).to(dtype)
+        rope = all_rope = self.rope(coords) if cfg.pos == "rope" else None
+        if rope is None:
+            tokens = tokens + self.pos_embed(coords).to(dtype)
         t = self.t_proj(c_noise.reshape(-1).expand(B)).to(dtype)
         c = (self.t_embedder(t) + self.y_embedder(class_labels)).to(dtype)
-        cfg, kept, aligned = self.config, None, None
         for i, block in enumerate(self.blocks):
             if route is not None and i == cfg.route_start:
                 kept = route[:, :routed_keep(tokens.shape[1], cfg.route_ratio)]
                 keep = kept[..., None].expand(-1, -1, tokens.shape[2])
                 skipped, tokens = tokens, tokens.gather(1, keep)
+                if rope is not None:  # the kept tokens keep their own positions
+                    at = kept[:, None, :, None].expand(-1, 1, -1, rope[0].shape[-1])
+                    rope = (all_rope[0].gather(2, at), all_rope[1].gather(2, at))
+            args = (tokens, c) if rope is None else (tokens, c, rope)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, use_reentrant=False)
+                tokens = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
-                tokens = block(tokens, c)
+                tokens = block(*args)
             if i + 1 == align_block:  # before a rejoin: only tokens that went through block i count
                 aligned = (tokens, kept if route is not None and cfg.route_start <= i <= cfg.route_end else None)
             if route is not None and i == cfg.route_end:
                 tokens = skipped.scatter(1, keep, tokens)
+                rope = all_rope
         out = self.unpatchify(self.final_layer(tokens, c), H // p, W // p)
         return out if align_block is None else (out, *aligned)
 
@@ -227,6 +330,16 @@ def check_route(ratio: float, start: int | None, end: int | None, depth: int) ->
     if ratio > 0 and (start is None or end is None or not 0 <= start <= end < depth):
         raise ValueError(f"model.route_ratio={ratio} needs 0 <= model.route_start <= model.route_end < depth {depth} "
                          f"(the first and last block the kept tokens go through alone); got {start}, {end}")
+
+
+def check_block(pos: str, mlp: str, norm: str, head_dim: int) -> None:
+    """Refuse block options that do not exist or cannot work, naming the config key."""
+    for key, value, known in (("pos", pos, POS), ("mlp", mlp, MLPS), ("norm", norm, NORMS)):
+        if value not in known:
+            raise ValueError(f"model.{key}={value!r} is unknown (known: {', '.join(known)})")
+    if pos == "rope" and head_dim % 4:
+        raise ValueError(f"model.pos=rope needs a head dim divisible by 4 (half per axis, in pairs); "
+                         f"hidden / heads = {head_dim}")
 
 
 def routed_keep(tokens: int, ratio: float) -> int:
