@@ -11,6 +11,12 @@ a step at side s costs m (s/R)^2 = s/R of a full step and yields m = R/s times t
     python benchmarks/bench_train.py --quick     # < 60 s on a 2-core CPU, smaller DiT
     python benchmarks/bench_train.py             # DiT-S/2 on 4 x 32 x 32 latents
     python benchmarks/bench_train.py --flops     # FLOP counts and an H100 step-time estimate
+    python benchmarks/bench_train.py --block 2025 [--quick]   # the 2025 block vs today's, per FLOP
+
+``--block 2025`` (issue 29) times the same preset with today's block and with the 2025 block
+(``models.BLOCK_2025``), steps interleaved ABBA on the same draws of the schedule, and reports each
+one's training FLOP rate (patches/s x 3 x forward FLOPs per patch, summed over the sides drawn)
+and their ratio, ``block_flop_rate_ratio`` (new / old; target >= 0.9 on the CPU, 0.95 on a GPU).
 
 The last line printed is one JSON object.
 """
@@ -77,13 +83,14 @@ def synthetic_loader(n: int, C: int, R: int, num_classes: int, batch: int) -> Me
     return MemoryLoader(info, lat, labels, batch, seed=0)
 
 
-def bench_config(args: argparse.Namespace) -> TrainConfig:
+def bench_config(args: argparse.Namespace, block: dict | None = None) -> TrainConfig:
     overrides = [
         f"model.preset={args.model}", f"model.latent_size={args.latent}", "model.latent_channels=4",
         "model.num_classes=1000", f"data.batch_size={args.batch}", f"optim.batch_size_global={args.batch}",
         "run.tensorboard=false", f"run.mixed_precision={args.precision}", "run.out_dir=/tmp/bench_train_unused",
     ]
     overrides += [f"model.{k}={v}" for k, v in (("hidden", args.hidden), ("depth", args.depth), ("heads", args.heads)) if v]
+    overrides += [f"model.{k}={str(v).lower()}" for k, v in (block or {}).items()]
     return config.load(TrainConfig, None, overrides)
 
 
@@ -180,6 +187,50 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_block_compare(args: argparse.Namespace) -> dict:
+    """Today's block vs the 2025 block at equal work: the FLOP rate of each (issue 29's target)."""
+    from latent_patch.models import BLOCK_2025
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    blocks = {"2022": {}, "2025": BLOCK_2025}
+    cfgs = {name: bench_config(args, block) for name, block in blocks.items()}
+    acc = build_accelerator(cfgs["2022"], with_trackers=False)
+    C, R, B = 4, args.latent, args.batch
+    loader = synthetic_loader(args.samples, C, R, 1000, B)
+    trainers = {name: build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae) for name, cfg in cfgs.items()}
+    schedule = PatchSchedule(PatchConfig(sizes=[0.5, 1.0], probs=[0.5, 0.5]), R)
+    gen = torch.Generator().manual_seed(args.seed)
+    draws = [schedule.sample(gen) for _ in range(args.steps)]
+    flops = {name: {s: 3 * forward_flops(cfg.model, s) for s in schedule.sizes} for name, cfg in cfgs.items()}
+
+    def plan(s: int, m: int) -> StepPlan:
+        return StepPlan(size=s, mult=m, patches=B * m, full_equiv=B * m * (s / R) ** 2)
+
+    for _ in range(args.warmup):
+        for trainer in trainers.values():
+            for s, m in zip(schedule.sizes, schedule.multipliers):
+                timed_step(trainer, plan(s, m))
+    seconds = dict.fromkeys(blocks, 0.0)
+    work = dict.fromkeys(blocks, 0.0)
+    for i, (s, m) in enumerate(draws):
+        order = list(blocks) if i % 2 == 0 else list(blocks)[::-1]  # ABBA: neither always runs first
+        for name in order:
+            seconds[name] += timed_step(trainers[name], plan(s, m))
+            work[name] += flops[name][s] * B * m
+    rates = {name: work[name] / seconds[name] for name in blocks}
+    params = {name: sum(p.numel() for p in t.net.parameters()) / 1e6 for name, t in trainers.items()}
+    return {
+        "model": cfgs["2022"].model.preset, "hidden": args.hidden, "depth": args.depth, "latent": [C, R, R],
+        "batch": B, "steps": len(draws), "device": str(acc.device), "precision": args.precision,
+        "threads": torch.get_num_threads(), "block_2025": BLOCK_2025, "params_m": params,
+        "train_gflops_per_patch": {n: {str(s): f / 1e9 for s, f in v.items()} for n, v in flops.items()},
+        "patches_s": {n: sum(B * m for _, m in draws) / seconds[n] for n in blocks},
+        "train_gflop_s": {n: r / 1e9 for n, r in rates.items()},
+        "block_flop_rate_ratio": rates["2025"] / rates["2022"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller DiT and fewer steps: < 60 s on a 2-core CPU")
@@ -196,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 keeps the default)")
     p.add_argument("--precision", default=None, choices=["no", "bf16", "fp16"])
+    p.add_argument("--block", choices=["2025"], default=None,
+                   help="compare today's DiT block with the 2025 one (FLOP rate of each, same draws)")
     args = p.parse_args(argv)
     if args.flops:
         out = {"estimates": [h100_estimate(name) for name in ("DiT-XL/2", "DiT-B/2", "adm-imagenet256")],
@@ -221,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = args.steps or (50 if cuda else 16)
         args.threads = args.threads or (0 if cuda else 1)
     t0 = time.perf_counter()
+    if args.block:
+        result = run_block_compare(args)
+        result["wall_s"] = time.perf_counter() - t0
+        print(f"2022 block: {result['train_gflop_s']['2022']:.2f} GFLOP/s ({result['patches_s']['2022']:.1f} patches/s) | "
+              f"2025 block: {result['train_gflop_s']['2025']:.2f} GFLOP/s ({result['patches_s']['2025']:.1f} patches/s) | "
+              f"FLOP-rate ratio {result['block_flop_rate_ratio']:.3f}")
+        print(json.dumps(result))
+        return 0
     result = run(args)
     result["wall_s"] = time.perf_counter() - t0
     at_probs, gap = result["ratio_at_schedule_probs"], result["same_work_gap"]

@@ -80,6 +80,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("benchmarks/bench_encode.py"),
     Bench("benchmarks/bench_encode.py", ("--quick", "--repr", "demo"), label="bench_encode_repr"),
     Bench("benchmarks/bench_train.py"),
+    Bench("benchmarks/bench_train.py", ("--quick", "--block", "2025"), label="bench_train_block"),
     Bench("benchmarks/bench_sample.py"),
     Bench("benchmarks/bench_faults.py"),
     Bench("benchmarks/bench_cpu_layout.py"),
@@ -103,6 +104,9 @@ TARGETS: tuple[Target, ...] = (
     Target("train.ratio", "bench_train.py", "ratio", ">=", 1.9, "",
            f"BENCHMARKS.md (Training): patch/full samples/s, 1.9 quick / 2.0 full; {A16}/03-bench-train",
            proxy="quick DiT (hidden 192, depth 4); the full-size target is 2.0"),
+    Target("train.block_flop_rate_ratio", "bench_train_block", "block_flop_rate_ratio", ">=", 0.9, "",
+           "issue 29: the 2025 DiT block trains at >= 0.9 of today's block's FLOP rate on the CPU "
+           "(0.95 on a GPU)", proxy="quick DiT (hidden 192, depth 4), 12 interleaved steps each"),
     Target("sample.ratio", "bench_sample.py", "ratio", ">=", 0.85, "",
            f"BENCHMARKS.md (Sampling): end to end / model-forward bound; {A16}/04-bench-sample"),
     Target("faults.samples_lost", "bench_faults.py", "samples_lost", "==", 0, "",

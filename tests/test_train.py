@@ -417,6 +417,17 @@ def test_bench_train_smoke(capsys):
     assert out["steps"] == 2 and sum(out["drawn_mix"].values()) == 2
 
 
+def test_bench_train_block_compares_two_different_blocks_on_the_same_draws(capsys):
+    """--block 2025 (issue 29): both blocks train on the same sides; the new one has its q/k norms."""
+    args = ["--quick", "--block", "2025", "--steps", "2", "--warmup", "1", "--batch", "2", "--hidden", "64",
+            "--depth", "1", "--heads", "2", "--latent", "8", "--samples", "32"]
+    assert _bench().main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["params_m"]["2025"] != out["params_m"]["2022"]  # q/k norm weights, SwiGLU's rounding
+    assert out["block_flop_rate_ratio"] == pytest.approx(out["train_gflop_s"]["2025"] / out["train_gflop_s"]["2022"])
+    assert set(out["train_gflops_per_patch"]["2025"]) == {"4", "8"}
+
+
 def test_logs_are_trimmed_to_the_resumed_checkpoint(tmp_path):
     from latent_patch.monitor import trim_log
 
