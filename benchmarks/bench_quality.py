@@ -74,6 +74,10 @@ ROUTE = ["model.route_ratio=0.5", "model.route_start=1", "model.route_end=4"]
 ROUTE_AFTER = ["model.route_ratio=0.5", "model.route_start=2", "model.route_end=4"]  # after the aligned block
 # REPA's weight; block 2 of 6 (REPA: 8 of 28); projector width 2 x hidden (REPA: 2048 for 1152)
 REPA = ["repa.weight=0.5", "repa.block=2", "repa.proj_hidden=384"]
+# issue 29: the 2025 block (models.BLOCK_2025) on the same DiT dims; its SwiGLU at width 192 is
+# 512 wide, so the block's counted FLOPs equal the 2022 block's and the budgets are the same
+BLOCK_2025 = ["model.pos=rope", "model.mlp=swiglu", "model.norm=rms", "model.qk_norm=true"]
+NO_COORDS = ["model.coord_channels=false"]  # RoPE only: the coordinates set positions, not inputs
 ARMS: dict[str, tuple[str, list[str]]] = {
     "unet_full": ("unet", UNET + FULL),
     "unet_patch": ("unet", UNET + PATCH),
@@ -87,11 +91,18 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "dit_patch_route_repa": ("dit", DIT + PATCH + ROUTE + REPA),
     "dit_patch_route_after_repa": ("dit", DIT + PATCH + ROUTE_AFTER + REPA),
     "dit_patch_repa_k64": ("dit", DIT + PATCH + REPA),
+    "dit2025_full": ("dit", DIT + BLOCK_2025 + FULL),
+    "dit2025_patch": ("dit", DIT + BLOCK_2025 + PATCH),
+    "dit2025_patch_nocoord": ("dit", DIT + BLOCK_2025 + NO_COORDS + PATCH),
+    "dit2025_patch_route": ("dit", DIT + BLOCK_2025 + PATCH + ROUTE),
+    "dit2025_patch_route_repa": ("dit", DIT + BLOCK_2025 + PATCH + ROUTE + REPA),
 }
 FEATURES: dict[str, int] = {"dit_repa": 0, "dit_patch_repa": 0, "dit_patch_route_repa": 0,
-                            "dit_patch_route_after_repa": 0, "dit_patch_repa_k64": 64}
+                            "dit_patch_route_after_repa": 0, "dit_patch_repa_k64": 64, "dit2025_patch_route_repa": 0}
 """The arms that align, and the stored grid's dims they align to (0: the encoder's own)."""
-QUICK_ARMS = [a for a in ARMS if a not in FEATURES] + ["dit_patch_repa"]  # the smoke run's default
+# the smoke run's default: the issue-12 arms, one aligning arm, one arm of the 2025 block
+QUICK_ARMS = [a for a in ARMS if a not in FEATURES and not a.startswith("dit2025")] + ["dit_patch_repa",
+                                                                                      "dit2025_patch_route"]
 # Budgets in full-latent training equivalents of each family (x 3 x forward FLOPs of one full
 # latent): about 8 minutes of training per run on the 2-core machine, so 14 runs and their
 # evaluations fit in about 3 hours. The DiT trains about twice as many latents per second.
@@ -233,6 +244,14 @@ def budget_flops(family: str, cfg, scale: float) -> float:
     return BUDGET_FULL_EQUIV[family] * scale * 3 * forward_flops(cfg.model)
 
 
+def arm_budget(arm: str, seed: int, run_dir: Path, shards: Path, args) -> float:
+    """The arm's training FLOPs: its family's full arm's budget, so every arm of a family gets the
+    same compute whatever its own model costs per latent (an arm without coordinate channels
+    embeds 4 channels, not 6)."""
+    family = ARMS[arm][0]
+    return budget_flops(family, arm_config(f"{family}_full", seed, run_dir, shards, args), args.budget_scale)
+
+
 def evaluate(run_dir: Path, ref, codec, args) -> dict:
     """FD and class accuracy of the latest checkpoint's EMA weights (same indices and noise each time)."""
     from latent_patch.config import SamplerConfig
@@ -262,8 +281,7 @@ def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, co
     points_file = results / arm / f"seed-{seed}" / "points.json"
     shards = arm_shards(arm, out, shards, args)
     points = fsutil.read_json(points_file) if points_file.is_file() else []
-    cfg = arm_config(arm, seed, folder / "run", shards, args)
-    budget = budget_flops(ARMS[arm][0], cfg, args.budget_scale)
+    budget = arm_budget(arm, seed, folder / "run", shards, args)
     if points and abs(points[0]["budget_flops"] - budget) > 1e-6 * budget:
         raise SystemExit(f"{points_file}: its points were trained to a budget of {points[0]['budget_flops']:.6g} FLOPs, "
                          f"this run's is {budget:.6g} (another --budget-scale or model?); use another --results/--out")

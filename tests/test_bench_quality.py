@@ -240,3 +240,25 @@ def test_a_report_on_some_arms_keeps_the_other_arms_in_summary_json(tmp_path):
     assert set(saved["results"]) == {"dit_full", "dit_patch", "dit_repa"}
     assert saved["args_by_arm"] == {"dit_full": {"arms": "dit_repa"}, "dit_patch": {"arms": "dit_full,dit_patch"},
                                     "dit_repa": {"arms": "dit_repa"}}
+
+
+def test_the_2025_block_arms_get_the_dit_full_arms_budget(tmp_path):
+    """Issue 29: the new block's arms are DiT-family arms measured against today's dit_full, on
+    its budget, even where their own model costs less per latent (no coordinate channels)."""
+    import argparse
+
+    from latent_patch.models import forward_flops
+
+    bq = _bench()
+    args = argparse.Namespace(config=str(ROOT / "configs" / "demo.yaml"), family_overrides={}, overrides=[],
+                              budget_scale=1.0)
+    arms = [a for a in bq.ARMS if a.startswith("dit2025")]
+    assert {"dit2025_full", "dit2025_patch", "dit2025_patch_route"} <= set(arms)
+    full = bq.arm_budget("dit_full", 0, tmp_path, tmp_path, args)
+    for arm in arms:
+        assert bq.ARMS[arm][0] == "dit" and bq.arm_budget(arm, 0, tmp_path, tmp_path, args) == full
+    own = bq.budget_flops("dit", bq.arm_config("dit2025_patch_nocoord", 0, tmp_path, tmp_path, args), 1.0)
+    assert own < full  # its own model embeds fewer channels: the arm's budget is not its own cost
+    cfg = bq.arm_config("dit2025_patch", 0, tmp_path, tmp_path, args)
+    assert (cfg.model.pos, cfg.model.mlp, cfg.model.norm, cfg.model.qk_norm) == ("rope", "swiglu", "rms", True)
+    assert forward_flops(cfg.model) == forward_flops(bq.arm_config("dit_full", 0, tmp_path, tmp_path, args).model)

@@ -44,16 +44,22 @@ $PY benchmarks/bench_quality.py "${LONG[@]}" --report
 # issue 28: the representation-alignment arms (settings in BENCHMARKS.md, fixed before they ran),
 # on 10,000 images against the dit_full points above, then on 1,000 images at 4x. Two workers
 # side by side on the same list, as the 8x stage: each arm-seed is trained by one of them.
-repa_stage() {
-    local pids=() worker
+two_workers() {  # LOG_NAME ARGS...: bench_out/LOG_NAME-worker{0,1}.log
+    local pids=() worker name=$1
+    shift
     for worker in 0 1; do
-        OMP_NUM_THREADS=1 $PY benchmarks/bench_quality.py "$@" > "bench_out/quality-repa-worker$worker.log" 2>&1 &
+        OMP_NUM_THREADS=1 $PY benchmarks/bench_quality.py "$@" > "bench_out/$name-worker$worker.log" 2>&1 &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
     $PY benchmarks/bench_quality.py "$@" --report
 }
-repa_stage --arms dit_patch_route_repa,dit_patch_repa,dit_repa,dit_patch_route_after_repa,dit_patch_repa_k64 \
+two_workers quality-repa --arms dit_patch_route_repa,dit_patch_repa,dit_repa,dit_patch_route_after_repa,dit_patch_repa_k64 \
     --plot docs/figures/quality_vs_compute_repa.png
-repa_stage --train-fraction 0.1 --budget-scale 4 --arms dit_patch_route_repa,dit_patch_repa,dit_repa \
+two_workers quality-repa-1000 --train-fraction 0.1 --budget-scale 4 --arms dit_patch_route_repa,dit_patch_repa,dit_repa \
     --plot docs/figures/quality_vs_compute_repa_1000.png
+
+# issue 29: the 2025 DiT block's arms (settings in BENCHMARKS.md, fixed before they ran), on
+# 10,000 images against the dit_full points, two workers as above
+two_workers quality-dit2025 --arms dit2025_full,dit2025_patch,dit2025_patch_route,dit2025_patch_nocoord,dit2025_patch_route_repa \
+    --plot docs/figures/quality_vs_compute_dit2025.png
