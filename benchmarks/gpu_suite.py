@@ -2,9 +2,9 @@
 
 GPU time is rented and scarce, so one process runs every stage back to back within a time budget
 (420 s from the start of the process on a GPU, ``--budget-s``: an optional stage is skipped when
-less than its estimate is left (train_XL2_repa 60 s, encode_repr 40 s, sample_compiled 120 s,
-train_XL2_compiled 240 s, run in that order after the others) and a stage that overruns is cut
-when it runs short) and prints each stage's JSON line as soon as it is done; a stage that fails
+less than its estimate is left (train_XL2_repa 60 s, encode_repr 40 s, train_XL2_2025 60 s,
+sample_compiled 120 s, train_XL2_compiled 240 s, run in that order after the others) and a stage
+that overruns is cut when it runs short) and prints each stage's JSON line as soon as it is done; a stage that fails
 prints its line with an "error" field and the others still run (exit status 1 at the end).
 
   peak        the device's own peak: a large matmul (bf16 8192^3 on a GPU), TFLOP/s. Every later
@@ -34,12 +34,19 @@ prints its line with an "error" field and the others still run (exit status 1 at
               img/s beside the SD-VAE encoder's on the same batches (``ratio`` = repr / VAE); then,
               if the budget allows, the encoding job with ``--repr`` on that encoder saved as a
               folder, against the job without it (the encode stage's figure).
+  train_XL2_2025 (optional) issue 29's GPU target: DiT-XL/2's training step (as train_*, eager)
+              with today's block and with the 2025 block (preset DiT-XL/2-2025: models.BLOCK_2025,
+              RoPE, SwiGLU, RMSNorm, QK-norm), both trainers in the same stage, their full and
+              patch steps interleaved ABBA on the same data: each block's training FLOP rate
+              (patches/s x 3 x forward FLOPs a patch, ``train_gflop_s``) and
+              ``block_flop_rate_ratio`` = 2025 / 2022 on the {16: 0.5, 32: 0.5} mix (target
+              >= 0.95; per kind too), figure names as ``bench_train.py --block 2025``.
 
 --dry runs every stage at tiny sizes on the CPU (under 5 minutes on 2 cores: the CI check; the
-REPA stages there: DiT-T/2 with 4x4x32 grids, a 2-block ViT of the same timm class at 32 px);
---quick is --dry with the compiled stages skipped (under a minute). The last line printed is one JSON
-object (all stages); a log and summary.json go to --out. Models and VAEs have random weights:
-the figures are speed, never quality.
+REPA stages there: DiT-T/2 with 4x4x32 grids, a 2-block ViT of the same timm class at 32 px; the
+2025 block's: DiT-T/2 against DiT-T/2-2025); --quick is --dry with the compiled stages skipped
+(under a minute). The last line printed is one JSON object (all stages); a log and summary.json
+go to --out. Models and VAEs have random weights: the figures are speed, never quality.
 
     python benchmarks/gpu_suite.py --dry                     # CPU, tiny sizes
     python benchmarks/gpu_suite.py --quick                   # CPU, < 60 s
@@ -88,7 +95,7 @@ import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 import numpy as np
 import timm
@@ -108,7 +115,7 @@ from latent_patch.dist import autocast  # noqa: E402
 from latent_patch.edm import ImageSampler  # noqa: E402
 from latent_patch.encode import run_encode  # noqa: E402
 from latent_patch.loader import MemoryLoader  # noqa: E402
-from latent_patch.models import ModelConfig, build_model, forward_flops  # noqa: E402
+from latent_patch.models import BLOCK_2025, ModelConfig, build_model, forward_flops  # noqa: E402
 from latent_patch.represent import ReprEncoder, save_folder  # noqa: E402
 from latent_patch.train import StepPlan, build_accelerator, build_trainer, train_step  # noqa: E402
 
@@ -158,6 +165,8 @@ class Sizes:
     repr_args: dict  # its timm kwargs (img_size: its input side)
     repr_estimate_s: float  # the encode_repr stage runs only if this much budget is left
     repr_job_estimate_s: float  # and its encoding job (with --repr) only if this much is left then
+    block_model: str  # the 2025 block stage's DiT: today's block against its "-2025" preset
+    block_estimate_s: float  # that stage runs only if this much budget is left
 
 
 GPU = Sizes(
@@ -173,6 +182,7 @@ GPU = Sizes(
     repa_model="DiT-XL/2", repa=("repa.weight=0.5", "repa.block=8", "repa.proj_hidden=2048"),
     repr_grid=(16, 16), repr_dims=768, repa_estimate_s=60,
     repr_arch="vit_base_patch14_dinov2", repr_args={"img_size": 224}, repr_estimate_s=40, repr_job_estimate_s=20,
+    block_model="DiT-XL/2", block_estimate_s=60,
 )
 DRY = Sizes(
     budget_s=270, peak_n=512, train_models=("DiT-T/2",), optional_compiled=(),
@@ -185,6 +195,7 @@ DRY = Sizes(
     repr_grid=(4, 4), repr_dims=32, repa_estimate_s=15,
     repr_arch="vit_base_patch14_dinov2", repr_estimate_s=15, repr_job_estimate_s=5,
     repr_args={"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2},
+    block_model="DiT-T/2", block_estimate_s=10,
 )
 
 
@@ -440,21 +451,44 @@ def step_plans(B: int, R: int) -> dict[str, StepPlan]:
             "patch": StepPlan(size=half, mult=2, patches=2 * B, full_equiv=2 * B * (half / R) ** 2)}
 
 
-def timed_steps(suite: Suite, trainer: Any, plans: dict[str, StepPlan], rounds: int,
-                block: int = 1) -> dict[str, list[float]]:
-    """Seconds per step of each block of ``block`` back-to-back steps of one kind, kinds interleaved
-    ABBA over ``rounds`` so drifting load hits both alike. The device is drained only around a
-    block, as the loop itself never waits for a step: a sync per step would hide no host work."""
-    times: dict[str, list[float]] = {k: [] for k in plans}
-    kinds = list(plans)
+def timed_steps(suite: Suite, jobs: dict[Hashable, tuple[Any, StepPlan]], rounds: int,
+                block: int = 1) -> dict[Hashable, list[float]]:
+    """Seconds per step of each block of ``block`` back-to-back steps of one job (a trainer and a
+    step kind), the jobs interleaved ABBA over ``rounds`` so drifting load hits all alike: step
+    kinds of one trainer, or the same kinds of two trainers (the 2025 block stage). The device is
+    drained only around a block, as the loop itself never waits for a step: a sync per step would
+    hide no host work."""
+    times: dict[Hashable, list[float]] = {k: [] for k in jobs}
+    keys = list(jobs)
     for i in range(rounds):
-        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+        for key in keys if i % 2 == 0 else keys[::-1]:
+            trainer, plan = jobs[key]
             losses: list[torch.Tensor] = []
-            secs = suite.timed(lambda: losses.extend(train_step(trainer, plans[kind]) for _ in range(block)))
-            times[kind].append(secs / block)
+            secs = suite.timed(lambda: losses.extend(train_step(trainer, plan) for _ in range(block)))
+            times[key].append(secs / block)
             if not bool(torch.isfinite(torch.stack(losses)).all()):
-                raise RuntimeError(f"non-finite loss in a {kind} step")
+                raise RuntimeError(f"non-finite loss in a {key} step")
     return times
+
+
+def make_trainer(suite: Suite, cfg: TrainConfig, acc: Any, features: tuple[int, int, int] | None = None) -> Any:
+    """A fresh trainer of ``cfg`` on its own synthetic loader (same latents, labels and order for
+    every trainer built here: arms compared in one stage train on the same data)."""
+    C, R, B = 4, suite.sizes.latent, suite.sizes.batch
+    loader, manifest = synthetic_data(suite, max(8 * B, 512), C, R, cfg.model.num_classes, B, features)
+    return build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae, manifest)
+
+
+def kind_figures(suite: Suite, plan: StepPlan, times: list[float], per_patch: float) -> dict:
+    """One step kind's figures from its timed blocks: the median step, patches/s, TFLOP/s at
+    ``per_patch`` training FLOPs a patch, share of peak."""
+    step_s = statistics.median(times)
+    flops = per_patch * plan.patches / step_s
+    return {"side": plan.size, "batch": plan.patches, "step_s": round(step_s, 5),
+            "train_flops_per_patch": int(per_patch),
+            "step_s_blocks": [round(x, 5) for x in times],  # one far above: a recompile
+            "samples_s": round(plan.patches / step_s, 2), "tflops": round(flops / 1e12, 4),
+            "share_of_peak": _round(suite.share(flops), 4)}
 
 
 def run_train(suite: Suite, preset: str, compiled: bool, extra: tuple[str, ...] = (),
@@ -464,17 +498,16 @@ def run_train(suite: Suite, preset: str, compiled: bool, extra: tuple[str, ...] 
     s = suite.sizes
     fresh_accelerate()
     cfg = train_config(s, preset, compiled, extra)
-    acc = build_accelerator(cfg, with_trackers=False)
+    trainer = make_trainer(suite, cfg, build_accelerator(cfg, with_trackers=False), features)
     C, R, B = 4, s.latent, s.batch
-    loader, manifest = synthetic_data(suite, max(8 * B, 512), C, R, cfg.model.num_classes, B, features)
-    trainer = build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae, manifest)
     plans = step_plans(B, R)
+    jobs = {kind: (trainer, plan) for kind, plan in plans.items()}
     warm = s.compiled_warmup if compiled else s.warmup
     # interleaved like the timed steps, so every graph the alternation needs (a compile per shape)
     # is built before timing starts
-    warmup_s = {k: round(sum(v), 3) for k, v in timed_steps(suite, trainer, plans, warm).items()}
+    warmup_s = {k: round(sum(v), 3) for k, v in timed_steps(suite, jobs, warm).items()}
     suite.reset_memory()
-    times = timed_steps(suite, trainer, plans, s.train_rounds, s.train_block)
+    times = timed_steps(suite, jobs, s.train_rounds, s.train_block)
     out: dict[str, Any] = {
         "model": preset, "params_m": round(sum(p.numel() for p in trainer.net.parameters()) / 1e6, 2),
         "latent": [C, R, R], "batch": B, "precision": s.precision, "compiled": compiled,
@@ -484,15 +517,9 @@ def run_train(suite: Suite, preset: str, compiled: bool, extra: tuple[str, ...] 
         out["repa"] = {**dataclasses.asdict(cfg.repa), "features": [*features, "float16"],
                        "projector_params_m": round(sum(p.numel() for p in trainer.projector.parameters()) / 1e6, 2)}
     for kind, plan in plans.items():
-        step_s = statistics.median(times[kind])
         # the trainer's own count: 3 x forward, plus the projector and the loss when aligning
         per_patch = training_flops(cfg.model, plan.size, cfg.repa, features[-1] if features else 0)
-        flops = per_patch * plan.patches / step_s
-        out[kind] = {"side": plan.size, "batch": plan.patches, "step_s": round(step_s, 5),
-                     "train_flops_per_patch": int(per_patch),
-                     "step_s_blocks": [round(x, 5) for x in times[kind]],  # one far above: a recompile
-                     "samples_s": round(plan.patches / step_s, 2), "tflops": round(flops / 1e12, 4),
-                     "share_of_peak": _round(suite.share(flops), 4)}
+        out[kind] = kind_figures(suite, plan, times[kind], per_patch)
     full, patch = out["full"], out["patch"]
     # the paper's schedule {R/2: 0.5, R: 0.5} from the two measured step times
     sched = (0.5 * full["batch"] + 0.5 * patch["batch"]) / (0.5 * full["step_s"] + 0.5 * patch["step_s"])
@@ -559,6 +586,101 @@ def stage_train_repa(suite: Suite) -> dict:
                 "latents_s_with": aligned["latents_s"], "latents_s_without": without["latents_s"],
                 "tflops": aligned["tflops"], "share_of_peak": aligned["share_of_peak"], **mem,
                 "without": without, "with": aligned})
+    return out
+
+
+BLOCK_TARGET = 0.95  # issue 29: the 2025 block's training FLOP rate at least 95 % of today's, on a GPU
+
+
+def block_presets(sizes: Sizes) -> dict[str, str]:
+    """Today's block and the 2025 one (``models.BLOCK_2025`` as the "-2025" preset) of the
+    stage's DiT, named as ``bench_train.py --block 2025`` names them."""
+    return {"2022": sizes.block_model, "2025": f"{sizes.block_model}-2025"}
+
+
+def built_block(net: torch.nn.Module) -> dict:
+    """The block the built network really has (its config, its q/k norm modules counted), not the
+    preset's name: a comparison of a block with itself must show here."""
+    c = net.config
+    qk = sum(1 for name, m in net.named_modules()
+             if name.endswith(("q_norm", "k_norm")) and not isinstance(m, torch.nn.Identity))
+    return {"pos": c.pos, "mlp": c.mlp, "norm": c.norm, "qk_norm_modules": qk}
+
+
+def flop_rate(figures: dict, kinds: Iterable[str]) -> float:
+    """Training FLOP/s over one step of each of ``kinds`` (both: the schedule's mix) from a block's
+    kind figures: work over time of the steps together, not a mean of rates."""
+    kinds = list(kinds)
+    work = sum(figures[k]["train_flops_per_patch"] * figures[k]["batch"] for k in kinds)
+    return work / sum(figures[k]["step_s"] for k in kinds)
+
+
+def block_figures(suite: Suite, cfg: TrainConfig, trainer: Any, plans: dict[str, StepPlan],
+                  times: dict[str, list[float]]) -> dict:
+    """One block's figures: per step kind as the train_* stages, and its training FLOP rate on
+    the {R/2: 0.5, R: 0.5} schedule (one full and one patch step: work over time of the pair),
+    FLOPs as the issue defines them, 3 x ``forward_flops`` a patch."""
+    out: dict[str, Any] = {"preset": cfg.model.preset, "block": built_block(trainer.net),
+                           "params_m": round(sum(p.numel() for p in trainer.net.parameters()) / 1e6, 3)}
+    for kind, plan in plans.items():
+        out[kind] = kind_figures(suite, plan, times[kind], 3 * forward_flops(cfg.model, plan.size))
+    flops = flop_rate(out, plans)
+    out.update({"patches_s": round(sum(out[k]["batch"] for k in plans) / sum(out[k]["step_s"] for k in plans), 3),
+                "train_gflop_s": round(flops / 1e9, 3), "tflops": round(flops / 1e12, 4),
+                "share_of_peak": _round(suite.share(flops), 4)})
+    return out
+
+
+def stage_train_2025(suite: Suite) -> dict:
+    """Today's DiT block against the 2025 block (RoPE, SwiGLU, RMSNorm, QK-norm) in the training
+    step: each block's training FLOP rate (patches/s x 3 x forward FLOPs a patch) and
+    ``block_flop_rate_ratio`` = 2025 / 2022 on the schedule's mix of full and patch steps (issue
+    29's target: >= 0.95 on a GPU), per step kind too. Per FLOP, not per step: the blocks do
+    different work (SwiGLU's 2/3-width MLP, the norms, the rotations).
+
+    Unlike the REPA stage, both trainers live side by side and their steps interleave ABBA (the
+    same kind of both, then the other kind), so that clocks, heat and load drift hit both alike;
+    between steps a trainer holds weights, EMA and AdamW state only (its gradients are freed),
+    about 11 GB for DiT-XL/2, beside one step's activations. Both read the same data."""
+    s = suite.sizes
+    fresh_accelerate()
+    cfgs = {name: train_config(s, preset, False) for name, preset in block_presets(s).items()}
+    acc = build_accelerator(cfgs["2022"], with_trackers=False)
+    trainers = {name: make_trainer(suite, cfg, acc) for name, cfg in cfgs.items()}
+    plans = step_plans(s.batch, s.latent)
+    jobs = {(name, kind): (trainers[name], plan) for kind, plan in plans.items() for name in trainers}
+    timed_steps(suite, jobs, s.warmup)
+    suite.reset_memory()
+    times = timed_steps(suite, jobs, s.train_rounds, s.train_block)
+    blocks = {name: block_figures(suite, cfgs[name], trainers[name], plans, {k: times[name, k] for k in plans})
+              for name in trainers}
+    return compare_blocks(suite, blocks, plans)
+
+
+def compare_blocks(suite: Suite, blocks: dict[str, dict], plans: dict[str, StepPlan]) -> dict:
+    """The stage's line: ``bench_train.py --block 2025``'s figure names (params_m,
+    train_gflops_per_patch, patches_s, train_gflop_s, block_flop_rate_ratio), per kind and at the
+    top, with each block's own figures under ``blocks``."""
+    s, old, new = suite.sizes, blocks["2022"], blocks["2025"]
+    ratio = round(flop_rate(new, plans) / flop_rate(old, plans), 4)
+    out: dict[str, Any] = {
+        "model": s.block_model, "presets": block_presets(s), "block_2025": BLOCK_2025,
+        "latent": [4, s.latent, s.latent], "batch": s.batch, "precision": s.precision,
+        "timed_steps_per_kind": s.train_rounds * s.train_block,
+        "params_m": {n: b["params_m"] for n, b in blocks.items()},
+        "train_gflops_per_patch": {n: {str(b[k]["side"]): round(b[k]["train_flops_per_patch"] / 1e9, 4) for k in plans}
+                                   for n, b in blocks.items()},
+        "patches_s": {n: b["patches_s"] for n, b in blocks.items()},
+        "train_gflop_s": {n: b["train_gflop_s"] for n, b in blocks.items()},
+        "block_flop_rate_ratio": ratio, "target": BLOCK_TARGET,
+        "meets_target": None if suite.device.type != "cuda" else ratio >= BLOCK_TARGET,
+        "tflops": new["tflops"], "share_of_peak": new["share_of_peak"], **suite.memory(), "blocks": blocks,
+    }
+    for kind in plans:
+        out[kind] = {"side": new[kind]["side"], "batch": new[kind]["batch"],
+                     "step_s": {"2022": old[kind]["step_s"], "2025": new[kind]["step_s"]},
+                     "block_flop_rate_ratio": round(flop_rate(new, [kind]) / flop_rate(old, [kind]), 4),
+                     "tflops_2025": new[kind]["tflops"], "share_of_peak_2025": new[kind]["share_of_peak"]}
     return out
 
 
@@ -881,8 +1003,9 @@ def stage_cuda_tests(suite: Suite) -> dict:
 def all_stages(sizes: Sizes) -> list[Stage]:
     """In the order they run: cheap, always-wanted figures first, compiles (slow, riskier) last,
     the optional ones (run only while the budget lasts) at the very end: REPA's two (issue 28,
-    about a minute together on a GPU) before the compiled sampling and DiT-XL/2 compile (2 and 4
-    minutes), so that a GPU run that cannot fit them all still measures REPA."""
+    about a minute together on a GPU), then the 2025 block's (issue 29, about a minute), before
+    the compiled sampling and DiT-XL/2 compile (2 and 4 minutes), so that a GPU run that cannot
+    fit them all still measures the issues' targets."""
     stages = [Stage("peak", stage_peak)]
     stages += [Stage(f"train_{tag(m)}_eager", train_stage(m, False)) for m in sizes.train_models]
     stages += [Stage("sample", stage_sample), Stage("encode", stage_encode), Stage("pipeline", stage_pipeline),
@@ -891,7 +1014,8 @@ def all_stages(sizes: Sizes) -> list[Stage]:
                       else 150, optional=m in sizes.optional_compiled) for m in sizes.train_models]
     required = [st for st in compiled if not st.optional]
     repa = [Stage(f"train_{tag(sizes.repa_model)}_repa", stage_train_repa, sizes.repa_estimate_s, optional=True),
-            Stage("encode_repr", stage_encode_repr, sizes.repr_estimate_s, optional=True)]
+            Stage("encode_repr", stage_encode_repr, sizes.repr_estimate_s, optional=True),
+            Stage(f"train_{tag(sizes.block_model)}_2025", stage_train_2025, sizes.block_estimate_s, optional=True)]
     sample = Stage("sample_compiled", stage_sample_compiled, sizes.sample_compile_estimate_s, optional=True)
     return stages + required + repa + [sample] + [st for st in compiled if st.optional]
 
@@ -955,6 +1079,15 @@ def table_rows(name: str, r: dict) -> list[tuple[str, str, str, str, str, str]]:
         verdict = {True: "met", False: "MISSED", None: "GPU only"}[r["meets_target"]]
         return rows + [("", f"overhead {r['repa_overhead']:+.1%}, target <= {r['target']:.0%}: {verdict}",
                         "with / without", "-", "-", "")]
+    if name.startswith("train_") and name.endswith("_2025"):
+        rows = [(name if kind == "full" else "",
+                 f"{kind} side {r[kind]['side']} batch {r[kind]['batch']}: 2025 block's FLOP rate "
+                 f"x{r[kind]['block_flop_rate_ratio']:.3f}", f"{r[kind]['step_s']['2025']:.4g} / "
+                 f"{r[kind]['step_s']['2022']:.4g} s", fmt(r[kind]["tflops_2025"]), fmt(r[kind]["share_of_peak_2025"]),
+                 wall if kind == "full" else "") for kind in ("full", "patch")]
+        verdict = {True: "met", False: "MISSED", None: "GPU only"}[r["meets_target"]]
+        return rows + [("", f"FLOP-rate ratio {r['block_flop_rate_ratio']:.3f} (schedule mix), target >= "
+                            f"{r['target']:.2f}: {verdict}", "2025 / 2022", "-", "-", "")]
     if name.startswith("train_"):
         return [(name if kind == "full" else "", f"{kind} side {r[kind]['side']} batch {r[kind]['batch']}",
                  f"{r[kind]['samples_s']:.4g} {'latents' if kind == 'full' else 'patches'}/s",

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 STAGES = ["peak", "train_T2_eager", "sample", "encode", "pipeline", "cuda_tests", "train_T2_compiled", "train_T2_repa",
-          "encode_repr", "sample_compiled"]
+          "encode_repr", "train_T2_2025", "sample_compiled"]
 
 
 def json_lines(text: str) -> list[dict]:
@@ -81,9 +81,31 @@ def test_quick_run_prints_one_measured_line_per_stage(quick_run) -> None:
              "job.plain_job_img_s", "job.ratio_to_plain_job")
     assert enc["ratio"] == pytest.approx(enc["repr_img_s"] / enc["vae_img_s"], rel=1e-2)
     assert enc["grid"] == [8, 8] and enc["dim"] == 64 and enc["job"]["images"] == by["encode"]["images"]
+    check_block_stage(by["train_T2_2025"])
     assert "skipped" in by["train_T2_compiled"] and "skipped" in by["sample_compiled"]  # --quick
     for word in ("sampl", "encod", "train"):
         assert word in proc.stdout.lower()
+
+
+def check_block_stage(r: dict) -> None:
+    """Issue 29's stage: both blocks timed on the same steps, each one's FLOP rate and their ratio,
+    and the two networks really different (read off the built nets, not the preset names)."""
+    positive(r, "block_flop_rate_ratio", "train_gflop_s.2022", "train_gflop_s.2025", "patches_s.2022",
+             "patches_s.2025", "full.block_flop_rate_ratio", "patch.block_flop_rate_ratio", "tflops")
+    old, new = r["blocks"]["2022"], r["blocks"]["2025"]
+    assert r["block_flop_rate_ratio"] == pytest.approx(new["train_gflop_s"] / old["train_gflop_s"], rel=1e-2)
+    assert old["preset"] == "DiT-T/2" and new["preset"] == "DiT-T/2-2025"
+    assert old["block"] == {"pos": "sincos", "mlp": "gelu", "norm": "layer", "qk_norm_modules": 0}
+    assert new["block"] == {"pos": "rope", "mlp": "swiglu", "norm": "rms", "qk_norm_modules": 2 * 2}  # q, k x depth 2
+    assert r["params_m"]["2025"] != r["params_m"]["2022"]
+    assert r["block_2025"] == {"pos": "rope", "mlp": "swiglu", "norm": "rms", "qk_norm": True}
+    for kind, side in (("full", 8), ("patch", 4)):
+        assert r[kind]["side"] == side and old[kind]["batch"] == new[kind]["batch"] == r[kind]["batch"]
+        assert len(old[kind]["step_s_blocks"]) == len(new[kind]["step_s_blocks"]) == r["timed_steps_per_kind"]
+        # the FLOPs are 3 x forward_flops of each block's own config: the blocks differ there too
+        assert old[kind]["train_flops_per_patch"] != new[kind]["train_flops_per_patch"]
+    assert r["patch"]["batch"] == 2 * r["full"]["batch"]
+    assert r["target"] == 0.95 and r["meets_target"] is None  # CPU
 
 
 def test_quick_run_ends_with_a_summary(quick_run) -> None:
@@ -93,6 +115,7 @@ def test_quick_run_ends_with_a_summary(quick_run) -> None:
     assert last["skipped"] == ["train_T2_compiled", "sample_compiled"]
     table = proc.stdout.split("stage pipeline: running")[-1]
     assert "REPA" in table and "target <= 5%: GPU only" in table and "ratio to VAE" in table
+    assert "target >= 0.95: GPU only" in table
     saved = json.loads((out / "summary.json").read_text())
     assert saved["stages"].keys() == last["stages"].keys()
     assert "stage pipeline: running" in (out / "gpu_suite.log").read_text()
@@ -129,7 +152,8 @@ def test_only_refuses_an_unknown_stage() -> None:
     with pytest.raises(SystemExit, match="no such stage"):
         suite.main(["--dry", "--only", "trian"])
     picked = [s.name for s in suite.select(suite.all_stages(suite.GPU), "train_XL2,sample")]
-    assert picked == ["peak", "train_XL2_eager", "sample", "train_XL2_repa", "sample_compiled", "train_XL2_compiled"]
+    assert picked == ["peak", "train_XL2_eager", "sample", "train_XL2_repa", "train_XL2_2025", "sample_compiled",
+                      "train_XL2_compiled"]
 
 
 def test_the_repa_stages_are_optional_and_measure_repas_recipe_on_a_gpu() -> None:
@@ -147,3 +171,23 @@ def test_the_repa_stages_are_optional_and_measure_repas_recipe_on_a_gpu() -> Non
     assert names.index("encode_repr") < names.index("sample_compiled") < names.index("train_XL2_compiled")
     cfg = suite.train_config(g, g.repa_model, False, g.repa)  # the project's loader takes the overrides
     assert (cfg.repa.weight, cfg.repa.block, cfg.repa.proj_hidden) == (0.5, 8, 2048)
+
+
+def test_the_2025_block_stage_is_optional_and_compares_dit_xl2s_blocks_on_a_gpu() -> None:
+    """On a GPU: DiT-XL/2 against DiT-XL/2-2025 (models.BLOCK_2025) at the train stages' sizes,
+    skipped, not cut, when the budget runs short, after REPA's and before the compiled ones."""
+    from latent_patch.models import BLOCK_2025, resolve
+
+    suite = load_suite()
+    g = suite.GPU
+    stages = {s.name: s for s in suite.all_stages(g)}
+    assert suite.block_presets(g) == {"2022": "DiT-XL/2", "2025": "DiT-XL/2-2025"}
+    assert stages["train_XL2_2025"].optional and stages["train_XL2_2025"].estimate_s == g.block_estimate_s
+    names = list(stages)
+    assert names.index("encode_repr") < names.index("train_XL2_2025") < names.index("sample_compiled")
+    cfgs = {n: suite.train_config(g, p, False) for n, p in suite.block_presets(g).items()}
+    assert all(c.data.batch_size == 128 and c.run.mixed_precision == "bf16" for c in cfgs.values())
+    params = {n: resolve(c.model)[1] for n, c in cfgs.items()}  # the preset's builder arguments
+    assert {k: params["2025"][k] for k in BLOCK_2025} == BLOCK_2025
+    assert all(params["2022"].get(k) in (None, False) for k in BLOCK_2025)
+    assert {k: v for k, v in params["2025"].items() if k not in BLOCK_2025} == params["2022"]
