@@ -34,7 +34,8 @@ prints its line with an "error" field and the others still run (exit status 1 at
               img/s beside the SD-VAE encoder's on the same batches (``ratio`` = repr / VAE); then,
               if the budget allows, the encoding job with ``--repr`` on that encoder saved as a
               folder, against the job without it (the encode stage's figure).
-  train_XL2_2025 (optional) issue 29's GPU target: DiT-XL/2's training step (as train_*, eager)
+  train_XL2_2025 (optional) issue 29's GPU target: DiT-XL/2's training step (as train_*, eager,
+              at batch 64: two trainers are alive)
               with today's block and with the 2025 block (preset DiT-XL/2-2025: models.BLOCK_2025,
               RoPE, SwiGLU, RMSNorm, QK-norm), both trainers in the same stage, their full and
               patch steps interleaved ABBA on the same data: each block's training FLOP rate
@@ -167,6 +168,7 @@ class Sizes:
     repr_job_estimate_s: float  # and its encoding job (with --repr) only if this much is left then
     block_model: str  # the 2025 block stage's DiT: today's block against its "-2025" preset
     block_estimate_s: float  # that stage runs only if this much budget is left
+    block_batch: int  # its full-step batch (two trainers alive: see stage_train_2025)
 
 
 GPU = Sizes(
@@ -182,7 +184,7 @@ GPU = Sizes(
     repa_model="DiT-XL/2", repa=("repa.weight=0.5", "repa.block=8", "repa.proj_hidden=2048"),
     repr_grid=(16, 16), repr_dims=768, repa_estimate_s=60,
     repr_arch="vit_base_patch14_dinov2", repr_args={"img_size": 224}, repr_estimate_s=40, repr_job_estimate_s=20,
-    block_model="DiT-XL/2", block_estimate_s=60,
+    block_model="DiT-XL/2", block_estimate_s=60, block_batch=64,
 )
 DRY = Sizes(
     budget_s=270, peak_n=512, train_models=("DiT-T/2",), optional_compiled=(),
@@ -195,7 +197,7 @@ DRY = Sizes(
     repr_grid=(4, 4), repr_dims=32, repa_estimate_s=15,
     repr_arch="vit_base_patch14_dinov2", repr_estimate_s=15, repr_job_estimate_s=5,
     repr_args={"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2},
-    block_model="DiT-T/2", block_estimate_s=10,
+    block_model="DiT-T/2", block_estimate_s=10, block_batch=8,
 )
 
 
@@ -410,10 +412,11 @@ def fresh_accelerate() -> None:
     GradientState._reset_state()
 
 
-def train_config(sizes: Sizes, preset: str, compiled: bool, extra: tuple[str, ...] = ()) -> TrainConfig:
+def train_config(sizes: Sizes, preset: str, compiled: bool, extra: tuple[str, ...] = (),
+                 batch: int | None = None) -> TrainConfig:
     """The training config of one stage (through the project's loader: a bad key fails here);
-    ``extra`` overrides come last (the REPA stage's ``repa.*``)."""
-    B = sizes.batch
+    ``extra`` overrides come last (the REPA stage's ``repa.*``); ``batch``: other than the suite's."""
+    B = batch or sizes.batch
     return config.load(TrainConfig, None, [
         f"model.preset={preset}", f"model.latent_size={sizes.latent}", "model.latent_channels=4",
         "model.num_classes=1000", f"data.batch_size={B}", f"optim.batch_size_global={B}",
@@ -473,8 +476,9 @@ def timed_steps(suite: Suite, jobs: dict[Hashable, tuple[Any, StepPlan]], rounds
 
 def make_trainer(suite: Suite, cfg: TrainConfig, acc: Any, features: tuple[int, int, int] | None = None) -> Any:
     """A fresh trainer of ``cfg`` on its own synthetic loader (same latents, labels and order for
-    every trainer built here: arms compared in one stage train on the same data)."""
-    C, R, B = 4, suite.sizes.latent, suite.sizes.batch
+    every trainer built here: arms compared in one stage train on the same data), batches of the
+    config's ``data.batch_size``."""
+    C, R, B = 4, suite.sizes.latent, cfg.data.batch_size
     loader, manifest = synthetic_data(suite, max(8 * B, 512), C, R, cfg.model.num_classes, B, features)
     return build_trainer(cfg, acc, iter(loader), loader, (C, R), loader.vae, manifest)
 
@@ -641,13 +645,16 @@ def stage_train_2025(suite: Suite) -> dict:
     Unlike the REPA stage, both trainers live side by side and their steps interleave ABBA (the
     same kind of both, then the other kind), so that clocks, heat and load drift hit both alike;
     between steps a trainer holds weights, EMA and AdamW state only (its gradients are freed),
-    about 11 GB for DiT-XL/2, beside one step's activations. Both read the same data."""
+    about 11 GB for DiT-XL/2 (~13.5 GB with gradients alive), beside one step's activations. At
+    half the suite's batch (64 for XL): one XL trainer peaked at 59.5 GiB at batch 128
+    (reference/gpu.md), and a second one's state on top would come near an H100's 80 GB. Both
+    read the same data."""
     s = suite.sizes
     fresh_accelerate()
-    cfgs = {name: train_config(s, preset, False) for name, preset in block_presets(s).items()}
+    cfgs = {name: train_config(s, preset, False, batch=s.block_batch) for name, preset in block_presets(s).items()}
     acc = build_accelerator(cfgs["2022"], with_trackers=False)
     trainers = {name: make_trainer(suite, cfg, acc) for name, cfg in cfgs.items()}
-    plans = step_plans(s.batch, s.latent)
+    plans = step_plans(s.block_batch, s.latent)
     jobs = {(name, kind): (trainers[name], plan) for kind, plan in plans.items() for name in trainers}
     timed_steps(suite, jobs, s.warmup)
     suite.reset_memory()
