@@ -190,7 +190,7 @@ def test_routed_tokens_keep_their_rope_positions():
         kept = route[b, :keep]
         inner = tok[:, kept]
         for block in net.blocks[1:3]:
-            inner = block(inner, cb, (rope[0][:, :, kept], rope[1][:, :, kept]))
+            inner = block(inner, cb, (rope[0][:, kept], rope[1][:, kept]))
         tok = tok.clone()
         tok[:, kept] = inner
         rows.append(net.blocks[3](tok, cb, rope))

