@@ -76,6 +76,29 @@ def test_presets_name_the_new_block_and_overrides_reach_each_option():
     assert type(net.final_layer.norm).__name__ == "RMSNorm"
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_the_cpu_rms_norm_matches_torch_in_value_and_gradient(affine):
+    """The hand-written backward (dit._RMSNormFunction) against torch's composite rms_norm, on a
+    strided view like the q of the qkv projection, with a weight off one so its gradient counts."""
+    from latent_patch.models.dit import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-6, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+    base = torch.randn(3, 5, 3, 2, 16, requires_grad=True)
+    x = base[:, :, 0]  # (3, 5, 2, 16), not contiguous
+    grad = torch.randn(3, 5, 2, 16)
+    ours = torch.autograd.grad(norm(x), [base, *norm.parameters()], grad)
+    y = torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-6)
+    theirs = torch.autograd.grad(y, [base, *norm.parameters()], grad)
+    torch.testing.assert_close(norm(x), y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert norm(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(("over", "match"), [
     ({"pos": "alibi"}, r"model.pos='alibi' is unknown \(known: sincos, rope\)"),
     ({"mlp": "geglu"}, r"model.mlp='geglu' is unknown"),
