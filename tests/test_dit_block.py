@@ -99,6 +99,41 @@ def test_the_cpu_rms_norm_matches_torch_in_value_and_gradient(affine):
     assert norm(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("norm", ["rms", "layer", "none"])
+def test_the_q_k_norm_and_rotation_match_the_pairwise_formula_in_value_and_gradient(norm):
+    """Attention.norm_rotate (for RMSNorm on the CPU the one-function path with its own backward,
+    otherwise norm then ``rotate``) against torch's norms and the rotation written pair by pair."""
+    from latent_patch.models.dit import Attention, RMSNorm, token_norm
+
+    torch.manual_seed(0)
+    layer = torch.nn.Identity() if norm == "none" else token_norm(norm, 8, affine=True)
+    if norm == "rms":
+        assert type(layer) is RMSNorm
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    base = torch.randn(2, 5, 3, 2, 8, requires_grad=True)
+    x = base[:, :, 0]  # (B, T, H, d) as the qkv projection gives it, not contiguous
+    angle = 3 * torch.randn(2, 5, 1, 4)
+    rope = (torch.cat([angle.cos(), angle.cos()], -1), torch.cat([-angle.sin(), angle.sin()], -1))
+    grad = torch.randn(2, 5, 2, 8)
+    ours = Attention.norm_rotate(x, layer, rope)
+    ours_grads = torch.autograd.grad(ours, [base, *layer.parameters()], grad)
+    if norm == "rms":
+        normed = torch.nn.functional.rms_norm(x, (8,), layer.weight, 1e-6)
+    elif norm == "layer":
+        normed = torch.nn.functional.layer_norm(x, (8,), layer.weight, layer.bias, 1e-6)
+    else:
+        normed = x
+    a, b = normed.chunk(2, -1)
+    cos, sin = angle.cos(), angle.sin()
+    ref = torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+    ref_grads = torch.autograd.grad(ref, [base, *layer.parameters()], grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("over", "match"), [
     ({"pos": "alibi"}, r"model.pos='alibi' is unknown \(known: sincos, rope\)"),
     ({"mlp": "geglu"}, r"model.mlp='geglu' is unknown"),
@@ -168,7 +203,8 @@ def test_rope_angles_of_a_crop_equal_the_full_latents_at_every_drawable_offset()
     j = torch.arange(R // p).float() + 0.25
     freq = net.pos_freq.expand(R // p, R // p, -1)
     angle = torch.cat([j[:, None, None] * freq, j[None, :, None] * freq], dim=-1)
-    torch.testing.assert_close(full_cos, angle.cos(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(full_cos, torch.cat([angle.cos(), angle.cos()], -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(full_sin, torch.cat([-angle.sin(), angle.sin()], -1), atol=1e-5, rtol=0)
 
 
 def _shifted(x: torch.Tensor, rows: int, cols: int, R: int = 32) -> torch.Tensor:

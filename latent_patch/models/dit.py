@@ -66,6 +66,19 @@ def swiglu_hidden(hidden: int, mlp_ratio: float) -> int:
     return max(8, 8 * round(2 / 3 * mlp_ratio * hidden / 8))
 
 
+def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / rms(x), 1 / rms(x)) over the last dim, in float32: one pass for the norm."""
+    x = x.float()
+    rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    return x * rstd, rstd
+
+
+def _rms_grad(grad: torch.Tensor, n: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """d/dx of n = x * rstd(x), given the gradient of n: rstd * (grad - n * mean(grad * n))."""
+    dot = torch.linalg.vecdot(grad, n).unsqueeze(-1).div_(-n.shape[-1])
+    return torch.addcmul(grad, n, dot).mul_(rstd)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMS norm over the last dim in float32 with a hand-written backward: five passes over the
     tokens instead of the dozen of torch's composite rms_norm, which has no fused CPU kernel
@@ -74,9 +87,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-        xf = x.float()
-        rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(xf.shape[-1]).add_(eps).rsqrt_()
-        n = xf * rstd
+        n, rstd = _rms(x, eps)
         ctx.save_for_backward(n, rstd, weight)
         return (n if weight is None else n * weight).to(x.dtype)
 
@@ -90,9 +101,7 @@ class _RMSNormFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_weight = (g * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
             g = g * weight
-        # d/dx of x * rstd(x): rstd * (g - n * mean(g * n))
-        dot = torch.linalg.vecdot(g, n).unsqueeze(-1).div_(-n.shape[-1])
-        return torch.addcmul(g, n, dot).mul_(rstd).to(grad.dtype), grad_weight, None
+        return _rms_grad(g, n, rstd).to(grad.dtype), grad_weight, None
 
 
 class RMSNorm(nn.RMSNorm):
@@ -121,13 +130,44 @@ def rope_frequencies(head_dim: int) -> torch.Tensor:
     return ROPE_THETA ** (-torch.arange(n, dtype=torch.float32) / n)
 
 
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """(a, b) -> (b, a) over the last dim: pairs dims i and i + d/2 for the rotation."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([b, a], dim=-1)
+
+
 def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate query or key heads x (B, T, H, d) by per-token angles: rope = (cos, sin), each
-    (B, T, 1, d/2). Dims i and i + d/2 form a pair; the first d/4 pairs turn with the token's row,
-    the last d/4 with its column. In float32 (angles of a 16x16 grid need more than bf16's 8 bits)."""
+    """Rotate query or key heads x (B, T, H, d) by per-token angles: rope = (cos, sin) from
+    ``DiT.rope``, each (B, T, 1, d), the half-width angles twice with the sine's first half
+    negated. Dims i and i + d/2 form a pair (a, b) -> (a cos - b sin, b cos + a sin); the first
+    d/4 pairs turn with the token's row, the last d/4 with its column. In float32 (angles of a
+    16x16 grid need more than bf16's 8 bits)."""
     cos, sin = rope
-    a, b = x.float().chunk(2, dim=-1)
-    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+    x32 = x.float()
+    return torch.addcmul(x32 * cos, swap_halves(x32), sin).to(x.dtype)
+
+
+class _NormRotateFunction(torch.autograd.Function):
+    """``rotate(rms_norm(x) * weight, (cos, sin))`` in one function, the weight folded into the
+    (B, T, 1, d) angles, with a hand-written backward: the attention's q/k norm and rotation on
+    the CPU, where autograd's dozen passes over q and k cost more than the rest of the 2025 block's
+    extra work (BENCHMARKS.md, issue 29)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                eps: float) -> torch.Tensor:
+        n, rstd = _rms(x, eps)
+        ctx.save_for_backward(n, rstd, weight, cos, sin)
+        return torch.addcmul(n * (weight * cos), swap_halves(n), swap_halves(weight) * sin)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
+        n, rstd, weight, cos, sin = ctx.saved_tensors
+        g = grad.float()
+        g = torch.addcmul(g * cos, swap_halves(g), sin, value=-1)  # the rotation's transpose: back by -angle
+        grad_weight = (g * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return _rms_grad(g * weight, n, rstd), grad_weight, None, None, None
 
 
 class Attention(TimmAttention):
@@ -141,13 +181,19 @@ class Attention(TimmAttention):
             return super().forward(x)
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d)
-        q, k = (norm(a.float()) for norm, a in ((self.q_norm, q), (self.k_norm, k)))
-        if rope is not None:
-            q, k = rotate(q, rope), rotate(k, rope)
+        q, k = (self.norm_rotate(a, norm, rope) for norm, a in ((self.q_norm, q), (self.k_norm, k)))
         q, k, v = (a.to(v.dtype).transpose(1, 2) for a in (q, k, v))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         x = getattr(self, "norm", nn.Identity())(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(x))
+
+    @staticmethod
+    def norm_rotate(x: torch.Tensor, norm: nn.Module, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """A query or key (B, N, H, d) normed (or not) and rotated (or not), in float32."""
+        if rope is not None and type(norm) is RMSNorm and x.device.type == "cpu":
+            return _NormRotateFunction.apply(x, norm.weight, *rope, norm.eps)
+        x = norm(x.float())
+        return x if rope is None else rotate(x, rope)
 
 
 class DiTBlock(nn.Module):
@@ -306,11 +352,14 @@ class DiT(ModelMixin, ConfigMixin):
         return ((F.avg_pool2d(coords.float(), self.patch_size) + 1) * self.pos_scale).flatten(2)
 
     def rope(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (B, T, 1, head_dim/2) float32: the rotary angles of each token, its row
-        times the first head_dim/4 frequencies, then its column times the same (``rotate``)."""
+        """(cos, sin), each (B, T, 1, head_dim) float32, as ``rotate`` takes them: the rotary
+        angles of each token (its row times the first head_dim/4 frequencies, then its column
+        times the same) twice, the sine's first copy negated. Computed once per forward, shared
+        by every block."""
         u = self.token_positions(coords)
         angle = torch.cat([u[:, 1, :, None] * self.pos_freq, u[:, 0, :, None] * self.pos_freq], dim=-1)[:, :, None]
-        return angle.cos(), angle.sin()
+        cos, sin = angle.cos(), angle.sin()
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w, p*p*C) -> (B, C, h*p, w*p)."""
