@@ -304,6 +304,10 @@ def test_new_block_under_bf16_autocast_keeps_an_fp32_stream_and_fp32_angles(rout
         h.remove()
     assert stream == {torch.float32} and cos.dtype == torch.float32
     torch.testing.assert_close(out.float(), net(x, t, y, route=route), atol=0.05, rtol=0.05)
+    out.float().square().mean().backward()  # through the bf16 q/k of the attention's own backward
+    attn = net.blocks[0].attn
+    assert attn.qkv.weight.grad.dtype == torch.float32 and attn.qkv.weight.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("preset", ["DiT-T/2", "DiT-T/2-2025"])

@@ -158,6 +158,7 @@ class _NormRotateFunction(torch.autograd.Function):
                 eps: float) -> torch.Tensor:
         n, rstd = _rms(x, eps)
         ctx.save_for_backward(n, rstd, weight, cos, sin)
+        ctx.input_dtype = x.dtype
         return torch.addcmul(n * (weight * cos), swap_halves(n), swap_halves(weight) * sin)
 
     @staticmethod
@@ -167,7 +168,7 @@ class _NormRotateFunction(torch.autograd.Function):
         g = grad.float()
         g = torch.addcmul(g * cos, swap_halves(g), sin, value=-1)  # the rotation's transpose: back by -angle
         grad_weight = (g * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return _rms_grad(g * weight, n, rstd), grad_weight, None, None, None
+        return _rms_grad(g * weight, n, rstd).to(ctx.input_dtype), grad_weight, None, None, None
 
 
 class Attention(TimmAttention):
@@ -389,8 +390,8 @@ class DiT(ModelMixin, ConfigMixin):
         dtype = self.x_embedder.weight.dtype
         cfg, kept, aligned, coords = self.config, None, None, x[:, -2:]
         # contiguous (B, T, D): the conv's (B, D, T) seen transposed would keep every elementwise op
-        # of the stream, and the matmuls fed by a norm that keeps layouts (RMSNorm), strided (the
-        # 2025 block's SwiGLU input projection ran 2.7x slower on the CPU); values are unchanged
+        # of the stream, and the matmuls fed by a norm that keeps layouts (RMSNorm), strided; values
+        # are unchanged (the quick CPU bench's 2022 block: about 60 -> 65-68 GFLOP/s, BENCHMARKS.md)
         tokens = self.x_embedder(x if cfg.coord_channels else x[:, :-2]).flatten(2).transpose(1, 2).to(dtype)
         tokens = tokens.contiguous()
         rope = all_rope = self.rope(coords) if cfg.pos == "rope" else None
