@@ -404,9 +404,10 @@ def markdown_table(summary: dict, train_images: int) -> str:
             reach_s = f"never in {n_never} of {len(reach['per_seed'])} seeds" + (f" (others: {', '.join(hit)})" if hit else "")
         else:
             reach_s = fmt(reach)
-        full = summary.get(f"{ARMS[arm][0]}_full")
+        ref = f"{ARMS[arm][0]}_full"  # the family's full run: dit2025_full is measured against dit_full
+        full = summary.get(ref)
         rows.append(f"| {arm} | {train_images:,} | {len(a['seeds_done'])} | {reach_s} | {fmt(a['final_fd'])} | "
-                    f"{'(reference)' if arm.endswith('_full') else verdict(a, full) if full else '-'} | "
+                    f"{'(reference)' if arm == ref else verdict(a, full) if full else '-'} | "
                     f"{fmt(a['final_acc'], 1, pct=True)} | {fmt(a['train_s_per_pflop'], 0)} |")
     return "\n".join(rows)
 

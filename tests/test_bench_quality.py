@@ -65,9 +65,10 @@ def test_readme_table_says_better_or_worse_only_beyond_the_seeds_range():
     table = bq.markdown_table(bq.summarize({
         "dit_full": {0: full, 1: full_1}, "dit_patch": {0: clear, 1: points([8.0, 4.0, 2.0, 1.9, 1.9, 1.9])},
         "dit_route": {0: overlap, 1: points([8.0, 4.0, 2.0, 1.9, 1.9, 1.9])},
-        "dit_patch_route": {0: points([9.0] * 6), 1: clear}}, evals=6), 10_000)
+        "dit_patch_route": {0: points([9.0] * 6), 1: clear}, "dit2025_full": {0: clear, 1: clear}}, evals=6), 10_000)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert "| lower FD |" in rows["dit_patch"] and "| within spread |" in rows["dit_route"]
+    assert "| (reference) |" in rows["dit_full"] and "| lower FD |" in rows["dit2025_full"]  # against dit_full
     assert "never in 1 of 2 seeds (others: 0.48)" in rows["dit_patch_route"]  # 2.2 between 4.0 and 2.0
     assert "1.60 (0.60)" in rows["dit_patch"]  # final FD mean (range over seeds)
 
