@@ -79,6 +79,11 @@ def _rms_grad(grad: torch.Tensor, n: torch.Tensor, rstd: torch.Tensor) -> torch.
     return torch.addcmul(grad, n, dot).mul_(rstd)
 
 
+def _weight_grad(grad: torch.Tensor, n: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of a per-dim weight that multiplies n, summed over every token and head."""
+    return (grad * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMS norm over the last dim in float32 with a hand-written backward: five passes over the
     tokens instead of the dozen of torch's composite rms_norm, which has no fused CPU kernel
@@ -99,7 +104,7 @@ class _RMSNormFunction(torch.autograd.Function):
         grad_weight = None
         if weight is not None:
             if ctx.needs_input_grad[1]:
-                grad_weight = (g * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+                grad_weight = _weight_grad(g, n, weight)
             g = g * weight
         return _rms_grad(g, n, rstd).to(grad.dtype), grad_weight, None
 
@@ -167,7 +172,7 @@ class _NormRotateFunction(torch.autograd.Function):
         n, rstd, weight, cos, sin = ctx.saved_tensors
         g = grad.float()
         g = torch.addcmul(g * cos, swap_halves(g), sin, value=-1)  # the rotation's transpose: back by -angle
-        grad_weight = (g * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_weight = _weight_grad(g, n, weight) if ctx.needs_input_grad[1] else None
         return _rms_grad(g * weight, n, rstd).to(ctx.input_dtype), grad_weight, None, None, None
 
 
