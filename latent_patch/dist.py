@@ -1,5 +1,6 @@
 """Processes and devices: rank and world size from torchrun / accelerate env, barriers, the
-default device, and autocast by precision name.
+default device and its settings (TF32 on CUDA, a heap that keeps its pages on the CPU), and
+autocast by precision name.
 
 Encoding and sampling split work by (rank, world size) without needing a process group for the
 split itself; a gloo/nccl group is only started when the job must synchronise (barriers).
@@ -180,10 +181,57 @@ def resolve_compile(setting: str | bool, device_type: str) -> bool:
 
 def configure_device(device: torch.device) -> None:
     """TF32 for every fp32 matmul and convolution on CUDA (about 8x the fp32 rate, ~fp16 mantissa,
-    fp32 range); nothing changes on the CPU, so CPU runs stay bit-for-bit as they were."""
+    fp32 range). On the CPU no number changes; only the host allocator keeps its pages (keep_heap)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_heap()
+
+
+KEEP_HEAP_PAD = 512 << 20
+"""Slack each glibc heap extension takes (M_TOP_PAD): a step's temporaries reuse mapped pages."""
+KEEP_HEAP_TRIM = 1 << 30
+"""Free memory at the heap's top beyond this goes back to the system (M_TRIM_THRESHOLD)."""
+_M_TRIM_THRESHOLD, _M_TOP_PAD = -1, -2  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def keep_heap() -> bool:
+    """Tell glibc's malloc to keep the memory a CPU run frees, once per process; True if it did.
+
+    Why: with glibc's defaults every large temporary grows the heap and is trimmed back when
+    freed, so the next one page-faults its memory in again, and a DiT step makes many (figures:
+    BENCHMARKS.md, "The CPU allocator default"). PyTorch's CPU guide reaches the same by preloading jemalloc/tcmalloc; this needs
+    nothing installed, and no computed number changes (only where tensors live). Left to the user where
+    they chose already: a ``MALLOC_*_`` variable, ``glibc.malloc`` in ``GLIBC_TUNABLES``, another
+    allocator in ``LD_PRELOAD``, or ``LATENT_PATCH_KEEP_HEAP=0``. A no-op off glibc.
+    """
+    global _heap_kept
+    if _heap_kept is not None:
+        return _heap_kept
+    env = os.environ
+    chosen = (env.get("LATENT_PATCH_KEEP_HEAP", "1") == "0" or any(k.startswith("MALLOC_") and k.endswith("_") for k in env)
+              or "glibc.malloc." in env.get("GLIBC_TUNABLES", "") or "malloc" in env.get("LD_PRELOAD", ""))
+    libc = None if chosen else _glibc()
+    _heap_kept = libc is not None and bool(libc.mallopt(_M_TOP_PAD, KEEP_HEAP_PAD)
+                                           and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_HEAP_TRIM))
+    return _heap_kept
+
+
+_heap_kept: bool | None = None
+
+
+def _glibc():
+    """The C library when it is glibc (it has gnu_get_libc_version), else None (musl, macOS, Windows)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError off glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def compile_network(net: torch.nn.Module, backend: str = "inductor", num_shapes: int = 1,
