@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latent_patch import edm, sampling  # noqa: E402
+from latent_patch import dist, edm, sampling  # noqa: E402
 from latent_patch.codec import VAECodec, make_decoder  # noqa: E402
 from latent_patch.edm import SamplerConfig  # noqa: E402
 from latent_patch.models import ModelConfig, build_model, forward_flops  # noqa: E402
@@ -163,6 +163,7 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (5 if quick else 7)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)  # oversubscribed OpenMP threads stall unpredictably
+    dist.configure_device(device)  # as sample.py's job does (on the CPU: dist.keep_heap)
     mcfg = ModelConfig(preset=preset, latent_channels=4, latent_size=R, num_classes=10)
     torch.manual_seed(0)
     net = build_model(mcfg).to(device).eval().requires_grad_(False)

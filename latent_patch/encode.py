@@ -391,6 +391,8 @@ def prepare(cfg: EncodeConfig) -> tuple[Listing, VAECodec, dict, int, ReprTarget
         raise ValueError(f"--source {cfg.source}: no input can be read ({len(listing)} listed)")
     info = dist.dist_info()
     device = torch.device(cfg.device) if cfg.device else dist.default_device()
+    if device.type == "cpu":
+        dist.keep_heap()  # the VAE's activations are large temporaries (no number changes)
     codec = VAECodec.load(cfg.vae, device=device, dtype=cfg.dtype)
     if cfg.resolution % codec.downsample:
         raise ValueError(f"--resolution {cfg.resolution} is not a multiple of the VAE's "
