@@ -193,7 +193,11 @@ KEEP_HEAP_PAD = 512 << 20
 """Slack each glibc heap extension takes (M_TOP_PAD): a step's temporaries reuse mapped pages."""
 KEEP_HEAP_TRIM = 1 << 30
 """Free memory at the heap's top beyond this goes back to the system (M_TRIM_THRESHOLD)."""
-_M_TRIM_THRESHOLD, _M_TOP_PAD = -1, -2  # glibc's mallopt parameter numbers (malloc.h)
+KEEP_HEAP_MMAP = 1 << 30
+"""Only blocks this large get a mapping of their own (M_MMAP_THRESHOLD). Setting the pad freezes
+glibc's adaptive threshold wherever it stands (128 KiB to 32 MiB), and every tensor above it
+would be mapped and unmapped anew whenever the heap's top is short."""
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_heap() -> bool:
@@ -213,8 +217,8 @@ def keep_heap() -> bool:
     chosen = (env.get("LATENT_PATCH_KEEP_HEAP", "1") == "0" or any(k.startswith("MALLOC_") and k.endswith("_") for k in env)
               or "glibc.malloc." in env.get("GLIBC_TUNABLES", "") or "malloc" in env.get("LD_PRELOAD", ""))
     libc = None if chosen else _glibc()
-    _heap_kept = libc is not None and bool(libc.mallopt(_M_TOP_PAD, KEEP_HEAP_PAD)
-                                           and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_HEAP_TRIM))
+    settings = ((_M_TOP_PAD, KEEP_HEAP_PAD), (_M_TRIM_THRESHOLD, KEEP_HEAP_TRIM), (_M_MMAP_THRESHOLD, KEEP_HEAP_MMAP))
+    _heap_kept = libc is not None and all([libc.mallopt(param, value) for param, value in settings])
     return _heap_kept
 
 
