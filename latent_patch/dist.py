@@ -203,12 +203,14 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt
 def keep_heap() -> bool:
     """Tell glibc's malloc to keep the memory a CPU run frees, once per process; True if it did.
 
-    Why: with glibc's defaults every large temporary grows the heap and is trimmed back when
-    freed, so the next one page-faults its memory in again, and a DiT step makes many (figures:
-    BENCHMARKS.md, "The CPU allocator default"). PyTorch's CPU guide reaches the same by preloading jemalloc/tcmalloc; this needs
-    nothing installed, and no computed number changes (only where tensors live). Left to the user where
-    they chose already: a ``MALLOC_*_`` variable, ``glibc.malloc`` in ``GLIBC_TUNABLES``, another
-    allocator in ``LD_PRELOAD``, or ``LATENT_PATCH_KEEP_HEAP=0``. A no-op off glibc.
+    Why: with glibc's defaults every large temporary grows the heap (or gets its own mapping)
+    and goes back to the system when freed, so the next one page-faults its memory in again, and
+    a DiT step makes many (figures: BENCHMARKS.md, "The CPU allocator default"). PyTorch's CPU
+    guide reaches the same by preloading jemalloc/tcmalloc; this needs nothing installed, and no
+    computed number changes (only where tensors live). The cost: up to about 1.5 GiB of freed
+    memory stays resident per process. Left to the user where they chose already: a
+    ``MALLOC_*_`` variable, ``glibc.malloc`` in ``GLIBC_TUNABLES``, another allocator in
+    ``LD_PRELOAD``, or ``LATENT_PATCH_KEEP_HEAP=0``. A no-op off glibc.
     """
     global _heap_kept
     if _heap_kept is not None:

@@ -116,8 +116,10 @@ def test_cpu_runs_keep_the_heap_without_changing_a_number():
     kept, default = _heap_probe("1"), _heap_probe("0")
     assert kept["kept"] is True and default["kept"] is False
     assert kept["grads"] == default["grads"]
-    # glibc's defaults fault each 32 MiB temporary in (~8k pages x 2 per pass); kept, almost none
-    assert default["faults"] > 20 * 8192 and kept["faults"] < default["faults"] / 4, (kept["faults"], default["faults"])
+    if default["faults"] < 20 * 8192:  # 4 KiB pages: ~8k per 32 MiB temporary, 20 passes
+        pytest.skip(f"glibc's defaults faulted only {default['faults']} times: no per-page churn to remove "
+                    "here (transparent huge pages set to 'always'?)")
+    assert kept["faults"] < default["faults"] / 4, (kept["faults"], default["faults"])
     # 288 MiB live (~74k pages) three times: kept, only the first pass faults them in
     assert default["beyond_pad"] > 2.5 * 73728 and kept["beyond_pad"] < default["beyond_pad"] / 2, \
         (kept["beyond_pad"], default["beyond_pad"])
