@@ -207,8 +207,8 @@ def keep_heap() -> bool:
     and goes back to the system when freed, so the next one page-faults its memory in again, and
     a DiT step makes many (figures: BENCHMARKS.md, "The CPU allocator default"). PyTorch's CPU
     guide reaches the same by preloading jemalloc/tcmalloc; this needs nothing installed, and no
-    computed number changes (only where tensors live). The cost: up to about 1.5 GiB of freed
-    memory stays resident per process. Left to the user where they chose already: a
+    computed number changes (only where tensors live). The cost: up to 1 GiB of freed memory at
+    the heap's top stays resident per process (KEEP_HEAP_TRIM). Left to the user where they chose already: a
     ``MALLOC_*_`` variable, ``glibc.malloc`` in ``GLIBC_TUNABLES``, another allocator in
     ``LD_PRELOAD``, or ``LATENT_PATCH_KEEP_HEAP=0``. A no-op off glibc.
     """
