@@ -91,6 +91,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "dit_patch_route_repa": ("dit", DIT + PATCH + ROUTE + REPA),
     "dit_patch_route_after_repa": ("dit", DIT + PATCH + ROUTE_AFTER + REPA),
     "dit_patch_repa_k64": ("dit", DIT + PATCH + REPA),
+    "dit_repa_e30": ("dit", DIT + FULL + REPA),
+    "dit_patch_route_repa_e30": ("dit", DIT + PATCH + ROUTE + REPA),
     "dit2025_full": ("dit", DIT + BLOCK_2025 + FULL),
     "dit2025_patch": ("dit", DIT + BLOCK_2025 + PATCH),
     "dit2025_patch_nocoord": ("dit", DIT + BLOCK_2025 + NO_COORDS + PATCH),
@@ -98,8 +100,16 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "dit2025_patch_route_repa": ("dit", DIT + BLOCK_2025 + PATCH + ROUTE + REPA),
 }
 FEATURES: dict[str, int] = {"dit_repa": 0, "dit_patch_repa": 0, "dit_patch_route_repa": 0,
-                            "dit_patch_route_after_repa": 0, "dit_patch_repa_k64": 64, "dit2025_patch_route_repa": 0}
+                            "dit_patch_route_after_repa": 0, "dit_patch_repa_k64": 64, "dit2025_patch_route_repa": 0,
+                            "dit_repa_e30": 0, "dit_patch_route_repa_e30": 0}
 """The arms that align, and the stored grid's dims they align to (0: the encoder's own)."""
+# The encoders other than the shipped demo one (ReprEncoder "demo"): name -> the arguments of
+# tools/train_demo_repr.py that make it. "e30": the demo encoder's recipe trained 30 epochs
+# instead of 6 (is REPA's small gain here the weak encoder's fault?). Not shipped: made once into
+# <--out>/demo-repr-<name> by the command that encoder_folder's error prints.
+ENCODER_RECIPES: dict[str, dict[str, int]] = {"e30": {"epochs": 30}}
+ENCODERS: dict[str, str] = {"dit_repa_e30": "e30", "dit_patch_route_repa_e30": "e30"}
+"""The aligning arms whose grids come from one of ENCODER_RECIPES' encoders (others: "demo")."""
 # the smoke run's default: the issue-12 arms, one aligning arm, one arm of the 2025 block
 QUICK_ARMS = [a for a in ARMS if a not in FEATURES and not a.startswith("dit2025")] + ["dit_patch_repa",
                                                                                       "dit2025_patch_route"]
@@ -155,32 +165,52 @@ def subset_source(fraction: float, out: Path) -> str:
     return str(path)
 
 
-def shards_folder(out: Path, dims: int | None) -> Path:
-    """Where an arm's shards are: plain, or with the demo encoder's grids (``dims`` 0: full)."""
-    return out / ("shards" if dims is None else "shards-repr" if dims == 0 else f"shards-repr-k{dims}")
+def shards_folder(out: Path, dims: int | None, encoder: str = "demo") -> Path:
+    """Where an arm's shards are: plain, or with an encoder's grids (``dims`` 0: full; the demo
+    encoder's in shards-repr[-kK], a recipe encoder's (its folder) in shards-repr-<name>[-kK])."""
+    if dims is None:
+        return out / "shards"
+    name = "" if encoder == "demo" else "-" + Path(encoder).name.removeprefix("demo-repr-")
+    return out / ("shards-repr" + name + (f"-k{dims}" if dims else ""))
 
 
-def encode(out: Path, fraction: float, batch_size: int, dims: int | None = None) -> Path:
-    """Latent shards of the (subset of the) shipped training images; with ``dims`` also the demo
-    encoder's grids (0: all its dims; K: a PCA to K fitted by the encoder on the same images)."""
+def encoder_folder(name: str, args: argparse.Namespace) -> Path:
+    """The folder of a recipe encoder, checked: made by the recipe's command, or refused naming it."""
+    folder, recipe = Path(args.out) / f"demo-repr-{name}", ENCODER_RECIPES[name]
+    command = (f"python tools/train_demo_repr.py --out {folder} "
+               + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()))
+    info = folder / "training.json"
+    if not info.is_file():
+        raise SystemExit(f"{folder}: the {name} encoder is not made yet ({info} missing); make it once with: {command}")
+    made = fsutil.read_json(info).get("args", {})
+    wrong = {k: made.get(k) for k, v in recipe.items() if made.get(k) != v}
+    if wrong:
+        raise SystemExit(f"{info}: made with {wrong}, the {name} recipe is {recipe}; remake it with: {command}")
+    return folder
+
+
+def encode(out: Path, fraction: float, batch_size: int, dims: int | None = None, encoder: str = "demo") -> Path:
+    """Latent shards of the (subset of the) shipped training images; with ``dims`` also an
+    encoder's grids (0: all its dims; K: a PCA to K fitted by the encoder on the same images);
+    ``encoder`` is "demo" or a folder."""
     from latent_patch.config import EncodeConfig
     from latent_patch.encode import run_encode
 
-    shards = shards_folder(out, dims)
+    shards = shards_folder(out, dims, encoder)
     if not (shards / "manifest.json").is_file():
         source = demo.tar_spec("train") if fraction >= 1.0 else subset_source(fraction, out)
-        extra = {} if dims is None else {"repr": "demo", "repr_dims": dims or None}
+        extra = {} if dims is None else {"repr": encoder, "repr_dims": dims or None}
         run_encode(EncodeConfig(source=source, out=str(shards), vae="demo", resolution=demo.RESOLUTION,
                                 flips="none", shard_size=2500, batch_size=batch_size, progress=False, **extra))
     return shards
 
 
-def feature_shards(out: Path, fraction: float, dims: int) -> Path:
+def feature_shards(out: Path, fraction: float, dims: int, encoder: str = "demo") -> Path:
     """The shards with stored grids, made once per ``out`` folder (under a lock, as prepare_data)."""
-    shards = shards_folder(out, dims)
+    shards = shards_folder(out, dims, encoder)
     return filelock.do_once(out / f"{shards.name}.lock",
                             lambda: shards if (shards / "manifest.json").is_file() else None,
-                            lambda: encode(out, fraction, 256, dims), f"the shards {shards}")
+                            lambda: encode(out, fraction, 256, dims, encoder), f"the shards {shards}")
 
 
 def encoder_cost(out: Path) -> dict:
@@ -266,7 +296,10 @@ def evaluate(run_dir: Path, ref, codec, args) -> dict:
 
 def arm_shards(arm: str, out: Path, shards: Path, args) -> Path:
     """The shards an arm trains on: the plain ones, or (aligning arms) those with its grids."""
-    return shards if arm not in FEATURES else feature_shards(out, args.train_fraction, FEATURES[arm])
+    if arm not in FEATURES:
+        return shards
+    encoder = str(encoder_folder(ENCODERS[arm], args)) if arm in ENCODERS else "demo"
+    return feature_shards(out, args.train_fraction, FEATURES[arm], encoder)
 
 
 def run_arm(arm: str, seed: int, out: Path, results: Path, shards: Path, ref, codec, args) -> list[dict]:
@@ -474,7 +507,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default="benchmarks/results/quality-compute",
                    help="points.json per arm and seed, summary.json (small; committed as they come)")
     p.add_argument("--config", default=str(demo.DEFAULT_CONFIG))
-    p.add_argument("--arms", help=f"comma list of arms (default: all; with --quick: {','.join(QUICK_ARMS)})")
+    p.add_argument("--arms", help=f"comma list of arms (default: all but those of an unshipped encoder, "
+                                          f"{','.join(ENCODERS)}; with --quick: {','.join(QUICK_ARMS)})")
     p.add_argument("--seeds", help="comma list (default: 0,1; with --quick: 0)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every family's FLOP budget")
     p.add_argument("--evals", type=int, default=6, help="evaluation points per run, at equal FLOP fractions")
@@ -499,7 +533,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.family_overrides = {"unet": ["model.channels=32", "model.channel_mult=[1,2]", "model.num_blocks=1",
                                           "model.attn_resolutions=[]"], "dit": ["model.hidden=64", "model.heads=2"]}
     args.seeds = args.seeds or ("0" if args.quick else "0,1")  # --quick: one seed unless named
-    args.arms = args.arms or ",".join(QUICK_ARMS if args.quick else ARMS)
+    args.arms = args.arms or ",".join(QUICK_ARMS if args.quick else [a for a in ARMS if a not in ENCODERS])
     return args
 
 
@@ -521,9 +555,11 @@ def main() -> None:
     from latent_patch.fid import Stats
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks the same (accelerate)
+    arms, seeds = asked(args)
+    for name in sorted({ENCODERS[a] for a in arms if a in ENCODERS}):
+        encoder_folder(name, args)  # a missing encoder is refused now, not hours into the sweep
     shards, ref_path = prepare_data(out, args.train_fraction)
     ref, codec = Stats.load(ref_path), VAECodec.load("demo", device=args.device)
-    arms, seeds = asked(args)
     results = train_all(arms, seeds, out, res_dir, args.evals,
                         lambda arm, seed: run_arm(arm, seed, out, res_dir, shards, ref, codec, args))
     finish(args, res_dir, results, seeds)

@@ -216,6 +216,7 @@ def test_aligning_arms_train_on_shards_with_their_grids(tmp_path):
         family, overrides = bq.ARMS[arm]
         assert family == "dit" and "repa.weight=0.5" in overrides
         assert bq.shards_folder(tmp_path, dims).name == ("shards-repr" if dims == 0 else f"shards-repr-k{dims}")
+    assert set(bq.ENCODERS) <= set(bq.FEATURES) and set(bq.ENCODERS.values()) <= set(bq.ENCODER_RECIPES)
     assert not any(x.startswith("repa.") for a, (_, o) in bq.ARMS.items() if a not in bq.FEATURES for x in o)
     assert bq.shards_folder(tmp_path, None).name == "shards" and "dit_patch_repa" in bq.QUICK_ARMS
     assert bq.arm_shards("dit_patch", tmp_path, tmp_path / "shards", None) == tmp_path / "shards"
@@ -224,6 +225,34 @@ def test_aligning_arms_train_on_shards_with_their_grids(tmp_path):
     man.write_text(json.dumps({"repr": {"spec": "demo", "grid": [8, 8], "dims": 64, "flops_per_image": 5,
                                         "flops": 50, "seconds": 1.5}}))
     assert bq.encoder_cost(tmp_path)["shards-repr-k64"]["flops"] == 50
+
+
+def test_a_recipe_encoders_arms_align_to_its_own_grids_and_refuse_without_it(tmp_path):
+    """The e30 arms: the demo encoder's recipe trained longer, made once by the printed command,
+    checked against its recipe, its grids in their own shards; never in the default arm list."""
+    import argparse
+    import json
+
+    bq = _bench()
+    args = argparse.Namespace(out=str(tmp_path), train_fraction=1.0)
+    folder = tmp_path / "demo-repr-e30"
+    with pytest.raises(SystemExit, match=r"train_demo_repr.py --out .*demo-repr-e30 --epochs 30"):
+        bq.arm_shards("dit_patch_route_repa_e30", tmp_path / "fraction-1", tmp_path / "shards", args)
+    folder.mkdir()
+    (folder / "training.json").write_text(json.dumps({"args": {"epochs": 6}}))
+    with pytest.raises(SystemExit, match=r"made with \{'epochs': 6\}"):
+        bq.encoder_folder("e30", args)
+    (folder / "training.json").write_text(json.dumps({"args": {"epochs": 30, "seed": 0}}))
+    assert bq.encoder_folder("e30", args) == folder
+    assert bq.shards_folder(tmp_path, 0, str(folder)).name == "shards-repr-e30"
+    assert bq.shards_folder(tmp_path, 64, str(folder)).name == "shards-repr-e30-k64"
+    assert bq.shards_folder(tmp_path, 0, "demo").name == "shards-repr"
+    made = tmp_path / "fraction-1" / "shards-repr-e30" / "manifest.json"
+    made.parent.mkdir(parents=True)
+    made.write_text("{}")  # already encoded: used as it is
+    assert bq.arm_shards("dit_repa_e30", tmp_path / "fraction-1", tmp_path / "shards", args) == made.parent
+    default_arms = bq.parse_args([]).arms.split(",")
+    assert "dit_repa" in default_arms and not set(bq.ENCODERS) & set(default_arms)
 
 
 def test_a_report_on_some_arms_keeps_the_other_arms_in_summary_json(tmp_path):
