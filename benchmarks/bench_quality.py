@@ -91,8 +91,6 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "dit_patch_route_repa": ("dit", DIT + PATCH + ROUTE + REPA),
     "dit_patch_route_after_repa": ("dit", DIT + PATCH + ROUTE_AFTER + REPA),
     "dit_patch_repa_k64": ("dit", DIT + PATCH + REPA),
-    "dit_repa_e30": ("dit", DIT + FULL + REPA),
-    "dit_patch_route_repa_e30": ("dit", DIT + PATCH + ROUTE + REPA),
     "dit2025_full": ("dit", DIT + BLOCK_2025 + FULL),
     "dit2025_patch": ("dit", DIT + BLOCK_2025 + PATCH),
     "dit2025_patch_nocoord": ("dit", DIT + BLOCK_2025 + NO_COORDS + PATCH),
@@ -100,16 +98,20 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "dit2025_patch_route_repa": ("dit", DIT + BLOCK_2025 + PATCH + ROUTE + REPA),
 }
 FEATURES: dict[str, int] = {"dit_repa": 0, "dit_patch_repa": 0, "dit_patch_route_repa": 0,
-                            "dit_patch_route_after_repa": 0, "dit_patch_repa_k64": 64, "dit2025_patch_route_repa": 0,
-                            "dit_repa_e30": 0, "dit_patch_route_repa_e30": 0}
+                            "dit_patch_route_after_repa": 0, "dit_patch_repa_k64": 64, "dit2025_patch_route_repa": 0}
 """The arms that align, and the stored grid's dims they align to (0: the encoder's own)."""
 # The encoders other than the shipped demo one (ReprEncoder "demo"): name -> the arguments of
 # tools/train_demo_repr.py that make it. "e30": the demo encoder's recipe trained 30 epochs
 # instead of 6 (is REPA's small gain here the weak encoder's fault?). Not shipped: made once into
 # <--out>/demo-repr-<name> by the command that encoder_folder's error prints.
 ENCODER_RECIPES: dict[str, dict[str, int]] = {"e30": {"epochs": 30}}
-ENCODERS: dict[str, str] = {"dit_repa_e30": "e30", "dit_patch_route_repa_e30": "e30"}
+RECIPE_ARMS: dict[str, list[str]] = {"e30": ["dit_repa", "dit_patch_route_repa"]}
+"""Per recipe encoder, the aligning arms rerun with its grids: arm ``<arm>_<name>``, the same
+training as ``<arm>`` except for the grids it aligns to."""
+ENCODERS: dict[str, str] = {f"{arm}_{name}": name for name, arms in RECIPE_ARMS.items() for arm in arms}
 """The aligning arms whose grids come from one of ENCODER_RECIPES' encoders (others: "demo")."""
+ARMS.update({arm: ARMS[arm.rsplit("_", 1)[0]] for arm in ENCODERS})
+FEATURES.update({arm: FEATURES[arm.rsplit("_", 1)[0]] for arm in ENCODERS})
 # the smoke run's default: the issue-12 arms, one aligning arm, one arm of the 2025 block
 QUICK_ARMS = [a for a in ARMS if a not in FEATURES and not a.startswith("dit2025")] + ["dit_patch_repa",
                                                                                       "dit2025_patch_route"]
