@@ -12,6 +12,7 @@ a step at side s costs m (s/R)^2 = s/R of a full step and yields m = R/s times t
     python benchmarks/bench_train.py             # DiT-S/2 on 4 x 32 x 32 latents
     python benchmarks/bench_train.py --flops     # FLOP counts and an H100 step-time estimate
     python benchmarks/bench_train.py --block 2025 [--quick]   # the 2025 block vs today's, per FLOP
+    python benchmarks/bench_train.py --block 2025 --compile    # the same, both networks torch.compiled
 
 ``--block 2025`` (issue 29) times the same preset with today's block and with the 2025 block
 (``models.BLOCK_2025``), steps interleaved ABBA on the same draws of the schedule, and reports each
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latent_patch import config  # noqa: E402
+from latent_patch.dist import resolve_compile  # noqa: E402
 from latent_patch.loader import MemoryLoader  # noqa: E402
 from latent_patch.models import ModelConfig, forward_flops  # noqa: E402
 from latent_patch.patches import PatchConfig, PatchSchedule  # noqa: E402
@@ -88,6 +90,7 @@ def bench_config(args: argparse.Namespace, block: dict | None = None) -> TrainCo
         f"model.preset={args.model}", f"model.latent_size={args.latent}", "model.latent_channels=4",
         "model.num_classes=1000", f"data.batch_size={args.batch}", f"optim.batch_size_global={args.batch}",
         "run.tensorboard=false", f"run.mixed_precision={args.precision}", "run.out_dir=/tmp/bench_train_unused",
+        f"run.compile={'true' if args.compile else 'auto'}",
     ]
     overrides += [f"model.{k}={v}" for k, v in (("hidden", args.hidden), ("depth", args.depth), ("heads", args.heads)) if v]
     overrides += [f"model.{k}={str(v).lower()}" for k, v in (block or {}).items()]
@@ -170,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": cfg.model.preset, "params_m": sum(p.numel() for p in trainer.net.parameters()) / 1e6,
         "hidden": args.hidden, "depth": args.depth, "latent": [C, R, R], "batch": B, "steps": n,
         "warmup_steps_per_kind": args.warmup, "device": str(acc.device), "precision": args.precision,
+        "compiled": resolve_compile(cfg.run.compile, acc.device.type),
         "threads": torch.get_num_threads(), "drawn_mix": mix,
         "full_step_s": full_time / n, "patch_step_s": patch_time / n,
         # headline figures at the schedule's exact probabilities (measured step times per side,
@@ -223,6 +227,7 @@ def run_block_compare(args: argparse.Namespace) -> dict:
     return {
         "model": cfgs["2022"].model.preset, "hidden": args.hidden, "depth": args.depth, "latent": [C, R, R],
         "batch": B, "steps": len(draws), "device": str(acc.device), "precision": args.precision,
+        "compiled": resolve_compile(cfgs["2022"].run.compile, acc.device.type),
         "threads": torch.get_num_threads(), "block_2025": BLOCK_2025, "params_m": params,
         "train_gflops_per_patch": {n: {str(s): f / 1e9 for s, f in v.items()} for n, v in flops.items()},
         "patches_s": {n: sum(B * m for _, m in draws) / seconds[n] for n in blocks},
@@ -247,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 keeps the default)")
     p.add_argument("--precision", default=None, choices=["no", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (run.compile=true) on every device; default: the trainer's "
+                        "own choice (compiled on CUDA, eager on the CPU). Warm-up steps absorb the compiling")
     p.add_argument("--block", choices=["2025"], default=None,
                    help="compare today's DiT block with the 2025 one (FLOP rate of each, same draws)")
     args = p.parse_args(argv)
