@@ -236,7 +236,7 @@ def run_block_compare(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller DiT and fewer steps: < 60 s on a 2-core CPU")
     p.add_argument("--flops", action="store_true", help="only FLOP counts and H100 step-time estimates")
@@ -257,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                         "own choice (compiled on CUDA, eager on the CPU). Warm-up steps absorb the compiling")
     p.add_argument("--block", choices=["2025"], default=None,
                    help="compare today's DiT block with the 2025 one (FLOP rate of each, same draws)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.flops:
         out = {"estimates": [h100_estimate(name) for name in ("DiT-XL/2", "DiT-B/2", "adm-imagenet256")],
                "assumptions": f"train = 3 x forward; {ASSUMED_MFU:.0%} of {H100_BF16_DENSE / 1e12:.0f} TFLOP/s bf16 "

@@ -426,6 +426,18 @@ def test_bench_train_block_compares_two_different_blocks_on_the_same_draws(capsy
     assert out["params_m"]["2025"] != out["params_m"]["2022"]  # q/k norm weights, SwiGLU's rounding
     assert out["block_flop_rate_ratio"] == pytest.approx(out["train_gflop_s"]["2025"] / out["train_gflop_s"]["2022"])
     assert set(out["train_gflops_per_patch"]["2025"]) == {"4", "8"}
+    assert out["compiled"] is False  # the CPU default is eager
+
+
+def test_bench_train_compile_flag_compiles_on_the_cpu_too():
+    """--compile sets run.compile=true (compiled on every device); without it the trainer's own
+    "auto" stays (eager on the CPU). Only the config: the inductor build is test_compile_cpu's."""
+    bench = _bench()
+    base = ["--model", "DiT-S/2", "--latent", "8", "--batch", "2", "--precision", "no"]
+    for flag, expected in (([], "auto"), (["--compile"], True)):
+        cfg = bench.bench_config(bench.parse_args(base + flag))
+        assert cfg.run.compile == expected
+        assert bench.resolve_compile(cfg.run.compile, "cpu") is bool(flag)
 
 
 def test_logs_are_trimmed_to_the_resumed_checkpoint(tmp_path):
