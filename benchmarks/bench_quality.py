@@ -108,10 +108,12 @@ ENCODER_RECIPES: dict[str, dict[str, int]] = {"e30": {"epochs": 30}}
 RECIPE_ARMS: dict[str, list[str]] = {"e30": ["dit_repa", "dit_patch_route_repa"]}
 """Per recipe encoder, the aligning arms rerun with its grids: arm ``<arm>_<name>``, the same
 training as ``<arm>`` except for the grids it aligns to."""
-ENCODERS: dict[str, str] = {f"{arm}_{name}": name for name, arms in RECIPE_ARMS.items() for arm in arms}
+ENCODERS: dict[str, str] = {}
 """The aligning arms whose grids come from one of ENCODER_RECIPES' encoders (others: "demo")."""
-ARMS.update({arm: ARMS[arm.rsplit("_", 1)[0]] for arm in ENCODERS})
-FEATURES.update({arm: FEATURES[arm.rsplit("_", 1)[0]] for arm in ENCODERS})
+for _name, _bases in RECIPE_ARMS.items():
+    for _base in _bases:
+        ENCODERS[f"{_base}_{_name}"] = _name
+        ARMS[f"{_base}_{_name}"], FEATURES[f"{_base}_{_name}"] = ARMS[_base], FEATURES[_base]
 # the smoke run's default: the issue-12 arms, one aligning arm, one arm of the 2025 block
 QUICK_ARMS = [a for a in ARMS if a not in FEATURES and not a.startswith("dit2025")] + ["dit_patch_repa",
                                                                                       "dit2025_patch_route"]

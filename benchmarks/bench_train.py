@@ -36,7 +36,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latent_patch import config  # noqa: E402
-from latent_patch.dist import resolve_compile  # noqa: E402
 from latent_patch.loader import MemoryLoader  # noqa: E402
 from latent_patch.models import ModelConfig, forward_flops  # noqa: E402
 from latent_patch.patches import PatchConfig, PatchSchedule  # noqa: E402
@@ -114,6 +113,11 @@ def timed_step(trainer, plan: StepPlan) -> float:
     return elapsed
 
 
+def compiled(trainer) -> bool:
+    """Whether the trainer runs its network through torch.compile (what it did, not the setting)."""
+    return isinstance(trainer.precond.net, torch._dynamo.eval_frame.OptimizedModule)
+
+
 def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"cuda_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
@@ -173,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": cfg.model.preset, "params_m": sum(p.numel() for p in trainer.net.parameters()) / 1e6,
         "hidden": args.hidden, "depth": args.depth, "latent": [C, R, R], "batch": B, "steps": n,
         "warmup_steps_per_kind": args.warmup, "device": str(acc.device), "precision": args.precision,
-        "compiled": resolve_compile(cfg.run.compile, acc.device.type),
+        "compiled": compiled(trainer),
         "threads": torch.get_num_threads(), "drawn_mix": mix,
         "full_step_s": full_time / n, "patch_step_s": patch_time / n,
         # headline figures at the schedule's exact probabilities (measured step times per side,
@@ -227,7 +231,7 @@ def run_block_compare(args: argparse.Namespace) -> dict:
     return {
         "model": cfgs["2022"].model.preset, "hidden": args.hidden, "depth": args.depth, "latent": [C, R, R],
         "batch": B, "steps": len(draws), "device": str(acc.device), "precision": args.precision,
-        "compiled": resolve_compile(cfgs["2022"].run.compile, acc.device.type),
+        "compiled": all(compiled(t) for t in trainers.values()),
         "threads": torch.get_num_threads(), "block_2025": BLOCK_2025, "params_m": params,
         "train_gflops_per_patch": {n: {str(s): f / 1e9 for s, f in v.items()} for n, v in flops.items()},
         "patches_s": {n: sum(B * m for _, m in draws) / seconds[n] for n in blocks},

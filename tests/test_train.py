@@ -432,12 +432,14 @@ def test_bench_train_block_compares_two_different_blocks_on_the_same_draws(capsy
 def test_bench_train_compile_flag_compiles_on_the_cpu_too():
     """--compile sets run.compile=true (compiled on every device); without it the trainer's own
     "auto" stays (eager on the CPU). Only the config: the inductor build is test_compile_cpu's."""
+    from latent_patch.dist import resolve_compile
+
     bench = _bench()
     base = ["--model", "DiT-S/2", "--latent", "8", "--batch", "2", "--precision", "no"]
     for flag, expected in (([], "auto"), (["--compile"], True)):
         cfg = bench.bench_config(bench.parse_args(base + flag))
         assert cfg.run.compile == expected
-        assert bench.resolve_compile(cfg.run.compile, "cpu") is bool(flag)
+        assert resolve_compile(cfg.run.compile, "cpu") is bool(flag)
 
 
 def test_logs_are_trimmed_to_the_resumed_checkpoint(tmp_path):
